@@ -1,0 +1,1 @@
+"""iterdpo: online iterative DPO, locally or on Kubernetes."""

@@ -1,0 +1,161 @@
+"""The `iterdpo` command: the local runner, and every stage program as a subcommand.
+
+Stage programs (generate, serve-reward, annotate) are what containers run on
+Kubernetes; training runs as `torchrun -m iterdpo_trainer`. Heavy imports
+(torch, vLLM) happen inside the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_WORKDIR = Path("iterdpo-runs")
+
+
+def _run(args) -> int:
+    from iterdpo.local.report import reward_trend, status_table
+    from iterdpo.local.runner import LocalRunner, RunFailed, SpecChanged
+    from iterdpo.runfile import load_run
+
+    run = load_run(args.run_file)
+    try:
+        status = LocalRunner(run, args.workdir).execute()
+    except RunFailed as exc:
+        print(f"iterdpo run: {exc}", file=sys.stderr)
+        print(f"fix the cause and run the same command again to resume from the failed stage", file=sys.stderr)
+        return 1
+    except SpecChanged as exc:
+        print(f"iterdpo run: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(status_table(run.name, status, run.spec.iterations))
+    trend = reward_trend(status)
+    print(f"Succeeded: {trend}" if trend else "Succeeded")
+    return 0
+
+
+def _status(args) -> int:
+    from iterdpo.local.report import status_table
+    from iterdpo.local.runner import load_status, status_path
+
+    path = status_path(args.workdir, args.name)
+    status = load_status(path)
+    if status is None:
+        print(f"iterdpo status: no run named {args.name!r} under {args.workdir} (no {path})", file=sys.stderr)
+        return 1
+    if args.json:
+        import json
+
+        print(json.dumps(status.to_json(), indent=2))
+    else:
+        print(status_table(args.name, status))
+    return 0
+
+
+def _validate(args) -> int:
+    from iterdpo.runfile import load_run
+
+    run = load_run(args.run_file)
+    print(f"{args.run_file}: valid IterativeDPORun {run.name!r} ({run.spec.iterations} rounds)")
+    return 0
+
+
+def _plan(args) -> int:
+    import shlex
+
+    from iterdpo.local.runner import load_status, status_path, with_storage_root
+    from iterdpo.planner import Finished, next_step
+    from iterdpo.runfile import load_run
+    from iterdpo.status import RunStatus
+
+    run = with_storage_root(load_run(args.run_file), args.workdir)
+    status = load_status(status_path(args.workdir, run.name)) or RunStatus()
+    step = next_step(run, status, spec_file=str(Path(args.workdir) / run.name / "run.json"))
+    if isinstance(step, Finished):
+        print(f"nothing left to run; final policy {step.final_policy}")
+        return 0
+    print(f"next: round {step.iteration}, {step.stage} (policy {step.policy})")
+    if step.service:
+        print(f"  service {step.service.name}: {shlex.join(step.service.argv)}")
+    for job in step.jobs:
+        print(f"  job {job.name}: {shlex.join(job.argv)}")
+    return 0
+
+
+def _make_tiny(args) -> int:
+    from iterdpo.tiny import build_tiny
+
+    assets = build_tiny(args.out)
+    print(f"tiny policy: {assets.policy}\ntiny reward model: {assets.reward}")
+    for path in assets.prompts:
+        print(f"prompts: {path}")
+    return 0
+
+
+# Stage programs parse their own arguments (argparse's REMAINDER cannot pass "--flags" on).
+STAGE_PROGRAMS = {
+    "generate": ("iterdpo_generator.generate", "main", "stage: vLLM generation of one shard"),
+    "serve-reward": ("iterdpo_reward_server.cli", "main", "stage: the reward-model HTTP server"),
+    "annotate": ("iterdpo_reward_server.annotate", "annotate_main", "stage: score through the server, pair"),
+}
+
+
+def _stage_program(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module, function, _ = STAGE_PROGRAMS[name]
+    return getattr(importlib.import_module(module), function)(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iterdpo", description="Online iterative DPO, locally or on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run (or resume) a run file on this machine")
+    p.add_argument("run_file", type=Path)
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where status and artifacts go")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("status", help="print a run's per-round table")
+    p.add_argument("name")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    p.add_argument("--json", action="store_true", help="print status.json as is")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("validate", help="check a run file without running anything")
+    p.add_argument("run_file", type=Path)
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("plan", help="print the next stage and its exact command lines")
+    p.add_argument("run_file", type=Path)
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("make-tiny", help="build the tiny demo models and prompt sets (no downloads)")
+    p.add_argument("out", type=Path)
+    p.set_defaults(func=_make_tiny)
+
+    for name, (_, _, help_) in STAGE_PROGRAMS.items():
+        sub.add_parser(name, help=f"{help_} (see: iterdpo {name} --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from iterdpo.runfile import SpecError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in STAGE_PROGRAMS:
+        return _stage_program(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"iterdpo {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

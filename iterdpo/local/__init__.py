@@ -1,0 +1,1 @@
+"""The local backend: runs the planner's commands as processes on this machine."""

@@ -1,0 +1,226 @@
+"""`iterdpo run`: drive a run to the end on this machine, one stage at a time.
+
+The loop: ask the planner for the next stage, run its commands as processes,
+read each process's summary, record the figures in the status, write
+status.json, repeat. Killed at any point and started again, it resumes from the
+first stage the status does not record as finished (stage programs themselves
+skip finished work, so a half-done stage loses at most its unfinished part).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from iterdpo.atomic import read_json, write_json
+from iterdpo.figures import MissingSummary, stage_figures
+from iterdpo.local import processes
+from iterdpo.local.report import stage_line
+from iterdpo.planner import Command, Finished, StageStep, next_step
+from iterdpo.runfile import dump_run
+from iterdpo.spec import IterativeDPORun, StorageSpec
+from iterdpo.status import (
+    RunStatus,
+    accepted,
+    interrupted,
+    now_rfc3339,
+    stage_failed,
+    stage_finished,
+    stage_started,
+    succeeded,
+)
+from iterdpo.summary import TERMINATION_LOG_ENV, read_summary
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+class SpecChanged(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The runner's own files: <workdir>/<name>/{run.json,status.json,logs/}."""
+
+    home: Path
+
+    @property
+    def spec_file(self) -> Path:
+        return self.home / "run.json"
+
+    @property
+    def status_file(self) -> Path:
+        return self.home / "status.json"
+
+    def log(self, iteration: int, command: Command) -> Path:
+        return self.home / "logs" / f"iter-{iteration:02d}-{command.name}.log"
+
+    def summary(self, iteration: int, command: Command) -> Path:
+        return self.home / "logs" / f"iter-{iteration:02d}-{command.name}.summary.json"
+
+
+def status_path(workdir: Path, name: str) -> Path:
+    return RunPaths(Path(workdir) / name).status_file
+
+
+def load_status(path: Path) -> RunStatus | None:
+    return RunStatus.model_validate(read_json(path)) if path.exists() else None
+
+
+def with_storage_root(run: IterativeDPORun, workdir: Path) -> IterativeDPORun:
+    """Artifacts go to spec.storage.root, or to the workdir when the spec leaves it unset."""
+    if run.spec.storage.root:
+        return run
+    storage = StorageSpec(root=str(Path(workdir).resolve()))
+    return run.model_copy(update={"spec": run.spec.model_copy(update={"storage": storage})})
+
+
+class LocalRunner:
+    def __init__(self, run: IterativeDPORun, workdir: Path, *, out=sys.stdout):
+        self.run = with_storage_root(run, workdir)
+        self.paths = RunPaths(Path(workdir).resolve() / run.name)
+        self.out = out
+        self._running: list = []
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def execute(self) -> RunStatus:
+        status = self._initial_status()
+        dump_run(self.run, self.paths.spec_file)
+        self._save(status)
+        self._say(
+            f"iterdpo run {self.run.name}: {self.run.spec.iterations} rounds, "
+            f"K={self.run.spec.generation.samples_per_prompt}, status in {self.paths.status_file}"
+        )
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            while True:
+                port = processes.free_port()
+                step = next_step(
+                    self.run,
+                    status,
+                    spec_file=str(self.paths.spec_file),
+                    reward_host="127.0.0.1",
+                    reward_port=port,
+                    reward_url=f"http://127.0.0.1:{port}",
+                )
+                if isinstance(step, Finished):
+                    status = succeeded(status, step.final_policy, now_rfc3339())
+                    self._save(status)
+                    return status
+                status = self._run_stage(status, step)
+        except KeyboardInterrupt:
+            self._stop_all()
+            status = interrupted(status, now_rfc3339())
+            self._save(status)
+            self._say("interrupted: start the same command again to resume")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+    def _initial_status(self) -> RunStatus:
+        status = load_status(self.paths.status_file)
+        spec_hash = self.run.spec_hash()
+        if status is None:
+            status = RunStatus()
+        elif status.spec_hash and status.spec_hash != spec_hash:
+            raise SpecChanged(
+                f"the spec of run {self.run.name!r} changed since it started "
+                f"(spec hash {status.spec_hash} -> {spec_hash}); resuming would mix two recipes. "
+                f"Give the run a new metadata.name, or delete {self.paths.home} to start over."
+            )
+        elif status.phase == "Succeeded":
+            self._say(f"run {self.run.name} already succeeded")
+        return accepted(status, spec_hash, now_rfc3339())
+
+    def _run_stage(self, status: RunStatus, step: StageStep) -> RunStatus:
+        label = f"[round {step.iteration}/{self.run.spec.iterations}] {step.stage}"
+        status = stage_started(status, step.iteration, step.stage, step.policy, now_rfc3339())
+        self._save(status)
+        self._say(f"{label} ...")
+        started = time.monotonic()
+        try:
+            summaries = self._run_commands(step)
+            figures = stage_figures(step.stage, summaries, time.monotonic() - started)
+        except (RunFailed, MissingSummary) as exc:
+            status = stage_failed(status, step.iteration, step.stage, "StageFailed", str(exc), now_rfc3339())
+            self._save(status)
+            raise RunFailed(f"{label} failed: {exc}") from None
+        status = stage_finished(status, step.iteration, step.stage, figures, now_rfc3339())
+        self._save(status)
+        self._say(f"{label}: {stage_line(step.stage, figures)}")
+        return status
+
+    def _run_commands(self, step: StageStep) -> list[dict]:
+        service = None
+        try:
+            if step.service is not None:
+                service = self._start(step, step.service)
+                try:
+                    processes.wait_ready(
+                        f"{step.service_url}/readyz", service, timeout=self.run.spec.reward.startup_timeout_seconds
+                    )
+                except (RuntimeError, TimeoutError) as exc:
+                    raise RunFailed(self._explain(step, step.service, str(exc))) from None
+            summaries = []
+            for command in step.jobs:  # one after another: each may fill this machine's cores
+                proc = self._start(step, command)
+                code = proc.wait()
+                self._running.remove(proc)
+                if code != 0:
+                    raise RunFailed(self._explain(step, command, f"exited with code {code}"))
+                summary = read_summary(self.paths.summary(step.iteration, command))
+                if summary is None:
+                    raise RunFailed(self._explain(step, command, "exited 0 but left no summary"))
+                summaries.append(summary)
+            return summaries
+        finally:
+            if service is not None:
+                processes.stop(service)
+                self._running.remove(service)
+
+    def _start(self, step: StageStep, command: Command):
+        summary = self.paths.summary(step.iteration, command)
+        summary.unlink(missing_ok=True)  # a stale summary must not pass for this attempt's
+        env = {**command.env, TERMINATION_LOG_ENV: str(summary)}
+        if step.stage == "Train" and not _has_cuda():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        proc = processes.start(command.argv, env=env, log_path=self.paths.log(step.iteration, command))
+        self._running.append(proc)
+        return proc
+
+    def _stop_all(self) -> None:
+        for proc in list(self._running):
+            processes.stop(proc, grace_seconds=15)
+        self._running.clear()
+
+    def _explain(self, step: StageStep, command: Command, what: str) -> str:
+        log = self.paths.log(step.iteration, command)
+        return f"{command.name} {what}; log: {log}\n--- last lines ---\n{processes.tail(log)}"
+
+    def _save(self, status: RunStatus) -> None:
+        write_json(self.paths.status_file, status.to_json())
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+_CUDA: bool | None = None
+
+
+def _has_cuda() -> bool:
+    global _CUDA
+    if _CUDA is None:
+        import torch
+
+        _CUDA = torch.cuda.is_available()
+    return _CUDA

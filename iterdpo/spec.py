@@ -1,0 +1,294 @@
+"""The typed `IterativeDPORun` resource: the single source of truth.
+
+Every stage program, the local runner and the operator read the same model, so
+a value (K, the chat template, the batch sizes) cannot differ between stages.
+Field names are the camelCase ones a user writes in YAML; Python code uses the
+snake_case attribute names. Unknown fields are rejected, not ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "iterdpo.io/v1alpha1"
+KIND = "IterativeDPORun"
+
+PAIRING_STRATEGIES = ("max_min", "max_random", "max_max", "random", "max_min_length_penalty")
+SCORER_KINDS = ("bradley-terry",)
+LOSS_KINDS = ("sigmoid",)
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("bf16", "fp16", "fp32")
+REFERENCE_MODES = ("initial", "previous")
+
+# RFC 1123 label: what Kubernetes accepts as a name that becomes part of child names.
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME_LENGTH = 40  # leaves room for child suffixes such as "-i03-generate" within 63
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The part of Kubernetes' metadata iterdpo reads; the rest is kept as given."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(description="Name of the run; names its artifacts and children.")
+    namespace: str | None = None
+
+    @model_validator(mode="after")
+    def _check_name(self) -> ObjectMeta:
+        if len(self.name) > MAX_NAME_LENGTH or not _NAME_RE.match(self.name):
+            raise ValueError(
+                f"must be lowercase letters, digits and '-', start and end with a letter or digit, "
+                f"at most {MAX_NAME_LENGTH} characters (got {self.name!r})"
+            )
+        return self
+
+
+class PolicySpec(_Model):
+    """The SFT model the first round starts from."""
+
+    model: str = Field(
+        description="Model of round 1: a local path (absolute, or starting with ./ or ../, "
+        "relative to the run file) or a hub id."
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja chat template that replaces the policy tokenizer's own, "
+        "used for generation and training alike.",
+    )
+
+
+class PromptSource(_Model):
+    """A prompt dataset: JSONL, Parquet or Arrow file (or folder), or a hub id."""
+
+    dataset: str = Field(description="Local path (absolute, ./ or ../) or hub id.")
+    split: str = Field(default="train", description="Split to read.")
+    messages_field: str = Field(
+        default="messages",
+        description="Field holding the prompt: a list of {role, content} messages, "
+        "or a string taken as one user message.",
+    )
+    max_prompts: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Use only the first N prompts (all when unset)."
+    )
+
+
+class PromptsSpec(PromptSource):
+    """The prompt set of every round, optionally a different one per round."""
+
+    per_iteration: list[PromptSource] | None = Field(
+        default=None,
+        description="One prompt set per round (the report uses a fresh set each round); "
+        "when set, its length must equal spec.iterations.",
+    )
+
+
+class GenerationSpec(_Model):
+    samples_per_prompt: Annotated[int, Field(ge=2)] = Field(
+        default=8, description="Responses sampled per prompt (K); pairing needs at least 2."
+    )
+    temperature: Annotated[float, Field(ge=0.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    max_new_tokens: Annotated[int, Field(ge=1)] = 2048
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="Stop token ids, besides the tokenizer's eos."
+    )
+    seed: int = Field(default=42, description="Base seed; each prompt's seed derives from it.")
+    shards: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="Generation shards (one process or pod each)."
+    )
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default=0.9,
+        description="vLLM's memory fraction for weights and KV cache (on a CPU build: of host memory).",
+    )
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    enforce_eager: bool = Field(
+        default=False,
+        description="Skip vLLM's graph compilation: faster start-up, slower decoding. "
+        "Worth it for tiny models and short rounds.",
+    )
+    max_model_len: Annotated[int, Field(ge=16)] | None = Field(
+        default=None, description="vLLM context length; default training.maxLength."
+    )
+
+
+class RewardSpec(_Model):
+    model: str = Field(description="Reward model: local path or hub id.")
+    kind: Literal[SCORER_KINDS] = Field(  # type: ignore[valid-type]
+        default="bradley-terry",
+        description="How to read a score from the model. bradley-terry: a sequence "
+        "classifier with one output label.",
+    )
+    chat_template: str | None = Field(
+        default=None, description="Replaces the reward tokenizer's own chat template."
+    )
+    max_length: Annotated[int, Field(ge=16)] = Field(
+        default=4096, description="Longer conversations are truncated from the left."
+    )
+    batch_tokens: Annotated[int, Field(ge=16)] = Field(
+        default=16384, description="Most padded tokens in one forward pass of the reward server."
+    )
+    request_batch_size: Annotated[int, Field(ge=1)] = Field(
+        default=64, description="Items per scoring request sent by the annotator."
+    )
+    concurrency: Annotated[int, Field(ge=1)] = Field(
+        default=4, description="Scoring requests in flight at once."
+    )
+    timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
+    max_retries: Annotated[int, Field(ge=0)] = 5
+    startup_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=900.0, description="How long to wait for the reward server's /readyz."
+    )
+
+
+class PairingSpec(_Model):
+    strategy: Literal[PAIRING_STRATEGIES] = Field(  # type: ignore[valid-type]
+        default="max_min",
+        description="max_min: best vs worst; max_random: best vs a random other; "
+        "max_max: best vs second best; random: two random; max_min_length_penalty: "
+        "best vs worst of reward - lengthPenalty x characters. Ties are dropped and counted.",
+    )
+    length_penalty: Annotated[float, Field(ge=0.0)] = Field(
+        default=0.0, description="Per-character penalty of max_min_length_penalty."
+    )
+
+
+class LossSpec(_Model):
+    type: Literal[LOSS_KINDS] = "sigmoid"  # type: ignore[valid-type]
+    beta: Annotated[float, Field(gt=0.0)] = 0.1
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
+
+
+class TrainingSpec(_Model):
+    loss: LossSpec = Field(default_factory=LossSpec)
+    learning_rate: Annotated[float, Field(gt=0.0)] = 5e-7
+    epochs: Annotated[int, Field(ge=1)] = 2
+    scheduler: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    global_batch_size: Annotated[int, Field(ge=1)] = 128
+    micro_batch_size: Annotated[int, Field(ge=1)] = 1
+    max_length: Annotated[int, Field(ge=16)] = 2048
+    max_prompt_length: Annotated[int, Field(ge=8)] = 1000
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal[PRECISIONS] = "bf16"  # type: ignore[valid-type]
+    gradient_checkpointing: bool = True
+    nodes: Annotated[int, Field(ge=1)] = 1
+    nproc_per_node: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="Training processes (GPUs) per node."
+    )
+    seed: int = 42
+
+
+class StorageSpec(_Model):
+    root: str | None = Field(
+        default=None,
+        description="Root folder of the run's artifacts (<root>/<name>/iter-N/...). "
+        "Local runner: defaults to --workdir; relative paths start with ./ or ../.",
+    )
+
+
+class IterativeDPORunSpec(_Model):
+    iterations: Annotated[int, Field(ge=1, le=100)] = Field(default=3, description="Rounds.")
+    policy: PolicySpec
+    reference: Literal[REFERENCE_MODES] = Field(  # type: ignore[valid-type]
+        default="initial",
+        description="DPO reference of each round: the initial SFT policy, or the policy "
+        "that generated the round (the previous round's checkpoint).",
+    )
+    prompts: PromptsSpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    reward: RewardSpec
+    pairing: PairingSpec = Field(default_factory=PairingSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> IterativeDPORunSpec:
+        t = self.training
+        per_step = t.micro_batch_size * t.nproc_per_node * t.nodes
+        if t.global_batch_size % per_step:
+            raise CrossFieldError(
+                "training.globalBatchSize",
+                f"must be a multiple of microBatchSize x nprocPerNode x nodes = "
+                f"{t.micro_batch_size} x {t.nproc_per_node} x {t.nodes} = {per_step} "
+                f"(got {t.global_batch_size})",
+            )
+        if t.max_prompt_length >= t.max_length:
+            raise CrossFieldError(
+                "training.maxPromptLength",
+                f"must be less than training.maxLength ({t.max_length}) to leave room for "
+                f"the response (got {t.max_prompt_length})",
+            )
+        if self.prompts.per_iteration is not None and len(self.prompts.per_iteration) != self.iterations:
+            raise CrossFieldError(
+                "prompts.perIteration",
+                f"must list one prompt set per round: {self.iterations} (spec.iterations), "
+                f"got {len(self.prompts.per_iteration)}",
+            )
+        if self.pairing.strategy != "max_min_length_penalty" and self.pairing.length_penalty:
+            raise CrossFieldError(
+                "pairing.lengthPenalty",
+                "is only used by strategy max_min_length_penalty "
+                f"(strategy is {self.pairing.strategy!r})",
+            )
+        return self
+
+    def prompts_for(self, iteration: int) -> PromptSource:
+        """The prompt set of round `iteration` (1-based)."""
+        if self.prompts.per_iteration:
+            return self.prompts.per_iteration[iteration - 1]
+        return self.prompts
+
+    @property
+    def generation_max_model_len(self) -> int:
+        return self.generation.max_model_len or self.training.max_length
+
+
+class IterativeDPORun(BaseModel):
+    """The whole resource, as a user writes it for `kubectl apply` or `iterdpo run`."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    api_version: Literal[API_VERSION] = Field(alias="apiVersion")  # type: ignore[valid-type]
+    kind: Literal[KIND]  # type: ignore[valid-type]
+    metadata: ObjectMeta
+    spec: IterativeDPORunSpec
+    status: dict | None = Field(default=None, description="Written by iterdpo; ignored on input.")
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def spec_hash(self) -> str:
+        """Stable digest of the spec: a resumed run must be the run that was started."""
+        blob = json.dumps(self.spec.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_manifest(self) -> dict:
+        """The resource as YAML/JSON-ready data, without status."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"status"}, exclude_none=True)
+
+
+class CrossFieldError(ValueError):
+    """A rule that spans fields; carries the path of the field to blame."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message

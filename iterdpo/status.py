@@ -1,0 +1,190 @@
+"""The run's status: typed, and changed only by pure functions.
+
+The local runner keeps it in `<workdir>/<name>/status.json`; the operator will
+write the same object into the resource's `status`. Conditions follow the
+Kubernetes API conventions (a condition's lastTransitionTime moves only when
+its status flips); `phase` is a summary derived alongside them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+Stage = Literal["Generate", "Score", "Train"]
+STAGES: tuple[Stage, ...] = ("Generate", "Score", "Train")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+
+
+class GenerationFigures(_Model):
+    prompts: int
+    samples: int
+    prompts_left_out: int = 0
+    seconds: float
+
+
+class ScoringFigures(_Model):
+    mean_reward: float
+    min_reward: float
+    max_reward: float
+    pairs: int
+    ties_dropped: int
+    prompts_left_out: int
+    seconds: float
+
+
+class TrainingFigures(_Model):
+    loss: float
+    reward_accuracy: float
+    reward_margin: float
+    checkpoint: str
+    seconds: float
+
+
+class IterationStatus(_Model):
+    iteration: int
+    policy: str
+    generation: GenerationFigures | None = None
+    scoring: ScoringFigures | None = None
+    training: TrainingFigures | None = None
+
+    def stage_done(self, stage: Stage) -> bool:
+        return {"Generate": self.generation, "Score": self.scoring, "Train": self.training}[stage] is not None
+
+
+class RunStatus(_Model):
+    phase: Phase = "Pending"
+    current_iteration: int | None = None
+    current_stage: Stage | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    iterations: list[IterationStatus] = Field(default_factory=list)
+    final_policy: str | None = None
+    spec_hash: str | None = None
+
+    def iteration(self, number: int) -> IterationStatus | None:
+        return next((it for it in self.iterations if it.iteration == number), None)
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def set_condition(
+    conditions: list[Condition], type_: str, status: str, reason: str, message: str, now: str
+) -> list[Condition]:
+    """Replace the condition of `type_`; keep its transition time if its status did not change."""
+    old = next((c for c in conditions if c.type == type_), None)
+    since = old.last_transition_time if old is not None and old.status == status else now
+    new = Condition(type=type_, status=status, reason=reason, message=message, last_transition_time=since)
+    return [c for c in conditions if c.type != type_] + [new]
+
+
+def _with_conditions(status: RunStatus, now: str, *changes: tuple[str, str, str, str]) -> list[Condition]:
+    conditions = status.conditions
+    for type_, value, reason, message in changes:
+        conditions = set_condition(conditions, type_, value, reason, message, now)
+    return conditions
+
+
+def accepted(status: RunStatus, spec_hash: str, now: str) -> RunStatus:
+    """The spec passed validation."""
+    conditions = _with_conditions(status, now, ("Valid", "True", "SpecValid", "the spec passed validation"))
+    return status.model_copy(update={"conditions": conditions, "spec_hash": spec_hash})
+
+
+def stage_started(status: RunStatus, iteration: int, stage: Stage, policy: str, now: str) -> RunStatus:
+    iterations = list(status.iterations)
+    if status.iteration(iteration) is None:
+        iterations.append(IterationStatus(iteration=iteration, policy=policy))
+        iterations.sort(key=lambda it: it.iteration)
+    conditions = _with_conditions(
+        status,
+        now,
+        ("Progressing", "True", f"{stage}Running", f"round {iteration}: {stage} is running"),
+        ("Failed", "False", "NoFailure", ""),
+        ("Succeeded", "False", "InProgress", ""),
+    )
+    return status.model_copy(
+        update={
+            "phase": "Running",
+            "current_iteration": iteration,
+            "current_stage": stage,
+            "iterations": iterations,
+            "conditions": conditions,
+        }
+    )
+
+
+_FIELD_OF_STAGE = {"Generate": "generation", "Score": "scoring", "Train": "training"}
+
+
+def stage_finished(
+    status: RunStatus,
+    iteration: int,
+    stage: Stage,
+    figures: GenerationFigures | ScoringFigures | TrainingFigures,
+    now: str,
+) -> RunStatus:
+    current = status.iteration(iteration)
+    if current is None:
+        raise ValueError(f"round {iteration} has not started")
+    updated = current.model_copy(update={_FIELD_OF_STAGE[stage]: figures})
+    iterations = [updated if it.iteration == iteration else it for it in status.iterations]
+    conditions = _with_conditions(
+        status, now, ("Progressing", "True", f"{stage}Succeeded", f"round {iteration}: {stage} finished")
+    )
+    return status.model_copy(update={"iterations": iterations, "conditions": conditions})
+
+
+def stage_failed(status: RunStatus, iteration: int, stage: Stage, reason: str, message: str, now: str) -> RunStatus:
+    conditions = _with_conditions(
+        status,
+        now,
+        ("Failed", "True", reason, f"round {iteration}: {stage} failed: {message}"),
+        ("Progressing", "False", reason, f"round {iteration}: {stage} failed"),
+    )
+    return status.model_copy(
+        update={"phase": "Failed", "current_iteration": iteration, "current_stage": stage, "conditions": conditions}
+    )
+
+
+def interrupted(status: RunStatus, now: str) -> RunStatus:
+    """The runner was stopped; the run resumes from its last finished stage."""
+    conditions = _with_conditions(
+        status, now, ("Progressing", "False", "Interrupted", "the runner was stopped; start it again to resume")
+    )
+    return status.model_copy(update={"conditions": conditions})
+
+
+def succeeded(status: RunStatus, final_policy: str, now: str) -> RunStatus:
+    conditions = _with_conditions(
+        status,
+        now,
+        ("Succeeded", "True", "AllRoundsFinished", f"{len(status.iterations)} rounds finished"),
+        ("Progressing", "False", "Finished", "all rounds finished"),
+        ("Failed", "False", "NoFailure", ""),
+    )
+    return status.model_copy(
+        update={"phase": "Succeeded", "current_stage": None, "final_policy": final_policy, "conditions": conditions}
+    )

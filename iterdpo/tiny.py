@@ -1,0 +1,231 @@
+"""Deterministic tiny models and prompts for the demo and the tests (no downloads).
+
+- A byte-level BPE tokenizer trained in code on a small word corpus.
+- The policy: a randomly initialised tiny Llama (`LlamaForCausalLM`), seeded.
+- The reward model: a tiny `LlamaForSequenceClassification` whose weights are
+  set by hand so that it computes a reward DPO can learn in a few steps: the
+  mean, over every token of the conversation, of +1 for a "kind" word, -1 for
+  an "unkind" word, 0 otherwise (times a scale). It is a real transformers
+  model, served like any other; only its weights are constructed, not trained.
+  How: every token embedding carries a constant in dim 0 and its value in
+  dim 1; layer 0's attention has zero queries and keys, so it attends
+  uniformly over the sequence and writes the mean value into dim 2; every
+  other block is zero, so the residual stream passes through; the score head
+  reads dim 2.
+- Prompt sets: one JSONL file per round of chat messages.
+
+The reward model has its own chat template, different from the policy's, as a
+real reward model would: the reward server must format with the RM's template.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+KIND_WORDS = (
+    "kind", "gentle", "happy", "bright", "warm", "calm", "brave", "honest", "clear", "fair",
+    "glad", "good", "great", "joy", "love", "nice", "safe", "smile", "sweet", "thanks",
+    "hope", "help", "peace", "proud",
+)
+UNKIND_WORDS = (
+    "cruel", "harsh", "sad", "dark", "cold", "angry", "afraid", "false", "vague", "unfair",
+    "bad", "awful", "hate", "mean", "rude", "risk", "sour", "blame", "fear", "gloom",
+    "harm", "pain", "war", "grim",
+)
+NEUTRAL_WORDS = (
+    "the", "a", "of", "and", "to", "in", "is", "it", "that", "on", "for", "with", "as", "was",
+    "river", "stone", "tree", "cloud", "road", "house", "city", "music", "book", "table",
+    "garden", "window", "ocean", "mountain", "bridge", "market", "train", "letter", "lamp",
+    "clock", "forest", "island", "village", "paper", "story", "morning", "evening", "winter",
+    "summer", "about", "tell", "me", "describe", "write", "explain", "what", "why", "how",
+    "short", "note", "your", "day", "friend", "please", "one", "two", "some", "this",
+)
+TOPICS = (
+    "river", "stone", "tree", "cloud", "road", "house", "city", "music", "book", "table",
+    "garden", "window", "ocean", "mountain", "bridge", "market", "train", "letter", "lamp",
+    "clock", "forest", "island", "village", "paper", "story", "morning", "evening", "winter",
+    "summer", "day", "friend",
+)
+PROMPT_FORMS = (
+    "tell me about the {}",
+    "describe the {}",
+    "write a short note about the {}",
+    "explain the {} to a friend",
+    "what is the {}",
+    "why is the {} good or bad",
+)
+
+POLICY_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Deliberately unlike the policy's: scoring with the wrong template is a known failure.
+REWARD_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+HIDDEN = 128
+EMBED_CONSTANT = 10.0  # dim-0 constant: keeps RMSNorm from distorting the value dims
+REWARD_SCALE = 8.0
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    root: Path
+    policy: Path
+    reward: Path
+    prompts: tuple[Path, ...]  # one prompt file per round
+
+
+def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, seed: int = 0) -> TinyAssets:
+    """Build (or reuse, if complete) the tiny assets under `out`."""
+    out = Path(out)
+    assets = TinyAssets(
+        root=out,
+        policy=out / "policy",
+        reward=out / "reward",
+        prompts=tuple(out / f"prompts-iter{r}.jsonl" for r in range(1, rounds + 1)),
+    )
+    marker = out / ".complete.json"
+    wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "seed": seed, "version": 1}
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return assets
+
+    from iterdpo.atomic import atomic_path, write_json, write_jsonl
+
+    tokenizer = _train_tokenizer()
+    with atomic_path(assets.policy) as tmp:
+        _build_policy(tokenizer, seed).save_pretrained(tmp)
+        _with_template(tokenizer, POLICY_TEMPLATE).save_pretrained(tmp)
+    with atomic_path(assets.reward) as tmp:
+        _build_reward_model(tokenizer).save_pretrained(tmp)
+        _with_template(tokenizer, REWARD_TEMPLATE).save_pretrained(tmp)
+    rng = random.Random(seed)
+    for path in assets.prompts:
+        write_jsonl(path, _prompts(rng, prompts_per_round))
+    write_json(marker, wanted)
+    return assets
+
+
+def token_values(tokenizer) -> dict[int, float]:
+    """+1 for kind words, -1 for unkind words; every other token is 0 (absent)."""
+    values = {}
+    for word, value in [(w, 1.0) for w in KIND_WORDS] + [(w, -1.0) for w in UNKIND_WORDS]:
+        for text in (word, " " + word):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) == 1:
+                values[ids[0]] = value
+    return values
+
+
+def reference_reward(tokenizer, text_ids: list[int]) -> float:
+    """What the hand-wired reward model computes, in plain Python (for tests)."""
+    values = token_values(tokenizer)
+    mean = sum(values.get(i, 0.0) for i in text_ids) / len(text_ids)
+    return mean
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(KIND_WORDS) + list(UNKIND_WORDS) + list(NEUTRAL_WORDS)
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    corpus += [form.format(t) for form in PROMPT_FORMS for t in TOPICS]
+    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=640,
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+
+
+def _with_template(tokenizer, template: str):
+    """The same tokenizer, carrying `template` as its chat template when saved."""
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _config(tokenizer, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+        **extra,
+    )
+
+
+def _build_policy(tokenizer, seed: int):
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(tokenizer))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def _build_reward_model(tokenizer):
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification(_config(tokenizer, num_labels=1))
+    values = token_values(tokenizer)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                param.fill_(1.0)
+        embed = model.model.embed_tokens.weight
+        embed[:, 0] = EMBED_CONSTANT
+        for token_id, value in values.items():
+            embed[token_id, 1] = value
+        attn = model.model.layers[0].self_attn
+        attn.v_proj.weight[0, 1] = 1.0  # value = the token's (normalised) value dim
+        attn.o_proj.weight[2, 0] = 1.0  # head 0's mean value -> residual dim 2
+        # After both RMSNorms a token value v arrives as ~1.27 v; scale to reward units.
+        model.score.weight[0, 2] = REWARD_SCALE
+    return model
+
+
+def _prompts(rng: random.Random, count: int) -> list[dict]:
+    rows = []
+    for i in range(count):
+        form = rng.choice(PROMPT_FORMS)
+        topic = rng.choice(TOPICS)
+        rows.append({"id": f"p{i:04d}", "messages": [{"role": "user", "content": form.format(topic)}]})
+    return rows

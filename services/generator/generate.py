@@ -1,0 +1,205 @@
+"""The Generate stage: K responses per prompt with vLLM, for one shard of the round's prompts.
+
+    iterdpo generate --spec RUN_FILE --iteration T --shard I
+
+On Kubernetes the shard comes from JOB_COMPLETION_INDEX (an Indexed Job), so
+`--shard` may be omitted there. Output: one JSONL shard written atomically, then
+a success marker with the counts; a shard whose marker exists is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from iterdpo.atomic import read_json, write_json, write_jsonl
+from iterdpo.errors import StageError
+from iterdpo.layout import RunLayout, policy_for
+from iterdpo.prompts import Prompt, PromptDataError, load_prompt_set
+from iterdpo.runfile import SpecError, load_run
+from iterdpo.sharding import shard_range
+from iterdpo.spec import IterativeDPORun
+from iterdpo.summary import emit_summary
+
+log = logging.getLogger("iterdpo.generate")
+
+
+@dataclass(frozen=True)
+class FormattedPrompt:
+    prompt: Prompt
+    token_ids: list[int]
+
+
+def prompt_seed(base_seed: int, iteration: int, prompt_id: str) -> int:
+    """Each prompt's sampling seed: independent of sharding, different every round."""
+    digest = hashlib.sha256(f"{base_seed}/{iteration}/{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def format_prompts(prompts: list[Prompt], tokenizer, *, max_prompt_tokens: int):
+    """Apply the policy's chat template; leave out (with the reason) prompts too long to train on."""
+    kept, left_out = [], []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            left_out.append(
+                {
+                    "prompt_id": prompt.prompt_id,
+                    "reason": f"prompt is {len(ids)} tokens, more than training.maxPromptLength ({max_prompt_tokens})",
+                }
+            )
+        else:
+            kept.append(FormattedPrompt(prompt, ids))
+    return kept, left_out
+
+
+def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> dict:
+    spec = run.spec
+    layout = RunLayout.of(run)
+    shards = spec.generation.shards
+    marker = layout.shard_marker(iteration, shard, shards)
+    if marker.exists():
+        log.info("shard %d of %d of round %d is already done (%s)", shard, shards, iteration, marker)
+        return read_json(marker)
+
+    started = time.monotonic()
+    policy = policy_for(run, iteration)
+    source = spec.prompts_for(iteration)
+    prompt_set = load_prompt_set(
+        source, field_path=f"spec.prompts.perIteration[{iteration - 1}]" if spec.prompts.per_iteration else "spec.prompts"
+    )
+    indices = shard_range(len(prompt_set.prompts), shard, shards)
+    mine = [prompt_set.prompts[i] for i in indices]
+    mine_ids = {str(i) for i in indices}
+    left_out = [item for item in prompt_set.left_out if item["prompt_id"] in mine_ids]
+
+    tokenizer = _load_tokenizer(policy, spec.policy.chat_template)
+    formatted, too_long = format_prompts(
+        [p for p in mine if p is not None], tokenizer, max_prompt_tokens=spec.training.max_prompt_length
+    )
+    left_out += too_long
+    log.info(
+        "round %d shard %d/%d: %d prompts (%d left out), K=%d, policy %s",
+        iteration, shard, shards, len(mine), len(left_out), spec.generation.samples_per_prompt, policy,
+    )
+    outputs = _generate(run, iteration, policy, tokenizer, formatted) if formatted else []
+
+    records = [
+        {
+            "prompt_id": item.prompt.prompt_id,
+            "prompt": item.prompt.messages,
+            "responses": [c.text for c in out.outputs],
+            "finish_reasons": [c.finish_reason for c in out.outputs],
+            "response_tokens": [len(c.token_ids) for c in out.outputs],
+        }
+        for item, out in zip(formatted, outputs)
+    ]
+    samples = sum(len(r["responses"]) for r in records)
+    write_jsonl(layout.shard_file(iteration, shard, shards), records)
+    result = {
+        "iteration": iteration,
+        "shard": shard,
+        "shards": shards,
+        "policy": policy,
+        "prompts_in": len(mine),
+        "prompts_out": len(records),
+        "samples": samples,
+        "left_out": sorted(left_out, key=lambda x: int(x["prompt_id"])),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    assert result["prompts_in"] == result["prompts_out"] + len(result["left_out"]), result
+    write_json(marker, result)  # last: the marker says the shard is complete
+    return result
+
+
+def _load_tokenizer(policy: str, chat_template: str | None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if not tokenizer.chat_template:
+        raise StageError(f"the policy tokenizer of {policy} has no chat template: set spec.policy.chatTemplate")
+    return tokenizer
+
+
+def _generate(run: IterativeDPORun, iteration: int, policy: str, tokenizer, formatted: list[FormattedPrompt]):
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    gen = run.spec.generation
+    max_model_len = run.spec.generation_max_model_len
+    llm = LLM(
+        model=policy,
+        tokenizer=policy,
+        seed=gen.seed,
+        gpu_memory_utilization=gen.gpu_memory_utilization,
+        tensor_parallel_size=gen.tensor_parallel_size,
+        max_model_len=max_model_len,
+        enforce_eager=gen.enforce_eager,
+    )
+    stop_ids = sorted({*gen.stop_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    params = [
+        SamplingParams(
+            n=gen.samples_per_prompt,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            max_tokens=max(1, min(gen.max_new_tokens, max_model_len - len(item.token_ids))),
+            stop=list(gen.stop) or None,
+            stop_token_ids=stop_ids or None,
+            seed=prompt_seed(gen.seed, iteration, item.prompt.prompt_id),
+        )
+        for item in formatted
+    ]
+    prompts = [TokensPrompt(prompt_token_ids=item.token_ids) for item in formatted]
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def shard_index(flag: int | None) -> int:
+    """--shard, else the Indexed Job's JOB_COMPLETION_INDEX."""
+    if flag is not None:
+        return flag
+    env = os.environ.get("JOB_COMPLETION_INDEX")
+    if env is None or not env.isdigit():
+        raise StageError("--shard is required outside an Indexed Job (JOB_COMPLETION_INDEX is unset)")
+    return int(env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="iterdpo generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True, type=Path, help="the run file (YAML or JSON)")
+    parser.add_argument("--iteration", required=True, type=int, help="round, 1-based")
+    parser.add_argument("--shard", type=int, default=None, help="shard index, 0-based (default: JOB_COMPLETION_INDEX)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run = load_run(args.spec)
+        if not 1 <= args.iteration <= run.spec.iterations:
+            parser.error(f"--iteration must be in 1..{run.spec.iterations} (spec.iterations); got {args.iteration}")
+        shard = shard_index(args.shard)
+        if not 0 <= shard < run.spec.generation.shards:
+            parser.error(f"the shard must be in 0..{run.spec.generation.shards - 1} (spec.generation.shards); got {shard}")
+        result = run_shard(run, args.iteration, shard)
+    except (StageError, SpecError, PromptDataError, OSError) as exc:
+        print(f"iterdpo generate: error: {exc}", file=sys.stderr)
+        return 1
+    emit_summary(
+        "generate",
+        {
+            "shard": result["shard"],
+            "shards": result["shards"],
+            "prompts": result["prompts_in"],
+            "promptsOut": result["prompts_out"],
+            "samples": result["samples"],
+            "promptsLeftOut": len(result["left_out"]),
+            "seconds": result["seconds"],
+        },
+    )
+    return 0

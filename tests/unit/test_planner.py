@@ -1,0 +1,119 @@
+"""The planner's decision for every status a run can be in."""
+
+import pytest
+
+from iterdpo.planner import Finished, next_step
+from iterdpo.runfile import parse_run
+from iterdpo.status import (
+    GenerationFigures,
+    RunStatus,
+    ScoringFigures,
+    TrainingFigures,
+    stage_failed,
+    stage_finished,
+    stage_started,
+)
+
+NOW = "2026-11-27T00:00:00Z"
+RUN = parse_run(
+    {
+        "apiVersion": "iterdpo.io/v1alpha1",
+        "kind": "IterativeDPORun",
+        "metadata": {"name": "demo"},
+        "spec": {
+            "iterations": 2,
+            "policy": {"model": "/models/sft"},
+            "prompts": {"dataset": "/data/prompts.jsonl"},
+            "generation": {"shards": 3, "samplesPerPrompt": 4},
+            "reward": {"model": "/models/rm", "maxLength": 512, "batchTokens": 4096},
+            "training": {"nprocPerNode": 8, "globalBatchSize": 128, "microBatchSize": 1},
+            "storage": {"root": "/runs"},
+        },
+    }
+)
+GEN = GenerationFigures(prompts=10, samples=40, seconds=1.0)
+SCORE = ScoringFigures(
+    mean_reward=0.1, min_reward=-1, max_reward=1, pairs=9, ties_dropped=1, prompts_left_out=0, seconds=1.0
+)
+TRAIN = TrainingFigures(loss=0.6, reward_accuracy=0.7, reward_margin=0.2, checkpoint="/x", seconds=1.0)
+FIGURES = {"Generate": GEN, "Score": SCORE, "Train": TRAIN}
+
+
+def status_after(*done: tuple[int, str]) -> RunStatus:
+    status = RunStatus()
+    for iteration, stage in done:
+        status = stage_started(status, iteration, stage, "/p", NOW)
+        status = stage_finished(status, iteration, stage, FIGURES[stage], NOW)
+    return status
+
+
+def plan(status):
+    return next_step(RUN, status, spec_file="/etc/run.json", reward_port=8000, reward_url="http://rm:8000")
+
+
+ORDER = [(1, "Generate"), (1, "Score"), (1, "Train"), (2, "Generate"), (2, "Score"), (2, "Train")]
+
+
+@pytest.mark.parametrize("done", range(len(ORDER)))
+def test_next_stage_follows_round_order(done):
+    step = plan(status_after(*ORDER[:done]))
+    assert (step.iteration, step.stage) == ORDER[done]
+
+
+def test_all_done_is_finished_with_the_last_checkpoint():
+    assert plan(status_after(*ORDER)) == Finished(final_policy="/runs/demo/iter-02/train/policy")
+
+
+def test_generate_has_one_command_per_shard():
+    step = plan(RunStatus())
+    assert step.policy == "/models/sft"
+    assert [job.argv for job in step.jobs] == [
+        ("iterdpo", "generate", "--spec", "/etc/run.json", "--iteration", "1", "--shard", str(i)) for i in range(3)
+    ]
+    assert step.service is None
+
+
+def test_score_runs_the_reward_server_as_a_service():
+    step = plan(status_after(*ORDER[:1]))
+    assert step.service.argv == (
+        "iterdpo", "serve-reward", "--model", "/models/rm", "--kind", "bradley-terry",
+        "--max-length", "512", "--batch-tokens", "4096", "--host", "0.0.0.0", "--port", "8000",
+    )
+    assert step.service_url == "http://rm:8000"
+    [job] = step.jobs
+    assert job.argv == (
+        "iterdpo", "annotate", "--spec", "/etc/run.json", "--iteration", "1", "--reward-url", "http://rm:8000"
+    )
+
+
+def test_train_is_torchrun_of_the_trainer():
+    [job] = plan(status_after(*ORDER[:2])).jobs
+    assert job.argv == (
+        "torchrun", "--nnodes=1", "--nproc-per-node=8", "-m", "iterdpo_trainer",
+        "--spec", "/etc/run.json", "--iteration", "1",
+    )
+
+
+def test_round_two_generates_with_round_one_checkpoint():
+    step = plan(status_after(*ORDER[:3]))
+    assert step.policy == "/runs/demo/iter-01/train/policy"
+
+
+def test_a_started_but_unfinished_stage_is_planned_again():
+    status = stage_started(status_after(*ORDER[:1]), 1, "Score", "/p", NOW)
+    assert (plan(status).iteration, plan(status).stage) == (1, "Score")
+
+
+def test_a_failed_stage_is_planned_again():
+    status = stage_failed(stage_started(RunStatus(), 1, "Generate", "/p", NOW), 1, "Generate", "StageFailed", "x", NOW)
+    assert status.phase == "Failed"
+    assert (plan(status).iteration, plan(status).stage) == (1, "Generate")
+
+
+def test_reference_previous_uses_the_generating_policy():
+    from iterdpo.layout import reference_for
+
+    previous = RUN.model_copy(update={"spec": RUN.spec.model_copy(update={"reference": "previous"})})
+    assert reference_for(RUN, 2) == "/models/sft"
+    assert reference_for(previous, 2) == "/runs/demo/iter-01/train/policy"
+    assert reference_for(previous, 1) == "/models/sft"

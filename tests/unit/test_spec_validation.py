@@ -1,0 +1,139 @@
+"""Bad run files are rejected before anything runs, with the field path and allowed values."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from iterdpo.runfile import SpecError, load_run, parse_run
+
+VALID = {
+    "apiVersion": "iterdpo.io/v1alpha1",
+    "kind": "IterativeDPORun",
+    "metadata": {"name": "demo"},
+    "spec": {
+        "iterations": 2,
+        "policy": {"model": "org/sft-model"},
+        "prompts": {"dataset": "org/prompts"},
+        "reward": {"model": "org/reward-model"},
+        "training": {"globalBatchSize": 8, "microBatchSize": 2, "nprocPerNode": 2},
+    },
+}
+
+
+def with_change(path: str, value):
+    data = copy.deepcopy(VALID)
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return data
+
+
+def problems(data) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_run(data)
+    return info.value.problems
+
+
+def test_valid_run_gets_defaults():
+    run = parse_run(VALID)
+    assert run.spec.generation.samples_per_prompt == 8
+    assert run.spec.pairing.strategy == "max_min"
+    assert run.spec.reference == "initial"
+    assert run.spec.training.loss.beta == 0.1
+    assert run.spec.reward.kind == "bradley-terry"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("spec.generation.samplesPerPrompt", 1, "spec.generation.samplesPerPrompt: must be >= 2 (got 1)"),
+        ("spec.pairing.strategy", "best_worst", "spec.pairing.strategy: unknown value 'best_worst'; allowed: "
+         "'max_min', 'max_random', 'max_max', 'random' or 'max_min_length_penalty'"),
+        ("spec.training.loss.beta", -0.1, "spec.training.loss.beta: must be > 0.0 (got -0.1)"),
+        ("spec.reference", "latest", "spec.reference: unknown value 'latest'; allowed: 'initial' or 'previous'"),
+        ("spec.reward.kind", "armo", "spec.reward.kind: unknown value 'armo'; allowed: 'bradley-terry'"),
+        ("spec.training.zeroStage", 4, "spec.training.zeroStage: unknown value 4; allowed: 0, 1, 2 or 3"),
+        ("spec.training.precision", "fp8", "spec.training.precision: unknown value 'fp8'; allowed: 'bf16', 'fp16' or 'fp32'"),
+        ("spec.generation.topP", 1.5, "spec.generation.topP: must be <= 1.0 (got 1.5)"),
+        ("spec.iterations", 0, "spec.iterations: must be >= 1 (got 0)"),
+    ],
+)
+def test_single_field_errors_name_the_field_and_allowed_values(path, value, expected):
+    assert problems(with_change(path, value)) == [expected]
+
+
+def test_micro_batch_must_divide_global_batch():
+    [problem] = problems(with_change("spec.training.microBatchSize", 3))
+    assert problem.startswith("spec.training.globalBatchSize: must be a multiple of microBatchSize x nprocPerNode x nodes")
+    assert "3 x 2 x 1 = 6 (got 8)" in problem
+
+
+def test_prompt_length_must_leave_room_for_the_response():
+    data = with_change("spec.training.maxPromptLength", 2048)
+    [problem] = problems(data)
+    assert problem.startswith("spec.training.maxPromptLength: must be less than training.maxLength (2048)")
+
+
+def test_per_iteration_prompts_need_one_set_per_round():
+    [problem] = problems(with_change("spec.prompts.perIteration", [{"dataset": "a"}]))
+    assert problem == "spec.prompts.perIteration: must list one prompt set per round: 2 (spec.iterations), got 1"
+
+
+def test_length_penalty_only_with_its_strategy():
+    [problem] = problems(with_change("spec.pairing.lengthPenalty", 0.01))
+    assert problem.startswith("spec.pairing.lengthPenalty: is only used by strategy max_min_length_penalty")
+
+
+def test_unknown_field_is_rejected_with_a_suggestion():
+    [problem] = problems(with_change("spec.generation.samplesPerPromt", 4))
+    assert problem.startswith("spec.generation.samplesPerPromt: unknown field (did you mean 'samplesPerPrompt'?)")
+    assert "allowed fields:" in problem
+
+
+def test_unknown_field_inside_a_list_item():
+    [problem] = problems(with_change("spec.prompts.perIteration", [{"dataset": "a", "splt": "x"}, {"dataset": "b"}]))
+    assert problem.startswith("spec.prompts.perIteration.0.splt: unknown field (did you mean 'split'?)")
+
+
+def test_missing_required_fields_and_wrong_kind_are_all_reported():
+    data = copy.deepcopy(VALID)
+    data["kind"] = "DPORun"
+    del data["spec"]["reward"]
+    found = problems(data)
+    assert "kind: unknown value 'DPORun'; allowed: 'IterativeDPORun'" in found
+    assert "spec.reward: required field is missing" in found
+
+
+def test_bad_name_is_rejected():
+    found = problems(with_change("metadata.name", "My_Run"))
+    assert len(found) == 1 and found[0].startswith("metadata: must be lowercase letters")
+
+
+def test_relative_paths_resolve_against_the_run_file(tmp_path: Path):
+    data = with_change("spec.policy.model", "./models/policy")
+    data["spec"]["storage"] = {"root": "../out"}
+    run_file = tmp_path / "sub" / "run.yaml"
+    run_file.parent.mkdir()
+    run_file.write_text(yaml.safe_dump(data))
+    run = load_run(run_file)
+    assert run.spec.policy.model == str(tmp_path / "sub" / "models" / "policy")
+    assert run.spec.storage.root == str(tmp_path / "out")
+    assert run.spec.reward.model == "org/reward-model"  # a hub id stays as written
+
+
+def test_unreadable_and_multi_document_files(tmp_path: Path):
+    with pytest.raises(SpecError, match="cannot read the file"):
+        load_run(tmp_path / "missing.yaml")
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump(VALID) + "---\n" + yaml.safe_dump(VALID))
+    with pytest.raises(SpecError, match="expected exactly one YAML document, found 2"):
+        load_run(two)
+
+
+def test_spec_hash_changes_with_the_spec():
+    assert parse_run(VALID).spec_hash() == parse_run(copy.deepcopy(VALID)).spec_hash()
+    assert parse_run(VALID).spec_hash() != parse_run(with_change("spec.iterations", 3)).spec_hash()

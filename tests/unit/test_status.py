@@ -1,0 +1,71 @@
+"""Status transitions: conditions, phase, and the per-round figures."""
+
+from iterdpo.local.report import reward_trend, status_table
+from iterdpo.status import (
+    GenerationFigures,
+    RunStatus,
+    ScoringFigures,
+    accepted,
+    interrupted,
+    set_condition,
+    stage_failed,
+    stage_finished,
+    stage_started,
+    succeeded,
+)
+
+
+def test_condition_time_moves_only_when_status_flips():
+    conditions = set_condition([], "Progressing", "True", "A", "", "t1")
+    conditions = set_condition(conditions, "Progressing", "True", "B", "still", "t2")
+    assert conditions[0].last_transition_time == "t1" and conditions[0].reason == "B"
+    conditions = set_condition(conditions, "Progressing", "False", "C", "", "t3")
+    assert conditions[0].last_transition_time == "t3"
+
+
+def test_a_run_goes_pending_running_failed_running_succeeded():
+    status = accepted(RunStatus(), "abc", "t0")
+    assert status.phase == "Pending" and status.condition("Valid").status == "True"
+    status = stage_started(status, 1, "Generate", "/sft", "t1")
+    assert (status.phase, status.current_iteration, status.current_stage) == ("Running", 1, "Generate")
+    status = stage_failed(status, 1, "Generate", "StageFailed", "shard 0 exited 1", "t2")
+    assert status.phase == "Failed"
+    assert status.condition("Failed").message == "round 1: Generate failed: shard 0 exited 1"
+    status = stage_started(status, 1, "Generate", "/sft", "t3")
+    assert status.phase == "Running" and status.condition("Failed").status == "False"
+    status = stage_finished(status, 1, "Generate", GenerationFigures(prompts=4, samples=16, seconds=2), "t4")
+    assert status.iteration(1).generation.samples == 16
+    status = interrupted(status, "t5")
+    assert status.condition("Progressing").reason == "Interrupted"
+    status = succeeded(status, "/final", "t6")
+    assert status.phase == "Succeeded" and status.final_policy == "/final"
+    assert status.condition("Succeeded").status == "True"
+
+
+def test_status_json_has_the_documented_shape():
+    status = stage_started(RunStatus(), 1, "Generate", "/sft", "t1")
+    status = stage_finished(status, 1, "Generate", GenerationFigures(prompts=4, samples=16, seconds=2), "t2")
+    data = status.to_json()
+    assert data["phase"] == "Running" and data["currentIteration"] == 1 and data["currentStage"] == "Generate"
+    assert data["iterations"] == [
+        {"iteration": 1, "policy": "/sft", "generation": {"prompts": 4, "samples": 16, "promptsLeftOut": 0, "seconds": 2.0}}
+    ]
+    assert {"type", "status", "reason", "message", "lastTransitionTime"} <= set(data["conditions"][0])
+    assert RunStatus.model_validate(data) == status
+
+
+def _scored(status, iteration, mean):
+    status = stage_started(status, iteration, "Score", "/p", "t")
+    figures = ScoringFigures(
+        mean_reward=mean, min_reward=-1, max_reward=1, pairs=3, ties_dropped=0, prompts_left_out=0, seconds=1
+    )
+    return stage_finished(status, iteration, "Score", figures, "t")
+
+
+def test_reward_trend_and_table():
+    status = _scored(_scored(RunStatus(), 1, -0.41), 3, 0.87)
+    assert reward_trend(status) == "round 1 mean reward -0.410 -> round 3 +0.870"
+    table = status_table("demo", status, 3)
+    assert table.splitlines()[0] == "run demo: Running (round 3 of 3, Score)"
+    assert "mean reward" in table.splitlines()[1]
+    assert "-0.410" in table and "+0.870" in table
