@@ -73,7 +73,7 @@ def _plan(args) -> int:
 
     run = with_storage_root(load_run(args.run_file), args.workdir)
     status = load_status(status_path(args.workdir, run.name)) or RunStatus()
-    step = next_step(run, status, spec_file=str(Path(args.workdir) / run.name / "run.json"))
+    step = next_step(run, status, spec_file=str(Path(args.workdir).resolve() / run.name / "run.json"))
     if isinstance(step, Finished):
         print(f"nothing left to run; final policy {step.final_policy}")
         return 0

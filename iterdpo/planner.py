@@ -124,4 +124,6 @@ def reward_server_argv(run: IterativeDPORun, *, host: str, port: int) -> tuple[s
         "--port",
         str(port),
     ]
+    if reward.chat_template:
+        argv += ["--chat-template-text", reward.chat_template]
     return tuple(argv)

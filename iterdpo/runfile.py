@@ -69,7 +69,7 @@ def dump_run(run: IterativeDPORun, path: Path) -> None:
 
 
 def _resolve_paths(run: IterativeDPORun, base_dir: Path) -> IterativeDPORun:
-    def fix(value: str | None) -> str | None:
+    def fix(value):
         if value is not None and is_relative_local(value):
             return str((base_dir / value).resolve())
         return value

@@ -88,8 +88,11 @@ class PromptSource(_Model):
 
 
 class PromptsSpec(PromptSource):
-    """The prompt set of every round, optionally a different one per round."""
+    """The prompt set of every round, or a different one per round."""
 
+    dataset: str | None = Field(
+        default=None, description="Local path (absolute, ./ or ../) or hub id; required without perIteration."
+    )
     per_iteration: list[PromptSource] | None = Field(
         default=None,
         description="One prompt set per round (the report uses a fresh set each round); "
@@ -235,6 +238,14 @@ class IterativeDPORunSpec(_Model):
                 f"must be less than training.maxLength ({t.max_length}) to leave room for "
                 f"the response (got {t.max_prompt_length})",
             )
+        if self.reward.batch_tokens < self.reward.max_length:
+            raise CrossFieldError(
+                "reward.batchTokens",
+                f"must be at least reward.maxLength ({self.reward.max_length}) so that the longest "
+                f"conversation fits in one forward pass (got {self.reward.batch_tokens})",
+            )
+        if self.prompts.dataset is None and self.prompts.per_iteration is None:
+            raise CrossFieldError("prompts.dataset", "is required unless prompts.perIteration lists the prompt sets")
         if self.prompts.per_iteration is not None and len(self.prompts.per_iteration) != self.iterations:
             raise CrossFieldError(
                 "prompts.perIteration",

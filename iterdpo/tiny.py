@@ -95,8 +95,11 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, seed:
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return assets
 
+    from transformers.utils import logging as hf_logging
+
     from iterdpo.atomic import atomic_path, write_json, write_jsonl
 
+    hf_logging.disable_progress_bar()
     tokenizer = _train_tokenizer()
     with atomic_path(assets.policy) as tmp:
         _build_policy(tokenizer, seed).save_pretrained(tmp)

@@ -117,3 +117,10 @@ def test_reference_previous_uses_the_generating_policy():
     assert reference_for(RUN, 2) == "/models/sft"
     assert reference_for(previous, 2) == "/runs/demo/iter-01/train/policy"
     assert reference_for(previous, 1) == "/models/sft"
+
+
+def test_reward_chat_template_override_is_passed_as_text():
+    reward = RUN.spec.reward.model_copy(update={"chat_template": "{{ messages }}"})
+    run = RUN.model_copy(update={"spec": RUN.spec.model_copy(update={"reward": reward})})
+    step = next_step(run, status_after(*ORDER[:1]), spec_file="/etc/run.json")
+    assert step.service.argv[-2:] == ("--chat-template-text", "{{ messages }}")

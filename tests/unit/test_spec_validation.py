@@ -137,3 +137,21 @@ def test_unreadable_and_multi_document_files(tmp_path: Path):
 def test_spec_hash_changes_with_the_spec():
     assert parse_run(VALID).spec_hash() == parse_run(copy.deepcopy(VALID)).spec_hash()
     assert parse_run(VALID).spec_hash() != parse_run(with_change("spec.iterations", 3)).spec_hash()
+
+
+def test_prompts_need_a_dataset_or_per_iteration_sets():
+    data = copy.deepcopy(VALID)
+    data["spec"]["prompts"] = {"maxPrompts": 5}
+    assert problems(data) == ["spec.prompts.dataset: is required unless prompts.perIteration lists the prompt sets"]
+    data["spec"]["prompts"] = {"perIteration": [{"dataset": "a"}, {"dataset": "./b"}]}
+    run = parse_run(data)
+    assert run.spec.prompts_for(2).dataset == "./b"
+
+
+def test_reward_batch_budget_must_fit_the_longest_conversation():
+    parse_run(with_change("spec.reward.maxLength", 8192))  # the default budget (16384) fits it
+    [problem] = problems(with_change("spec.reward.batchTokens", 1024))
+    assert problem == (
+        "spec.reward.batchTokens: must be at least reward.maxLength (4096) so that the longest "
+        "conversation fits in one forward pass (got 1024)"
+    )

@@ -1,0 +1,54 @@
+"""`iterdpo serve-reward` / `python -m iterdpo_reward_server`: validate, check, serve.
+
+Order matters: flags are validated and the checkpoint's config and tokenizer
+checked (cheap) before the port opens, so a wrong `--kind` or a missing chat
+template fails at once with exit code 1; the weights then load behind /readyz.
+SIGTERM (what Kubernetes and the local runner send) shuts down gracefully and
+exits 0; a failed weight load stops the server with exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+PROG = "serve-reward"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from iterdpo_reward_server.scorers import ScorerError, scorer_kind
+    from iterdpo_reward_server.settings import SettingsError, settings_from_args
+
+    try:
+        settings = settings_from_args(argv)
+        settings.resolved_device()
+        scorer_kind(settings.kind).preflight(settings)
+    except (SettingsError, ScorerError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+    import uvicorn
+
+    from iterdpo_reward_server.app import create_app
+
+    fatal: list[str] = []
+
+    def on_fatal(message: str) -> None:
+        fatal.append(message)
+        server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+    )
+    # uvicorn re-raises the signal that stopped it once shut down; with these
+    # handlers in place that is a no-op, so a graceful stop exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if fatal:
+        print(f"{PROG}: error: {fatal[0]}", file=sys.stderr, flush=True)
+        return 1
+    return 0 if server.started else 1

@@ -1,0 +1,176 @@
+"""HTTP client of the reward server: readiness wait, bounded concurrency, retries.
+
+What is retried is what a busy or restarting server answers (connection errors,
+timeouts, 429/502/503/504), with exponential backoff and jitter so that many
+clients do not retry in step; anything else (a 422, a 500) is a bug or bad input
+and fails at once with the server's own message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+import httpx
+
+log = logging.getLogger("iterdpo.annotate")
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class RewardClientError(RuntimeError):
+    """Scoring failed for good; the message says what the server said."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 5
+    base_seconds: float = 0.5
+    cap_seconds: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
+        """Seconds before retry number `attempt` (0-based): base x 2^attempt, capped, jittered into [1/2, 1]."""
+        backoff = min(self.cap_seconds, self.base_seconds * (2**attempt)) * (0.5 + 0.5 * rng.random())
+        if retry_after is not None:
+            backoff = max(backoff, min(retry_after, self.cap_seconds))
+        return backoff
+
+
+@dataclass(frozen=True)
+class Batch:
+    scores: list[float]
+    truncated: int
+
+
+def chunk(n: int, size: int) -> list[range]:
+    """Index ranges of consecutive requests of at most `size` items covering 0..n."""
+    if size < 1:
+        raise ValueError(f"request size must be >= 1 (got {size})")
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@dataclass
+class RewardClient:
+    base_url: str
+    timeout_seconds: float = 300.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    transport: httpx.AsyncBaseTransport | None = None  # tests pass a MockTransport
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    rng: random.Random = field(default_factory=random.Random)
+
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.base_url.rstrip("/"),
+            timeout=self.timeout_seconds,
+            transport=self.transport,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+
+    async def wait_ready(self, timeout_seconds: float) -> dict:
+        """Poll /readyz until 200 or the deadline; returns its body."""
+        deadline = time.monotonic() + timeout_seconds
+        attempt, last = 0, "no answer yet"
+        async with self._client() as client:
+            while True:
+                try:
+                    r = await client.get("/readyz", timeout=min(10.0, self.timeout_seconds))
+                    if r.status_code == 200:
+                        return r.json()
+                    last = f"HTTP {r.status_code}: {_server_message(r)}"
+                except httpx.TransportError as exc:
+                    last = _describe_transport(exc)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RewardClientError(
+                        f"the reward server at {self.base_url} was not ready within {timeout_seconds:g} s "
+                        f"(spec.reward.startupTimeoutSeconds); last answer: {last}"
+                    )
+                await self.sleep(min(left, 2.0, 0.1 * 2**attempt))
+                attempt += 1
+
+    async def score_all(
+        self, items: Sequence[dict], *, request_size: int, concurrency: int, progress: Callable[[int], None] | None = None
+    ) -> Batch:
+        """Scores of every item, in order: requests of `request_size` items, `concurrency` in flight."""
+        ranges = chunk(len(items), request_size)
+        results: list[Batch | None] = [None] * len(ranges)
+        gate = asyncio.Semaphore(concurrency)
+        async with self._client() as client:
+
+            async def one(k: int, span: range) -> None:
+                async with gate:
+                    results[k] = await self._score_request(client, [items[i] for i in span])
+                if progress is not None:
+                    progress(len(span))
+
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for k, span in enumerate(ranges):
+                        group.create_task(one(k, span))
+            except BaseExceptionGroup as group_error:  # the first failure cancels the rest; report it
+                raise group_error.exceptions[0] from None
+        scores = [s for batch in results for s in batch.scores]  # type: ignore[union-attr]
+        return Batch(scores, sum(batch.truncated for batch in results))  # type: ignore[union-attr]
+
+    async def score(self, items: Sequence[dict]) -> Batch:
+        """One request (with retries)."""
+        async with self._client() as client:
+            return await self._score_request(client, items)
+
+    async def _score_request(self, client: httpx.AsyncClient, items: Sequence[dict]) -> Batch:
+        for attempt in range(self.retry.max_retries + 1):
+            retry_after = None
+            try:
+                r = await client.post("/v1/score", json={"items": list(items)})
+            except httpx.TransportError as exc:
+                problem = _describe_transport(exc)
+            else:
+                if r.status_code == 200:
+                    return _parse(r, len(items))
+                problem = f"HTTP {r.status_code}: {_server_message(r)}"
+                if r.status_code not in RETRY_STATUSES:
+                    raise RewardClientError(f"the reward server refused a scoring request ({problem})")
+                retry_after = _retry_after(r)
+            if attempt == self.retry.max_retries:
+                raise RewardClientError(
+                    f"scoring failed after {attempt + 1} attempts (spec.reward.maxRetries={self.retry.max_retries}); "
+                    f"last: {problem}"
+                )
+            wait = self.retry.delay(attempt, self.rng, retry_after)
+            log.warning("scoring request failed (%s); retry %d in %.1f s", problem, attempt + 1, wait)
+            await self.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+def _parse(r: httpx.Response, expected: int) -> Batch:
+    body = r.json()
+    scores = body.get("scores")
+    if not isinstance(scores, list) or len(scores) != expected:
+        got = len(scores) if isinstance(scores, list) else type(scores).__name__
+        raise RewardClientError(f"the reward server answered {got} scores for {expected} items")
+    return Batch([float(s) for s in scores], int(body.get("truncated", 0)))
+
+
+def _server_message(r: httpx.Response) -> str:
+    try:
+        detail = r.json().get("detail", r.text)
+    except ValueError:
+        detail = r.text
+    if isinstance(detail, list):  # FastAPI validation errors: field path + message
+        detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail)
+    return str(detail)[:500]
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    try:
+        return float(r.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _describe_transport(exc: httpx.TransportError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,104 @@
+"""Turn (conversation, response) items into scores: format, tokenize, pack, forward.
+
+Kept apart from HTTP so that each step is testable on its own:
+- `render` formats with the REWARD model's tokenizer and template (scoring with
+  the policy's template is a known way to get rewards that carry no signal);
+- `encode` tokenizes without a second BOS and truncates from the left;
+- `pack` groups items, longest first, into forward passes of at most
+  `batch_tokens` padded tokens;
+- `forward` pads on the RIGHT: with causal attention and default positions the
+  real tokens then see exactly what they see unbatched, so batched scores equal
+  one-by-one scores for any position encoding (left padding shifts positions:
+  harmless for rotary, not for absolute embeddings).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+
+class ScoringError(RuntimeError):
+    """The model gave something that is not a usable score."""
+
+
+class UnscorableItem(ValueError):
+    """One item cannot be formatted (the client's fault: a 422 naming the item)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    scores: list[float]  # in item order
+    truncated: int
+
+
+def render(tokenizer, messages: Sequence[dict], response: str, chat_template: str | None = None) -> str:
+    """The conversation + response as the reward model was trained to read it."""
+    conversation = [*messages, {"role": "assistant", "content": response}]
+    return tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False)
+
+
+def encode(tokenizer, text: str, max_length: int) -> Encoded:
+    """Token ids of `text`; a leading BOS from the template is not doubled, and kept on truncation."""
+    bos = tokenizer.bos_token
+    template_has_bos = bool(bos) and text.startswith(bos)
+    ids = tokenizer(text, add_special_tokens=not template_has_bos)["input_ids"]
+    if len(ids) <= max_length:
+        return Encoded(list(ids), False)
+    if tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        return Encoded([ids[0], *ids[len(ids) - max_length + 1 :]], True)
+    return Encoded(list(ids[len(ids) - max_length :]), True)
+
+
+def pack(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped so that rows x longest <= batch_tokens in every group.
+
+    Longest first, so the largest forward pass runs first and a memory problem
+    shows at once; an item longer than the budget goes alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > batch_tokens:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def forward(model, sequences: Sequence[list[int]], groups: list[list[int]], *, pad_id: int, device) -> list[float]:
+    """One score per sequence (read from logit 0), in sequence order."""
+    import torch
+
+    scores: list[float | None] = [None] * len(sequences)
+    with torch.inference_mode():
+        for group in groups:
+            longest = max(len(sequences[i]) for i in group)
+            input_ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(group), longest), dtype=torch.long)
+            for row, i in enumerate(group):
+                n = len(sequences[i])
+                input_ids[row, :n] = torch.tensor(sequences[i], dtype=torch.long)
+                attention[row, :n] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            for row, value in zip(group, logits[:, 0].float().cpu().tolist()):
+                if not math.isfinite(value):
+                    raise ScoringError(f"the model produced a non-finite score ({value}) for item {row}")
+                scores[row] = value
+    return scores  # type: ignore[return-value]
