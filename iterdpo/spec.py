@@ -232,6 +232,12 @@ class IterativeDPORunSpec(_Model):
                 f"{t.micro_batch_size} x {t.nproc_per_node} x {t.nodes} = {per_step} "
                 f"(got {t.global_batch_size})",
             )
+        if t.zero_stage == 0 and t.precision != "fp32":
+            raise CrossFieldError(
+                "training.zeroStage",
+                f"0 keeps no readable fp32 master weights under precision {t.precision!r}: "
+                "use zeroStage 1, 2 or 3, or precision fp32",
+            )
         if t.max_prompt_length >= t.max_length:
             raise CrossFieldError(
                 "training.maxPromptLength",

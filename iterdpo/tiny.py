@@ -107,6 +107,8 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, seed:
     with atomic_path(assets.reward) as tmp:
         _build_reward_model(tokenizer).save_pretrained(tmp)
         _with_template(tokenizer, REWARD_TEMPLATE).save_pretrained(tmp)
+    for path in (*assets.policy.iterdir(), *assets.reward.iterdir()):
+        path.chmod(0o644)  # transformers writes weights 0600; other users and containers must read them
     rng = random.Random(seed)
     for path in assets.prompts:
         write_jsonl(path, _prompts(rng, prompts_per_round))

@@ -94,8 +94,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def tail(path: Path, lines: int = 25) -> str:
+def tail(path: Path, lines: int = 15) -> str:
+    """The end of a log, led by its error lines (a stage's own one-line error can sit
+    above a launcher's traceback, as with torchrun)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return ""
+    last_attempt = max((i for i, line in enumerate(text) if line.startswith("=== ")), default=0)
+    text = text[last_attempt:]
+    errors = [line for line in text[:-lines] if "error" in line.lower() and "Traceback" not in line][-5:]
+    return "\n".join([*errors, *(["..."] if errors else []), *text[-lines:]])

@@ -49,7 +49,8 @@ def test_dpo_loss_hand_computed_beta_0_5_label_smoothing_0_1():
 def test_dpo_loss_policy_equal_to_reference_is_log_2_for_any_smoothing():
     # z = 0: -(1-eps) log(1/2) - eps log(1/2) = log 2 = 0.6931471806, whatever beta and eps
     for beta, eps in [(0.1, 0.0), (0.5, 0.1), (2.0, 0.3)]:
-        losses, chosen, rejected = dpo_loss(_t(-3, -7), _t(-4, -1), _t(-3, -7), _t(-4, -1), beta=beta, label_smoothing=eps)
+        logps = _t(-3, -7), _t(-4, -1)
+        losses, chosen, rejected = dpo_loss(*logps, *logps, beta=beta, label_smoothing=eps)
         assert losses.tolist() == pytest.approx([0.6931471806] * 2, abs=1e-9)
         assert chosen.tolist() == [0.0, 0.0] and rejected.tolist() == [0.0, 0.0]
 
@@ -202,6 +203,13 @@ def test_ds_config_zero_stage_precision_and_optimizer():
     assert z3["fp16"] == {"enabled": True} and z3["bf16"] == {"enabled": False}
     fp32 = build_ds_config(TrainingSpec(precision="fp32"), 1)
     assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"]
+    assert build_ds_config(TrainingSpec(zero_stage=0, precision="fp32"), 1)["zero_optimization"] == {"stage": 0}
+
+
+def test_ds_config_refuses_zero_0_with_half_precision():
+    # DeepSpeed's stage-0 bf16 optimizer holds the fp32 master weights where they cannot be saved.
+    with pytest.raises(TrainError, match="zeroStage 0 with precision bf16"):
+        build_ds_config(TrainingSpec(zero_stage=0, precision="bf16"), 1)
 
 
 # --- truncation and collation ----------------------------------------------------------------
@@ -246,13 +254,15 @@ def test_tokenize_pair_uses_the_policy_chat_template_and_appends_eos(policy_toke
     assert out.chosen_ids == tok("kind river", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert out.rejected_ids[-1] == tok.eos_token_id and not out.truncated
 
-    override = tokenize_pair(tok, pair, max_length=128, max_prompt_length=64, chat_template="Q: {{ messages[0]['content'] }}\nA:")
+    template = "Q: {{ messages[0]['content'] }}\nA:"
+    override = tokenize_pair(tok, pair, max_length=128, max_prompt_length=64, chat_template=template)
     assert tok.decode(override.prompt_ids) == "Q: tell me about the river\nA:"
 
 
 def test_tokenize_pair_truncates_a_long_prompt_from_the_left(policy_tokenizer):
     tok = policy_tokenizer
-    pair = {"prompt": [{"role": "user", "content": "tell me about the river " * 40}], "chosen": "kind " * 80, "rejected": "sad"}
+    prompt = [{"role": "user", "content": "tell me about the river " * 40}]
+    pair = {"prompt": prompt, "chosen": "kind " * 80, "rejected": "sad"}
     out = tokenize_pair(tok, pair, max_length=64, max_prompt_length=16)
     assert out.truncated
     assert len(out.prompt_ids) == 16 and tok.decode(out.prompt_ids).endswith("<|assistant|>")

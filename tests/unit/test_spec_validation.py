@@ -155,3 +155,11 @@ def test_reward_batch_budget_must_fit_the_longest_conversation():
         "spec.reward.batchTokens: must be at least reward.maxLength (4096) so that the longest "
         "conversation fits in one forward pass (got 1024)"
     )
+
+
+def test_zero_stage_0_needs_fp32():
+    data = with_change("spec.training.zeroStage", 0)
+    [problem] = problems(data)
+    assert problem.startswith("spec.training.zeroStage: 0 keeps no readable fp32 master weights under precision 'bf16'")
+    data["spec"]["training"]["precision"] = "fp32"
+    parse_run(data)

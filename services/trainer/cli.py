@@ -1,0 +1,103 @@
+"""Command line of the train stage.
+
+    DS_ACCELERATOR=cpu torchrun --nproc-per-node P -m iterdpo_trainer --spec RUN_FILE --iteration T
+
+(on GPUs, without DS_ACCELERATOR). Run without torchrun it trains as one process.
+Bad input ends every rank with one line naming the problem and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+import warnings
+
+from iterdpo.runfile import SpecError, load_run
+from iterdpo.summary import emit_summary
+
+from iterdpo_trainer.errors import TrainError
+
+log = logging.getLogger("iterdpo_trainer")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="iterdpo_trainer",
+        description="Train stage of one round of iterative DPO: DPO on the round's pairs with DeepSpeed; "
+        "writes <round>/train/policy (Hugging Face checkpoint) and metrics.json.",
+    )
+    parser.add_argument("--spec", required=True, help="run file (YAML or JSON IterativeDPORun)")
+    parser.add_argument("--iteration", required=True, type=_positive_int, help="round number, from 1")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _single_process_defaults() -> None:
+    """Without torchrun: a world of one on a free local port."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[train rank {rank}] %(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("DeepSpeed", "torch.distributed", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed 0.19 calls a torch collective torch has renamed; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars, one per rank and model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    _single_process_defaults()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _configure_logging(rank)
+    try:
+        return _main(args, rank=rank, world_size=world_size, started=started)
+    except (TrainError, SpecError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: float) -> int:
+    from iterdpo_trainer import train
+
+    run = load_run(args.spec)
+    done = train.finished_metrics(run, args.iteration)
+    if done is not None:
+        log.info("round %d is already trained (%s): nothing to do", args.iteration, done["checkpoint"])
+        if rank == 0:
+            emit_summary("train", train.summary_of(done))
+        return 0
+    inputs = train.prepare(run, args.iteration, world_size)
+    metrics = train.train(inputs, started=started)
+    if rank == 0:
+        emit_summary("train", train.summary_of(metrics))
+    return 0

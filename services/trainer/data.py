@@ -1,0 +1,148 @@
+"""Preference pairs -> token ids -> padded batches.
+
+Pairs are tokenized with the POLICY's tokenizer and chat template (the model being
+trained must see exactly the format it generates with; the reward model's template
+is not used here). Truncation follows TRL: the prompt keeps its end, then the
+responses are cut so that prompt + response fits max_length. Truncated pairs are
+counted and reported, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from iterdpo_trainer.errors import TrainError
+
+PAIR_FIELDS = ("prompt_id", "prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # response tokens + eos (unless truncated away)
+    rejected_ids: list[int]
+    truncated: bool
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """Read and check pairs.jsonl; a malformed line is a TrainError naming file, line and field."""
+    pairs = []
+    with open(path) as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"pairs file {path} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TrainError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise TrainError(f"{where}: expected a JSON object")
+            missing = [f for f in PAIR_FIELDS if f not in record]
+            if missing:
+                raise TrainError(f"{where}: missing field(s) {', '.join(missing)}")
+            for field in ("chosen", "rejected"):
+                if not isinstance(record[field], str):
+                    raise TrainError(f"{where}: {field!r} must be a string")
+            if not _is_messages(record["prompt"]):
+                raise TrainError(f"{where}: 'prompt' must be a non-empty list of {{role, content}} messages")
+            pairs.append(record)
+    return pairs
+
+
+def _is_messages(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+
+
+def tokenize_pair(
+    tokenizer,
+    pair: dict,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    chat_template: str | None = None,
+) -> TokenizedPair:
+    """Token ids of one pair: templated prompt (with the generation prompt), responses + eos."""
+    text = tokenizer.apply_chat_template(
+        pair["prompt"], add_generation_prompt=True, tokenize=False, chat_template=chat_template
+    )
+    # The template already holds any bos it wants; adding special tokens would double it.
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chosen = tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    rejected = tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return truncate(prompt, chosen, rejected, max_length=max_length, max_prompt_length=max_prompt_length)
+
+
+def truncate(
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+) -> TokenizedPair:
+    """Keep the prompt's last max_prompt_length tokens, then cut each response to fit max_length."""
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
+    kept_prompt = prompt[-max_prompt_length:] if len(prompt) > max_prompt_length else prompt
+    room = max_length - len(kept_prompt)
+    kept_chosen, kept_rejected = chosen[:room], rejected[:room]
+    truncated = (
+        len(kept_prompt) < len(prompt) or len(kept_chosen) < len(chosen) or len(kept_rejected) < len(rejected)
+    )
+    return TokenizedPair(list(kept_prompt), list(kept_chosen), list(kept_rejected), truncated)
+
+
+def collate(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of 2B sequences: rows [0, B) are chosen, rows [B, 2B) rejected.
+
+    Stacking both halves lets one forward pass serve the pair. Returns input_ids,
+    attention_mask and response_mask ([2B, L]; response_mask marks response tokens).
+    """
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(prompt) + len(response) for prompt, response in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (prompt, response) in enumerate(sequences):
+        ids = prompt + response
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        response_mask[row, len(prompt) : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding uses; its value never matters (masked), but it must be a valid id."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise TrainError("the policy tokenizer has neither a pad token nor an eos token")
+
+
+def load_tokenizer(path: str, chat_template: str | None):
+    """The policy's tokenizer, carrying the spec's chat template when one is set."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if not tokenizer.chat_template:
+        raise TrainError(
+            f"the policy tokenizer at {path} has no chat template: set spec.policy.chatTemplate"
+        )
+    if tokenizer.eos_token_id is None:
+        raise TrainError(f"the policy tokenizer at {path} has no eos token: responses could not be terminated")
+    return tokenizer

@@ -1,0 +1,287 @@
+"""The train stage of one round: pairs -> reference pass -> DPO on DeepSpeed -> checkpoint.
+
+`prepare` reads and checks everything before any process group exists, so bad input
+fails the same way on every rank, at once. `train` is the distributed part.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from iterdpo.atomic import read_json, write_json
+from iterdpo.layout import RunLayout, policy_for, reference_for
+from iterdpo.spec import IterativeDPORun
+
+from iterdpo_trainer import data
+from iterdpo_trainer.checkpoint import save_checkpoint
+from iterdpo_trainer.dsconfig import build_ds_config
+from iterdpo_trainer.errors import TrainError
+from iterdpo_trainer.forward import batch_logps
+from iterdpo_trainer.loss import dpo_loss
+from iterdpo_trainer.reference import cache_key, file_digest, reference_logps
+from iterdpo_trainer.schedule import StepPlan, lr_factor, rank_micro_batches, warmup_steps
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+REF_CACHE_NAME = "ref_logps.pt"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the distributed part needs, checked."""
+
+    run: IterativeDPORun
+    iteration: int
+    layout: RunLayout
+    pairs_file: Path
+    policy: str
+    reference: str
+    tokenizer: object
+    pairs: list[data.TokenizedPair]
+    truncated: int
+    world_size: int
+    ds_config: dict
+
+
+def finished_metrics(run: IterativeDPORun, iteration: int) -> dict | None:
+    """metrics.json of a finished stage whose checkpoint is still there, else None."""
+    layout = RunLayout.of(run)
+    path = layout.train_metrics(iteration)
+    if not path.exists():
+        return None
+    metrics = read_json(path)
+    return metrics if Path(metrics.get("checkpoint", "")).is_dir() else None
+
+
+def summary_of(metrics: dict) -> dict:
+    final = metrics["final"]
+    return {
+        "loss": final["loss"],
+        "rewardAccuracy": final["rewards/accuracies"],
+        "rewardMargin": final["rewards/margins"],
+        "checkpoint": metrics["checkpoint"],
+        "seconds": metrics["seconds"],
+        "pairs": metrics["pairs"],
+        "pairsTruncated": metrics["pairsTruncated"],
+    }
+
+
+def _check_model(path: str, what: str, iteration: int) -> None:
+    if Path(path).is_absolute() and not Path(path).exists():
+        hint = f": run the Train stage of round {iteration - 1} first" if iteration > 1 else ""
+        raise TrainError(f"{what} {path} not found{hint}")
+
+
+def prepare(run: IterativeDPORun, iteration: int, world_size: int) -> Inputs:
+    """Read, check and tokenize the round's pairs; no process group needed."""
+    if not 1 <= iteration <= run.spec.iterations:
+        raise TrainError(f"--iteration must be between 1 and spec.iterations ({run.spec.iterations}), got {iteration}")
+    try:
+        layout = RunLayout.of(run)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    pairs_file = layout.pairs_file(iteration)
+    if not pairs_file.is_file():
+        raise TrainError(f"pairs file {pairs_file} not found: run the Score stage of round {iteration} first")
+    records = data.read_pairs(pairs_file)
+    if not records:
+        raise TrainError(f"pairs file {pairs_file} holds no pairs: nothing to train on in round {iteration}")
+    policy, reference = policy_for(run, iteration), reference_for(run, iteration)
+    _check_model(policy, "policy", iteration)
+    _check_model(reference, "reference model", iteration)
+    ds_config = build_ds_config(run.spec.training, world_size)
+
+    training = run.spec.training
+    tokenizer = data.load_tokenizer(policy, run.spec.policy.chat_template)
+    pairs = [
+        data.tokenize_pair(tokenizer, r, max_length=training.max_length, max_prompt_length=training.max_prompt_length)
+        for r in records
+    ]
+    truncated = sum(p.truncated for p in pairs)
+    if truncated:
+        log.warning(
+            "%d of %d pairs were truncated to maxPromptLength %d / maxLength %d",
+            truncated, len(pairs), training.max_prompt_length, training.max_length,
+        )
+    return Inputs(
+        run, iteration, layout, pairs_file, policy, reference, tokenizer, pairs, truncated, world_size, ds_config
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _original_dtype(path: str) -> torch.dtype:
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype or torch.float32
+
+
+def train(inputs: Inputs, *, started: float) -> dict:
+    """Run DPO for the round on every rank; rank 0 writes the checkpoint and metrics.json.
+
+    Returns the metrics (on every rank).
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoModelForCausalLM
+
+    run, training = inputs.run, inputs.run.spec.training
+    on_cuda = get_accelerator().device_name() == "cuda"
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device(get_accelerator().device_name(local_rank) if on_cuda else "cpu")
+    _seed_everything(training.seed)
+    dtype = DTYPES[training.precision]
+    train_dir = inputs.layout.train_dir(inputs.iteration)
+    pad_id = data.pad_token_id(inputs.tokenizer)
+
+    key = cache_key(
+        pairs_digest=file_digest(inputs.pairs_file),
+        reference=inputs.reference,
+        tokenization={
+            "policyTokenizer": inputs.policy,
+            "chatTemplate": inputs.tokenizer.chat_template,
+            "maxLength": training.max_length,
+            "maxPromptLength": training.max_prompt_length,
+            "precision": training.precision,
+        },
+    )
+    ref_chosen, ref_rejected = reference_logps(
+        reference=inputs.reference,
+        pairs=inputs.pairs,
+        cache=train_dir / REF_CACHE_NAME,
+        key=key,
+        pad_token_id=pad_id,
+        batch_pairs=training.micro_batch_size,
+        dtype=dtype,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+    )
+
+    plan = StepPlan(pairs=len(inputs.pairs), global_batch=training.global_batch_size, epochs=training.epochs)
+    warmup = warmup_steps(plan.total_steps, training.warmup_ratio)
+    if plan.repeated_per_epoch:
+        log.warning(
+            "%d pairs do not fill whole global batches of %d: %d pairs are repeated per epoch to fill the last step",
+            plan.pairs, plan.global_batch, plan.repeated_per_epoch,
+        )
+    log.info(
+        "training %d pairs: %d epoch(s) x %d step(s), warmup %d, world size %d, gradient accumulation %d",
+        plan.pairs, plan.epochs, plan.steps_per_epoch, warmup, world_size,
+        inputs.ds_config["gradient_accumulation_steps"],
+    )
+
+    original_dtype = _original_dtype(inputs.policy)
+    model = AutoModelForCausalLM.from_pretrained(inputs.policy, dtype=dtype)
+    model.config.use_cache = False
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, plan.total_steps, warmup, training.scheduler)
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), lr_scheduler=scheduler, config=inputs.ds_config
+    )
+    engine.train()
+    beta, smoothing = training.loss.beta, training.loss.label_smoothing
+
+    steps: list[dict] = []
+    for epoch in range(plan.epochs):
+        order = plan.epoch_order(epoch, training.seed)
+        for step_in_epoch in range(plan.steps_per_epoch):
+            learning_rate = float(engine.get_lr()[0])
+            sums = torch.zeros(5, dtype=torch.float64, device=device)
+            micro_batches = rank_micro_batches(
+                plan.step_indices(order, step_in_epoch),
+                rank=rank, world_size=world_size, micro_batch=training.micro_batch_size,
+            )
+            for indices in micro_batches:
+                batch = data.collate([inputs.pairs[i] for i in indices], pad_id)
+                chosen, rejected = batch_logps(engine, batch, device)
+                index = torch.tensor(indices)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    chosen, rejected,
+                    ref_chosen[index].to(device), ref_rejected[index].to(device),
+                    beta=beta, label_smoothing=smoothing,
+                )
+                engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps
+                engine.step()  # steps the optimizer at the accumulation boundary only
+                sums += torch.stack([
+                    losses.detach().sum(),
+                    chosen_rewards.sum(),
+                    rejected_rewards.sum(),
+                    (chosen_rewards > rejected_rewards).float().sum(),
+                    torch.tensor(float(len(indices)), device=device),
+                ]).double()
+            dist.all_reduce(sums)
+            loss, chosen_r, rejected_r, accuracy = (sums[:4] / sums[4]).tolist()
+            record = {
+                "step": epoch * plan.steps_per_epoch + step_in_epoch + 1,
+                "epoch": round(epoch + (step_in_epoch + 1) / plan.steps_per_epoch, 4),
+                "loss": loss,
+                "rewards/chosen": chosen_r,
+                "rewards/rejected": rejected_r,
+                "rewards/accuracies": accuracy,
+                "rewards/margins": chosen_r - rejected_r,
+                "learning_rate": learning_rate,
+            }
+            steps.append(record)
+            log.info(
+                "step %d/%d epoch %.2f loss %.4f rewards/chosen %.4f rewards/rejected %.4f "
+                "rewards/accuracies %.3f rewards/margins %.4f lr %.3g",
+                record["step"], plan.total_steps, record["epoch"], loss, chosen_r, rejected_r,
+                accuracy, record["rewards/margins"], learning_rate,
+            )
+            if not math.isfinite(loss):
+                raise TrainError(f"loss is {loss} at step {record['step']}: training diverged (lower learningRate?)")
+
+    checkpoint = inputs.layout.checkpoint(inputs.iteration)
+    save_checkpoint(
+        engine=engine, zero_stage=training.zero_stage, tokenizer=inputs.tokenizer,
+        destination=checkpoint, dtype=original_dtype,
+    )
+    # final: loss and rewards averaged over the last epoch's steps (one step is noisy);
+    # step, epoch and learning_rate are the last step's.
+    last_epoch = steps[-plan.steps_per_epoch :]
+    final = {name: sum(s[name] for s in last_epoch) / len(last_epoch) for name in METRIC_NAMES}
+    final.update(step=steps[-1]["step"], epoch=steps[-1]["epoch"], learning_rate=steps[-1]["learning_rate"])
+    metrics = {
+        "final": final,
+        "steps": steps,
+        "pairs": plan.pairs,
+        "pairsTruncated": inputs.truncated,
+        "pairsRepeatedToFillLastStep": plan.repeated_per_epoch,
+        "seconds": round(time.monotonic() - started, 3),
+        "checkpoint": str(checkpoint),
+        "reference": inputs.reference,
+        "policy": inputs.policy,
+        "worldSize": world_size,
+    }
+    if rank == 0:
+        write_json(inputs.layout.train_metrics(inputs.iteration), metrics)  # last: the completion marker
+    dist.barrier()
+    return metrics
