@@ -71,6 +71,7 @@ SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|system|>", "<|u
 HIDDEN = 128
 EMBED_CONSTANT = 10.0  # dim-0 constant: keeps RMSNorm from distorting the value dims
 REWARD_SCALE = 8.0
+WORD_PRIOR_LOGIT = 3.0  # the policy's preference for whole words over byte pieces
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, seed:
         prompts=tuple(out / f"prompts-iter{r}.jsonl" for r in range(1, rounds + 1)),
     )
     marker = out / ".complete.json"
-    wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "seed": seed, "version": 1}
+    wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "seed": seed, "version": 2}
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return assets
 
@@ -189,12 +190,41 @@ def _config(tokenizer, **extra):
     )
 
 
+def word_token_ids(tokenizer) -> list[int]:
+    """Tokens that are whole words of the corpus (with or without their leading space)."""
+    ids = set()
+    for word in (*KIND_WORDS, *UNKIND_WORDS, *NEUTRAL_WORDS):
+        for text in (word, " " + word):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.add(encoded[0])
+    return sorted(ids)
+
+
 def _build_policy(tokenizer, seed: int):
+    """A random tiny Llama with an SFT-like prior: it prefers whole words.
+
+    A uniform random policy mostly samples byte pieces, so few sampled tokens
+    carry reward and nothing ties them together. Here every embedding carries a
+    constant in dim 0, which survives to the final norm, and lm_head reads it
+    to add WORD_PRIOR_LOGIT to every whole-word token. That shared direction is
+    also what lets DPO raise "kind" words in every context at once.
+    """
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_config(tokenizer))
+    words = word_token_ids(tokenizer)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[words, 0] = 1.0
+        probe = torch.tensor([tokenizer.encode(" ".join(TOPICS), add_special_tokens=False)])
+        logits = model(probe).logits[0]
+        others = [i for i in range(len(tokenizer)) if i not in set(words)]
+        offset = (logits[:, words].mean() - logits[:, others].mean()).item()
+        model.lm_head.weight[words, 0] = WORD_PRIOR_LOGIT / offset
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

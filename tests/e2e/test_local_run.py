@@ -1,0 +1,195 @@
+"""`iterdpo run` end to end on the tiny models: real vLLM, reward server, DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from iterdpo.layout import RunLayout
+
+pytestmark = pytest.mark.slow
+ITERDPO = [sys.executable, "-m", "iterdpo.cli"]
+
+
+def write_run(tmp_path: Path, tiny, name: str) -> Path:
+    run_file = tmp_path / f"{name}.yaml"
+    run_file.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "iterdpo.io/v1alpha1",
+                "kind": "IterativeDPORun",
+                "metadata": {"name": name},
+                "spec": {
+                    "iterations": 2,
+                    "policy": {"model": str(tiny.policy)},
+                    "prompts": {
+                        "perIteration": [{"dataset": str(p), "maxPrompts": 16} for p in tiny.prompts[:2]]
+                    },
+                    "generation": {
+                        "samplesPerPrompt": 4, "maxNewTokens": 16, "gpuMemoryUtilization": 0.2, "enforceEager": True,
+                    },
+                    "reward": {"model": str(tiny.reward), "maxLength": 256, "batchTokens": 4096},
+                    "training": {
+                        "learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0,
+                        "globalBatchSize": 8, "microBatchSize": 2, "nprocPerNode": 2,
+                        "maxLength": 96, "maxPromptLength": 40, "precision": "fp32",
+                        "gradientCheckpointing": False,
+                    },
+                },
+            }
+        )
+    )
+    return run_file
+
+
+def status_of(workdir: Path, name: str) -> dict:
+    path = workdir / name / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([*ITERDPO, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_succeeded_with_both_rounds(status: dict) -> None:
+    assert status["phase"] == "Succeeded"
+    assert [it["iteration"] for it in status["iterations"]] == [1, 2]
+    for it in status["iterations"]:
+        assert it["generation"]["prompts"] == 16 and it["generation"]["samples"] == 64
+        scoring = it["scoring"]
+        assert scoring["pairs"] + scoring["tiesDropped"] + scoring["promptsLeftOut"] == 16
+        assert scoring["minReward"] <= scoring["meanReward"] <= scoring["maxReward"]
+        assert 0.0 <= it["training"]["rewardAccuracy"] <= 1.0
+        assert Path(it["training"]["checkpoint"]).is_dir()
+    first, second = status["iterations"]
+    assert second["policy"] == first["training"]["checkpoint"]
+    assert status["finalPolicy"] == second["training"]["checkpoint"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True" and conditions["Failed"]["status"] == "False"
+
+
+def test_two_rounds_reach_succeeded(tiny, tmp_path):
+    run_file = write_run(tmp_path, tiny, "two-rounds")
+    workdir = tmp_path / "runs"
+    result = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status = status_of(workdir, "two-rounds")
+    assert_succeeded_with_both_rounds(status)
+    assert "[round 2/2] Train: loss" in result.stdout
+    assert "Succeeded: round 1 mean reward" in result.stdout
+
+    table = run_cli("status", "two-rounds", "--workdir", str(workdir))
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[0] == "run two-rounds: Succeeded (round 2)"
+    assert len(table.stdout.splitlines()) >= 4  # header, columns, two rounds
+
+    # Running a finished run again does nothing and still succeeds.
+    again = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert again.returncode == 0 and "already succeeded" in again.stdout
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def test_killed_run_resumes_without_redoing_finished_stages(tiny, tmp_path):
+    run_file = write_run(tmp_path, tiny, "killed")
+    workdir = tmp_path / "runs"
+    runner = subprocess.Popen(
+        [*ITERDPO, "run", str(run_file), "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(
+            lambda: status_of(workdir, "killed").get("currentStage") == "Train",
+            timeout=600,
+            what="round 1 training to start",
+        )
+        time.sleep(3)  # let torchrun get going
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+
+    # Nothing the runner started outlives it (PR_SET_PDEATHSIG + process groups).
+    spec_json = str(workdir / "killed" / "run.json")
+    _wait_for(lambda: not _processes_mentioning(spec_json), timeout=60, what="stage processes to exit")
+
+    status = status_of(workdir, "killed")
+    assert status["phase"] == "Running" and status["currentStage"] == "Train"
+    layout = RunLayout(workdir.resolve() / "killed")
+    finished = [layout.shard_file(1, 0, 1), layout.shard_marker(1, 0, 1), layout.pairs_file(1), layout.score_stats(1)]
+    mtimes = {path: path.stat().st_mtime_ns for path in finished}
+
+    result = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[round 1/2] Generate" not in result.stdout and "[round 1/2] Score" not in result.stdout
+    assert "[round 1/2] Train: loss" in result.stdout
+    assert {path: path.stat().st_mtime_ns for path in finished} == mtimes
+    assert_succeeded_with_both_rounds(status_of(workdir, "killed"))
+
+
+def test_a_failing_stage_fails_the_run_with_its_reason(tiny, tmp_path):
+    run_file = write_run(tmp_path, tiny, "broken")
+    broken = yaml.safe_load(run_file.read_text())
+    broken["spec"]["policy"] = {"model": str(tmp_path / "no-such-model")}
+    run_file.write_text(yaml.safe_dump(broken))
+    workdir = tmp_path / "runs"
+    result = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert result.returncode == 1
+    assert "[round 1/2] Generate failed: generate-shard-0 exited with code 1" in result.stderr
+    assert "no-such-model" in result.stderr  # the log tail says why
+    status = status_of(workdir, "broken")
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["message"].startswith("round 1: Generate failed:")
+
+
+def test_an_invalid_run_file_runs_nothing(tmp_path):
+    run_file = tmp_path / "bad.yaml"
+    run_file.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "iterdpo.io/v1alpha1",
+                "kind": "IterativeDPORun",
+                "metadata": {"name": "bad"},
+                "spec": {
+                    "policy": {"model": "x"}, "prompts": {"dataset": "y"}, "reward": {"model": "z"},
+                    "generation": {"samplesPerPrompt": 1},
+                },
+            }
+        )
+    )
+    result = run_cli("run", str(run_file), "--workdir", str(tmp_path / "runs"))
+    assert result.returncode == 2
+    assert "spec.generation.samplesPerPrompt: must be >= 2 (got 1)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
