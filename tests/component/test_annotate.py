@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from iterdpo.layout import RunLayout
 from iterdpo.runfile import load_run
 from iterdpo.summary import TERMINATION_LOG_ENV, read_summary
 from iterdpo_reward_server import annotate_main
 from iterdpo_reward_server.process import RewardServerProcess, free_port
+from runfiles import write_tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +26,16 @@ def server(tiny):
 
 
 def _run_file(tmp_path: Path, tiny, **reward) -> Path:
-    doc = {
-        "apiVersion": "iterdpo.io/v1alpha1",
-        "kind": "IterativeDPORun",
-        "metadata": {"name": "score-test"},
-        "spec": {
-            "iterations": 2,
-            "policy": {"model": str(tiny.policy)},
-            "prompts": {"dataset": str(tiny.prompts[0])},
-            "generation": {"samplesPerPrompt": K, "shards": 2, "seed": 5},
-            "reward": {"model": str(tiny.reward), "requestBatchSize": 2, "concurrency": 2, **reward},
-            "pairing": {"strategy": "max_min"},
-            "storage": {"root": str(tmp_path / "runs")},
-        },
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return write_tiny_run(
+        tmp_path / "run.yaml",
+        tiny,
+        name="score-test",
+        storage_root=tmp_path / "runs",
+        iterations=2,
+        generation={"samplesPerPrompt": K, "shards": 2, "seed": 5},
+        reward={"requestBatchSize": 2, "concurrency": 2, **reward},
+        pairing={"strategy": "max_min"},
+    )
 
 
 def _row(pid: str, responses: list[str]) -> dict:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from runfiles import write_tiny_run
 
 from iterdpo.atomic import read_json, read_jsonl, write_jsonl
 from iterdpo.layout import RunLayout
@@ -17,33 +17,15 @@ pytestmark = pytest.mark.slow
 
 
 def write_run(tmp_path: Path, tiny, prompts: Path, *, shards: int, name: str) -> Path:
-    run_file = tmp_path / f"{name}.yaml"
-    run_file.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "iterdpo.io/v1alpha1",
-                "kind": "IterativeDPORun",
-                "metadata": {"name": name},
-                "spec": {
-                    "iterations": 1,
-                    "policy": {"model": str(tiny.policy)},
-                    "prompts": {"dataset": str(prompts)},
-                    "generation": {
-                        "samplesPerPrompt": 3,
-                        "maxNewTokens": 12,
-                        "shards": shards,
-                        "gpuMemoryUtilization": 0.2,
-                        "enforceEager": True,
-                    },
-                    "reward": {"model": str(tiny.reward)},
-                    "training": {"maxLength": 96, "maxPromptLength": 40, "globalBatchSize": 4, "microBatchSize": 2,
-                                 "nprocPerNode": 2, "precision": "fp32"},
-                    "storage": {"root": str(tmp_path / "runs")},
-                },
-            }
-        )
+    return write_tiny_run(
+        tmp_path / f"{name}.yaml",
+        tiny,
+        name=name,
+        storage_root=tmp_path / "runs",
+        prompts={"dataset": str(prompts)},
+        generation={"samplesPerPrompt": 3, "maxNewTokens": 12, "shards": shards},
+        training={"maxLength": 96, "maxPromptLength": 40, "globalBatchSize": 4},
     )
-    return run_file
 
 
 def generate(run_file: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

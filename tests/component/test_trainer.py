@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from iterdpo.layout import RunLayout
 from iterdpo.runfile import load_run
 from iterdpo.tiny import KIND_WORDS, TOPICS, UNKIND_WORDS
+from runfiles import write_tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -29,33 +29,17 @@ TIMEOUT = 300
 
 
 def write_run_file(tmp: Path, tiny, *, zero_stage: int, gradient_checkpointing: bool, precision: str = "fp32") -> Path:
-    run = {
-        "apiVersion": "iterdpo.io/v1alpha1",
-        "kind": "IterativeDPORun",
-        "metadata": {"name": "trainer-test"},
-        "spec": {
-            "iterations": 2,
-            "policy": {"model": str(tiny.policy)},
-            "reward": {"model": str(tiny.reward)},
-            "prompts": {"dataset": str(tiny.prompts[0])},
-            "storage": {"root": str(tmp / "runs")},
-            "training": {
-                "precision": precision,
-                "gradientCheckpointing": gradient_checkpointing,
-                "zeroStage": zero_stage,
-                "nprocPerNode": 2,
-                "microBatchSize": 2,
-                "globalBatchSize": 8,
-                "epochs": 1,
-                "learningRate": 1e-3,
-                "maxLength": 128,
-                "maxPromptLength": 64,
-            },
+    return write_tiny_run(
+        tmp / "run.yaml",
+        tiny,
+        name="trainer-test",
+        storage_root=tmp / "runs",
+        iterations=2,
+        training={
+            "precision": precision, "gradientCheckpointing": gradient_checkpointing, "zeroStage": zero_stage,
+            "epochs": 1, "learningRate": 1e-3,
         },
-    }
-    path = tmp / "run.yaml"
-    path.write_text(yaml.safe_dump(run))
-    return path
+    )
 
 
 def write_pairs(run_file: Path, count: int, *, long_prompt: bool) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from runfiles import write_tiny_run
 
 from iterdpo.layout import RunLayout
 
@@ -20,34 +21,17 @@ ITERDPO = [sys.executable, "-m", "iterdpo.cli"]
 
 
 def write_run(tmp_path: Path, tiny, name: str) -> Path:
-    run_file = tmp_path / f"{name}.yaml"
-    run_file.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "iterdpo.io/v1alpha1",
-                "kind": "IterativeDPORun",
-                "metadata": {"name": name},
-                "spec": {
-                    "iterations": 2,
-                    "policy": {"model": str(tiny.policy)},
-                    "prompts": {
-                        "perIteration": [{"dataset": str(p), "maxPrompts": 16} for p in tiny.prompts[:2]]
-                    },
-                    "generation": {
-                        "samplesPerPrompt": 4, "maxNewTokens": 16, "gpuMemoryUtilization": 0.2, "enforceEager": True,
-                    },
-                    "reward": {"model": str(tiny.reward), "maxLength": 256, "batchTokens": 4096},
-                    "training": {
-                        "learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0,
-                        "globalBatchSize": 8, "microBatchSize": 2, "nprocPerNode": 2,
-                        "maxLength": 96, "maxPromptLength": 40, "precision": "fp32",
-                        "gradientCheckpointing": False,
-                    },
-                },
-            }
-        )
+    return write_tiny_run(
+        tmp_path / f"{name}.yaml",
+        tiny,
+        name=name,
+        iterations=2,
+        prompts={"dataset": None, "perIteration": [{"dataset": str(p), "maxPrompts": 16} for p in tiny.prompts[:2]]},
+        generation={"samplesPerPrompt": 4, "maxNewTokens": 16},
+        reward={"maxLength": 256, "batchTokens": 4096},
+        training={"learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0,
+                  "maxLength": 96, "maxPromptLength": 40, "gradientCheckpointing": False},
     )
-    return run_file
 
 
 def status_of(workdir: Path, name: str) -> dict:

@@ -1,0 +1,49 @@
+"""Run files on the tiny models, for component and end-to-end tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+
+def tiny_run_manifest(tiny, *, name: str, storage_root: Path | None, **spec) -> dict:
+    """An IterativeDPORun on the tiny models; `spec` entries are deep-merged over small defaults.
+
+    Without `storage_root` the spec leaves storage unset (the local runner then uses its workdir).
+    """
+    base = {
+        "iterations": 1,
+        "policy": {"model": str(tiny.policy)},
+        "prompts": {"dataset": str(tiny.prompts[0])},
+        "generation": {"gpuMemoryUtilization": 0.2, "enforceEager": True},
+        "reward": {"model": str(tiny.reward)},
+        "training": {
+            "precision": "fp32", "nprocPerNode": 2, "microBatchSize": 2, "globalBatchSize": 8,
+            "maxLength": 128, "maxPromptLength": 64,
+        },
+    }
+    if storage_root is not None:
+        base["storage"] = {"root": str(storage_root)}
+    return {
+        "apiVersion": "iterdpo.io/v1alpha1",
+        "kind": "IterativeDPORun",
+        "metadata": {"name": name},
+        "spec": _merge(base, spec),
+    }
+
+
+def write_tiny_run(path: Path, tiny, *, name: str, storage_root: Path | None = None, **spec) -> Path:
+    path.write_text(yaml.safe_dump(tiny_run_manifest(tiny, name=name, storage_root=storage_root, **spec)))
+    return path
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
