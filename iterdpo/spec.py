@@ -46,7 +46,7 @@ class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     name: str = Field(description="Name of the run; names its artifacts and children.")
-    namespace: str | None = None
+    namespace: str | None = Field(default=None, description="Kubernetes namespace (ignored by the local runner).")
 
     @model_validator(mode="after")
     def _check_name(self) -> ObjectMeta:
@@ -104,9 +104,9 @@ class GenerationSpec(_Model):
     samples_per_prompt: Annotated[int, Field(ge=2)] = Field(
         default=8, description="Responses sampled per prompt (K); pairing needs at least 2."
     )
-    temperature: Annotated[float, Field(ge=0.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    max_new_tokens: Annotated[int, Field(ge=1)] = 2048
+    temperature: Annotated[float, Field(ge=0.0)] = Field(default=1.0, description="Sampling temperature (0: greedy).")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(default=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: Annotated[int, Field(ge=1)] = Field(default=2048, description="Most tokens per response.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="Stop token ids, besides the tokenizer's eos."
@@ -119,7 +119,9 @@ class GenerationSpec(_Model):
         default=0.9,
         description="vLLM's memory fraction for weights and KV cache (on a CPU build: of host memory).",
     )
-    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="GPUs one vLLM engine spans (tensor parallelism)."
+    )
     enforce_eager: bool = Field(
         default=False,
         description="Skip vLLM's graph compilation: faster start-up, slower decoding. "
@@ -152,8 +154,12 @@ class RewardSpec(_Model):
     concurrency: Annotated[int, Field(ge=1)] = Field(
         default=4, description="Scoring requests in flight at once."
     )
-    timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
-    max_retries: Annotated[int, Field(ge=0)] = 5
+    timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, description="Timeout of one scoring request."
+    )
+    max_retries: Annotated[int, Field(ge=0)] = Field(
+        default=5, description="Retries of a scoring request that failed to connect, timed out or got 429/502/503/504."
+    )
     startup_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
         default=900.0, description="How long to wait for the reward server's /readyz."
     )
@@ -172,30 +178,51 @@ class PairingSpec(_Model):
 
 
 class LossSpec(_Model):
-    type: Literal[LOSS_KINDS] = "sigmoid"  # type: ignore[valid-type]
-    beta: Annotated[float, Field(gt=0.0)] = 0.1
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
+    type: Literal[LOSS_KINDS] = Field(  # type: ignore[valid-type]
+        default="sigmoid", description="DPO loss. sigmoid: the original DPO loss."
+    )
+    beta: Annotated[float, Field(gt=0.0)] = Field(
+        default=0.1, description="Strength of the pull toward the reference model."
+    )
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = Field(
+        default=0.0, description="Assumed share of flipped preferences (conservative DPO)."
+    )
 
 
 class TrainingSpec(_Model):
-    loss: LossSpec = Field(default_factory=LossSpec)
-    learning_rate: Annotated[float, Field(gt=0.0)] = 5e-7
-    epochs: Annotated[int, Field(ge=1)] = 2
-    scheduler: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]
-    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.03
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    global_batch_size: Annotated[int, Field(ge=1)] = 128
-    micro_batch_size: Annotated[int, Field(ge=1)] = 1
-    max_length: Annotated[int, Field(ge=16)] = 2048
-    max_prompt_length: Annotated[int, Field(ge=8)] = 1000
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal[PRECISIONS] = "bf16"  # type: ignore[valid-type]
-    gradient_checkpointing: bool = True
-    nodes: Annotated[int, Field(ge=1)] = 1
+    loss: LossSpec = Field(default_factory=LossSpec, description="The DPO loss.")
+    learning_rate: Annotated[float, Field(gt=0.0)] = Field(default=5e-7, description="Peak learning rate (AdamW).")
+    epochs: Annotated[int, Field(ge=1)] = Field(default=2, description="Passes over each round's pairs.")
+    scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
+        default="cosine", description="Learning-rate decay after warmup."
+    )
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        default=0.03, description="Share of a round's steps spent warming up the learning rate."
+    )
+    weight_decay: Annotated[float, Field(ge=0.0)] = Field(default=0.0, description="AdamW weight decay.")
+    global_batch_size: Annotated[int, Field(ge=1)] = Field(
+        default=128, description="Pairs per optimizer step, over all processes and accumulation steps."
+    )
+    micro_batch_size: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="Pairs per process per forward pass."
+    )
+    max_length: Annotated[int, Field(ge=16)] = Field(
+        default=2048, description="Most tokens of prompt + response; longer responses are cut."
+    )
+    max_prompt_length: Annotated[int, Field(ge=8)] = Field(
+        default=1000,
+        description="Most prompt tokens; longer prompts are left out at generation, with the reason counted.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
+    precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
+        default="bf16", description="Training precision (fp32 master weights are kept in every case)."
+    )
+    gradient_checkpointing: bool = Field(default=True, description="Recompute activations to save memory.")
+    nodes: Annotated[int, Field(ge=1)] = Field(default=1, description="Training nodes.")
     nproc_per_node: Annotated[int, Field(ge=1)] = Field(
         default=1, description="Training processes (GPUs) per node."
     )
-    seed: int = 42
+    seed: int = Field(default=42, description="Seed of the training data order.")
 
 
 class StorageSpec(_Model):
@@ -208,18 +235,22 @@ class StorageSpec(_Model):
 
 class IterativeDPORunSpec(_Model):
     iterations: Annotated[int, Field(ge=1, le=100)] = Field(default=3, description="Rounds.")
-    policy: PolicySpec
+    policy: PolicySpec = Field(description="The SFT policy the first round starts from.")
     reference: Literal[REFERENCE_MODES] = Field(  # type: ignore[valid-type]
         default="initial",
         description="DPO reference of each round: the initial SFT policy, or the policy "
         "that generated the round (the previous round's checkpoint).",
     )
-    prompts: PromptsSpec
-    generation: GenerationSpec = Field(default_factory=GenerationSpec)
-    reward: RewardSpec
-    pairing: PairingSpec = Field(default_factory=PairingSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    storage: StorageSpec = Field(default_factory=StorageSpec)
+    prompts: PromptsSpec = Field(description="The prompts each round answers.")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Sampling K responses per prompt with vLLM."
+    )
+    reward: RewardSpec = Field(description="The reward model and how the annotator calls its server.")
+    pairing: PairingSpec = Field(
+        default_factory=PairingSpec, description="How each prompt's K responses become one DPO pair."
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="DPO training on DeepSpeed.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Where artifacts go.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> IterativeDPORunSpec:

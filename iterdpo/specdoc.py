@@ -1,0 +1,102 @@
+"""Write the run-file field reference (docs/run-file.md) from the typed spec.
+
+The spec model is the one source of truth; this page is derived from it, and a
+test fails when the committed page drifts. Regenerate with:
+
+    python -m iterdpo.specdoc > docs/run-file.md
+"""
+
+from __future__ import annotations
+
+import typing
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from iterdpo.spec import IterativeDPORunSpec
+
+_BOUNDS = ((Ge, "ge", ">="), (Gt, "gt", ">"), (Le, "le", "<="), (Lt, "lt", "<"))
+
+
+def field_rows(model: type[BaseModel], prefix: str = "spec") -> list[tuple[str, str, str, str]]:
+    """(path, type and limits, default, description) for every field, depth first."""
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}.{field.alias or name}"
+        nested = _nested_model(field.annotation)
+        rows.append((path, _type_text(field), _default_text(field, nested), field.description or ""))
+        if nested is not None:
+            rows += field_rows(nested, path + ("[]" if _is_list(field.annotation) else ""))
+    return rows
+
+
+def render() -> str:
+    lines = [
+        "# Run file reference",
+        "",
+        "Every field of `spec` in an `IterativeDPORun` (apiVersion `iterdpo.io/v1alpha1`).",
+        "Generated from `iterdpo/spec.py` by `python -m iterdpo.specdoc`; do not edit by hand.",
+        "Cross-field rules (checked before anything runs): `training.globalBatchSize` is a multiple of",
+        "`microBatchSize x nprocPerNode x nodes`; `training.maxPromptLength < training.maxLength`;",
+        "`training.zeroStage` 0 needs `precision: fp32`; `reward.batchTokens >= reward.maxLength`;",
+        "`prompts.dataset` or `prompts.perIteration` (one entry per round) is set;",
+        "`pairing.lengthPenalty` only with `max_min_length_penalty`.",
+        "",
+        "| field | type | default | description |",
+        "| --- | --- | --- | --- |",
+    ]
+    for path, type_text, default, description in field_rows(IterativeDPORunSpec):
+        lines.append(f"| `{path}` | {type_text} | {default} | {description} |")
+    return "\n".join(lines) + "\n"
+
+
+def _type_text(field) -> str:
+    annotation = field.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(f"`{v}`" for v in typing.get_args(annotation))
+    if args and typing.get_origin(annotation) in (typing.Union, type(int | None)):
+        annotation = args[0]
+    metadata = list(field.metadata) + list(getattr(annotation, "__metadata__", ()))
+    base = typing.get_origin(annotation) is typing.Annotated and typing.get_args(annotation)[0] or annotation
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        inner = typing.get_args(item)[0] if typing.get_origin(item) is typing.Annotated else item
+        name = f"list of {getattr(inner, '__name__', str(inner))}"
+    else:
+        name = getattr(base, "__name__", str(base))
+    metadata += [inner for m in metadata for inner in getattr(m, "metadata", ())]  # Field(...) inside Annotated
+    limits = [f"{sign} {getattr(m, attr)}" for m in metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)]
+    return name + (f" ({', '.join(limits)})" if limits else "")
+
+
+def _default_text(field, nested) -> str:
+    if field.is_required():
+        return "required"
+    if nested is not None or field.default_factory is not None:
+        return "" if field.default_factory is None or field.default_factory() != [] else "`[]`"
+    default = field.default
+    if default is PydanticUndefined or default is None:
+        return "unset"
+    return f"`{str(default).lower() if isinstance(default, bool) else default}`"
+
+
+def _nested_model(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_list(annotation) -> bool:
+    if typing.get_origin(annotation) is list:
+        return True
+    return any(_is_list(a) for a in typing.get_args(annotation))
+
+
+if __name__ == "__main__":
+    print(render(), end="")
