@@ -86,6 +86,7 @@ class LocalRunner:
         self.paths = RunPaths(Path(workdir).resolve() / run.name)
         self.out = out
         self._running: list = []
+        self._saved = RunStatus()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class LocalRunner:
                 status = self._run_stage(status, step)
         except KeyboardInterrupt:
             self._stop_all()
-            status = interrupted(status, now_rfc3339())
+            status = interrupted(self._saved, now_rfc3339())  # the latest, whichever stage was running
             self._save(status)
             self._say("interrupted: start the same command again to resume")
             raise
@@ -205,6 +206,7 @@ class LocalRunner:
 
     def _save(self, status: RunStatus) -> None:
         write_json(self.paths.status_file, status.to_json())
+        self._saved = status
 
     def _say(self, text: str) -> None:
         print(text, file=self.out, flush=True)

@@ -95,7 +95,7 @@ def _processes_mentioning(text: str) -> list[int]:
         if not pid.isdigit():
             continue
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if text in cmdline:
@@ -139,6 +139,26 @@ def test_killed_run_resumes_without_redoing_finished_stages(tiny, tmp_path):
     assert "[round 1/2] Train: loss" in result.stdout
     assert {path: path.stat().st_mtime_ns for path in finished} == mtimes
     assert_succeeded_with_both_rounds(status_of(workdir, "killed"))
+
+
+def test_stopped_runner_stops_its_stage_and_records_the_interruption(tiny, tmp_path):
+    """SIGTERM (like Ctrl-C) stops the stage's processes and leaves a status that says so."""
+    run_file = write_run(tmp_path, tiny, "stopped")
+    workdir = tmp_path / "runs"
+    runner = subprocess.Popen([*ITERDPO, "run", str(run_file), "--workdir", str(workdir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    spec_json = str(workdir / "stopped" / "run.json")
+    _wait_for(lambda: _processes_mentioning(f"{spec_json} --iteration 1 --shard 0"), timeout=120,
+              what="the generate process to start")
+    runner.send_signal(signal.SIGTERM)
+    output, _ = runner.communicate(timeout=120)
+    assert runner.returncode == 130, output
+    assert "interrupted: start the same command again to resume" in output
+    assert not _processes_mentioning(spec_json)
+    status = status_of(workdir, "stopped")
+    assert (status["phase"], status["currentIteration"], status["currentStage"]) == ("Running", 1, "Generate")
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("False", "Interrupted")
 
 
 def test_a_failing_stage_fails_the_run_with_its_reason(tiny, tmp_path):
