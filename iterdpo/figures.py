@@ -7,6 +7,8 @@ stage's wall time, start-up included) and pass it in.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from iterdpo.status import GenerationFigures, ScoringFigures, Stage, TrainingFigures
 
 
@@ -49,10 +51,13 @@ def training_figures(summary: dict, seconds: float) -> TrainingFigures:
 
 def stage_figures(stage: Stage, summaries: list[dict], seconds: float):
     """Figures of `stage` from the summaries of its job processes."""
-    if stage == "Generate":
-        return generation_figures(summaries, seconds)
-    if len(summaries) != 1:
-        raise MissingSummary(f"{stage} should leave one summary, found {len(summaries)}")
-    if stage == "Score":
-        return scoring_figures(summaries[0], seconds)
-    return training_figures(summaries[0], seconds)
+    try:
+        if stage == "Generate":
+            return generation_figures(summaries, seconds)
+        if len(summaries) != 1:
+            raise MissingSummary(f"{stage} should leave one summary, found {len(summaries)}")
+        if stage == "Score":
+            return scoring_figures(summaries[0], seconds)
+        return training_figures(summaries[0], seconds)
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise MissingSummary(f"{stage} left a summary without the expected figures: {exc}") from None

@@ -13,7 +13,8 @@ def stage_line(stage: str, figures) -> str:
         )
     if isinstance(figures, ScoringFigures):
         return (
-            f"mean reward {figures.mean_reward:+.3f} (min {figures.min_reward:+.3f}, max {figures.max_reward:+.3f}), "
+            f"mean reward {_signed(figures.mean_reward)} (min {_signed(figures.min_reward)}, "
+            f"max {_signed(figures.max_reward)}), "
             f"{figures.pairs} pairs, {figures.ties_dropped} ties dropped, "
             f"{figures.prompts_left_out} prompts left out in {figures.seconds:.1f}s"
         )
@@ -25,9 +26,13 @@ def stage_line(stage: str, figures) -> str:
     raise TypeError(f"no line for {stage} figures {figures!r}")
 
 
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
 def reward_trend(status: RunStatus) -> str | None:
     """'round 1 mean reward -0.41 -> round 3 +0.87', from the first and last scored rounds."""
-    scored = [it for it in status.iterations if it.scoring is not None]
+    scored = [it for it in status.iterations if it.scoring is not None and it.scoring.mean_reward is not None]
     if len(scored) < 2:
         return None
     first, last = scored[0], scored[-1]
@@ -57,7 +62,8 @@ _COLUMNS = (
 
 
 def _f(figures, field: str, fmt: str = "{}") -> str:
-    return "-" if figures is None else fmt.format(getattr(figures, field))
+    value = None if figures is None else getattr(figures, field)
+    return "-" if value is None else fmt.format(value)
 
 
 def _left_out(it) -> str:

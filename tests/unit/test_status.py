@@ -69,3 +69,26 @@ def test_reward_trend_and_table():
     assert table.splitlines()[0] == "run demo: Running (round 3 of 3, Score)"
     assert "mean reward" in table.splitlines()[1]
     assert "-0.410" in table and "+0.870" in table
+
+
+def test_a_round_with_nothing_scored_shows_dashes_not_a_crash():
+    from iterdpo.figures import stage_figures
+    from iterdpo.local.report import stage_line
+
+    summary = {"meanReward": None, "minReward": None, "maxReward": None, "pairs": 0, "tiesDropped": 0,
+               "promptsLeftOut": 5, "seconds": 0.1}
+    figures = stage_figures("Score", [summary], 2.0)
+    assert stage_line("Score", figures).startswith("mean reward - (min -, max -), 0 pairs")
+    status = stage_finished(stage_started(RunStatus(), 1, "Score", "/p", "t"), 1, "Score", figures, "t")
+    assert "   -" in status_table("demo", status) and reward_trend(status) is None
+
+
+def test_a_malformed_summary_is_a_stage_failure_not_a_crash():
+    import pytest
+
+    from iterdpo.figures import MissingSummary, stage_figures
+
+    with pytest.raises(MissingSummary, match="Train left a summary without the expected figures"):
+        stage_figures("Train", [{"loss": 0.5}], 1.0)
+    with pytest.raises(MissingSummary, match="Score left a summary without the expected figures"):
+        stage_figures("Score", [{"meanReward": "high"}], 1.0)
