@@ -166,6 +166,7 @@ def train(inputs: Inputs, *, started: float) -> dict:
             "precision": training.precision,
         },
     )
+    reference_started = time.monotonic()
     ref_chosen, ref_rejected = reference_logps(
         reference=inputs.reference,
         pairs=inputs.pairs,
@@ -209,6 +210,8 @@ def train(inputs: Inputs, *, started: float) -> dict:
     engine.train()
     beta, smoothing = training.loss.beta, training.loss.label_smoothing
 
+    reference_seconds = time.monotonic() - reference_started
+    loop_started = time.monotonic()
     steps: list[dict] = []
     for epoch in range(plan.epochs):
         order = plan.epoch_order(epoch, training.seed)
@@ -259,6 +262,8 @@ def train(inputs: Inputs, *, started: float) -> dict:
             if not math.isfinite(loss):
                 raise TrainError(f"loss is {loss} at step {record['step']}: training diverged (lower learningRate?)")
 
+    loop_seconds = time.monotonic() - loop_started
+    save_started = time.monotonic()
     checkpoint = inputs.layout.checkpoint(inputs.iteration)
     save_checkpoint(
         engine=engine, zero_stage=training.zero_stage, tokenizer=inputs.tokenizer,
@@ -276,6 +281,12 @@ def train(inputs: Inputs, *, started: float) -> dict:
         "pairsTruncated": inputs.truncated,
         "pairsRepeatedToFillLastStep": plan.repeated_per_epoch,
         "seconds": round(time.monotonic() - started, 3),
+        # Where the time went: the rest of `seconds` is start-up (imports, process group, loading).
+        "phaseSeconds": {
+            "referencePass": round(reference_seconds, 3),
+            "trainingLoop": round(loop_seconds, 3),
+            "checkpointSave": round(time.monotonic() - save_started, 3),
+        },
         "checkpoint": str(checkpoint),
         "reference": inputs.reference,
         "policy": inputs.policy,

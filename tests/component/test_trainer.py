@@ -138,6 +138,9 @@ def test_zero2_trains_every_parameter_saves_a_loadable_checkpoint_and_reruns_as_
     # metrics.json: TRL names, finite values, counts.
     metrics = json.loads(layout.train_metrics(1).read_text())
     assert metrics["pairs"] == 12
+    phases = metrics["phaseSeconds"]
+    assert set(phases) == {"referencePass", "trainingLoop", "checkpointSave"}
+    assert sum(phases.values()) <= metrics["seconds"]
     assert metrics["pairsTruncated"] == 1
     assert metrics["pairsRepeatedToFillLastStep"] == 4
     assert metrics["checkpoint"] == str(checkpoint)
