@@ -16,7 +16,7 @@ DEFAULT_WORKDIR = Path("iterdpo-runs")
 
 def _run(args) -> int:
     from iterdpo.local.report import reward_trend, status_table
-    from iterdpo.local.runner import LocalRunner, RunFailed, SpecChanged
+    from iterdpo.local.runner import AlreadyRunning, LocalRunner, RunFailed, SpecChanged
     from iterdpo.runfile import load_run
 
     run = load_run(args.run_file)
@@ -26,7 +26,7 @@ def _run(args) -> int:
         print(f"iterdpo run: {exc}", file=sys.stderr)
         print(f"fix the cause and run the same command again to resume from the failed stage", file=sys.stderr)
         return 1
-    except SpecChanged as exc:
+    except (SpecChanged, AlreadyRunning) as exc:
         print(f"iterdpo run: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

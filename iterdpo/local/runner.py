@@ -9,9 +9,12 @@ skip finished work, so a half-done stage loses at most its unfinished part).
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,10 @@ class SpecChanged(RuntimeError):
     pass
 
 
+class AlreadyRunning(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """The runner's own files: <workdir>/<name>/{run.json,status.json,logs/}."""
@@ -56,6 +63,10 @@ class RunPaths:
     @property
     def status_file(self) -> Path:
         return self.home / "status.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.home / ".lock"
 
     def log(self, iteration: int, command: Command) -> Path:
         return self.home / "logs" / f"iter-{iteration:02d}-{command.name}.log"
@@ -91,6 +102,10 @@ class LocalRunner:
     # -- the loop ---------------------------------------------------------------------------
 
     def execute(self) -> RunStatus:
+        with _exclusive(self.paths.lock_file, self.run.name):
+            return self._execute()
+
+    def _execute(self) -> RunStatus:
         status = self._initial_status()
         dump_run(self.run, self.paths.spec_file)
         self._save(status)
@@ -210,6 +225,24 @@ class LocalRunner:
 
     def _say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
+
+
+@contextmanager
+def _exclusive(lock_file: Path, name: str):
+    """One runner per run: a second `iterdpo run` of the same run would start every stage twice."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise AlreadyRunning(f"run {name!r} is already being run by {holder} (lock {lock_file})") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield  # the lock goes with the file descriptor, also when the runner is killed
 
 
 def _raise_interrupt(signum, frame):
