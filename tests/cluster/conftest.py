@@ -1,0 +1,124 @@
+"""Fixtures for tests against the from-source control plane (see README.md).
+
+Logs are kept when a test fails (or with ITERDPO_KEEP_CLUSTER_LOGS=1).
+The binaries take about 8 min to build cold, so the tests skip unless they are already
+built (or ITERDPO_CLUSTER_BIN points at them, or ITERDPO_BUILD_CLUSTER=1 asks for a build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # also under --import-mode=importlib
+
+from controlplane import ControlPlane  # noqa: E402
+from kubelet import InstantKubelet  # noqa: E402
+
+BINS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd")
+_KEPT = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("filterwarnings", "ignore::urllib3.exceptions.InsecureRequestWarning")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if _KEPT in config.stash:
+        terminalreporter.write_line(f"cluster logs kept: {config.stash[_KEPT]}")
+
+
+def _cached_bin_dir() -> Path | None:
+    """Mirror build.sh's cache check (versions.env + stamp of the go.mod/go.sum files)
+    so that a test run never starts an 8-minute build by surprise."""
+    env = dict(
+        line.split("=", 1) for line in (HERE / "versions.env").read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
+    root = Path(os.environ.get("ITERDPO_CLUSTER_CACHE", Path.home() / ".cache" / "iterdpo-cluster"))
+    dest = root / f"{env['K8S_VERSION'].strip()}-{env['ETCD_VERSION'].strip()}"
+    files = ("go.mod", "go.sum", "etcd/go.mod", "etcd/go.sum", "etcd/main.go")
+    stamp = hashlib.sha256(b"".join((HERE / f).read_bytes() for f in files)).hexdigest()[:16]
+    try:
+        if (dest / "stamp").read_text().strip() != stamp:
+            return None
+    except FileNotFoundError:
+        return None
+    return dest / "bin" if all(os.access(dest / "bin" / b, os.X_OK) for b in BINS) else None
+
+
+def _bin_dir() -> Path | None:
+    if os.environ.get("ITERDPO_CLUSTER_BIN"):
+        return Path(os.environ["ITERDPO_CLUSTER_BIN"])
+    if os.environ.get("ITERDPO_BUILD_CLUSTER") == "1" or _cached_bin_dir() is not None:
+        out = subprocess.run([str(HERE / "build.sh")], check=True, stdout=subprocess.PIPE, text=True)
+        return Path(out.stdout.strip().splitlines()[-1])
+    return None
+
+
+def _shared_dir() -> Path:
+    if os.environ.get("ITERDPO_SHARED"):
+        return Path(os.environ["ITERDPO_SHARED"])
+    return HERE.parents[2] / "shared"  # /work/main/tests/cluster -> /work/shared
+
+
+@dataclass
+class Cluster:
+    control_plane: ControlPlane
+    kubelet: InstantKubelet
+    api_client: "kubernetes.client.ApiClient"  # noqa: F821
+    kubectl_path: Path
+    work_dir: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.kubeconfig
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the built kubectl as admin; on failure raise with its stderr."""
+        proc = subprocess.run(
+            [str(self.kubectl_path), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def control_plane(request: pytest.FixtureRequest):
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        pytest.skip("control plane binaries not built: run tests/cluster/build.sh (about 8 min cold)")
+    from kubernetes import config as kconfig
+
+    work = Path(tempfile.mkdtemp(prefix="iterdpo-cluster-"))
+    t0 = time.monotonic()
+    with ControlPlane(bin_dir, work) as cp:
+        api_client = kconfig.new_client_from_config(config_file=str(cp.kubeconfig))
+        kubelet = InstantKubelet(api_client).start()
+        cluster = Cluster(cp, kubelet, api_client, bin_dir / "kubectl", work)
+        try:
+            crds = sorted((_shared_dir() / "kubeflow").glob("*.yaml"))
+            for crd in crds:
+                cluster.kubectl("apply", "--server-side", "-f", str(crd))
+            if crds:
+                cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+            print(f"\ncontrol plane up in {cp.startup_seconds:.1f}s, with node and CRDs {time.monotonic() - t0:.1f}s; logs in {work}")
+            yield cluster
+        finally:
+            kubelet.stop()
+            api_client.close()
+    if request.session.testsfailed or os.environ.get("ITERDPO_KEEP_CLUSTER_LOGS") == "1":
+        request.config.stash[_KEPT] = work
+    else:
+        shutil.rmtree(work, ignore_errors=True)
