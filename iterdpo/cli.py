@@ -24,7 +24,7 @@ def _run(args) -> int:
         status = LocalRunner(run, args.workdir).execute()
     except RunFailed as exc:
         print(f"iterdpo run: {exc}", file=sys.stderr)
-        print(f"fix the cause and run the same command again to resume from the failed stage", file=sys.stderr)
+        print("fix the cause and run the same command again to resume from the failed stage", file=sys.stderr)
         return 1
     except (SpecChanged, AlreadyRunning) as exc:
         print(f"iterdpo run: {exc}", file=sys.stderr)

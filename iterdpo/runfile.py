@@ -8,14 +8,12 @@ are made absolute against the run file's folder, so stages can run from anywhere
 from __future__ import annotations
 
 import difflib
-import json
-import typing
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from iterdpo.spec import CrossFieldError, IterativeDPORun
+from iterdpo.spec import CrossFieldError, IterativeDPORun, nested_model
 
 
 class SpecError(ValueError):
@@ -142,21 +140,8 @@ def _field_names_at(loc: list[str]) -> list[str]:
         )
         if field is None:
             return []
-        model = _model_in(field.annotation)
+        model = nested_model(field.annotation)
     if model is None:
         return []
     return [f.alias or name for name, f in model.model_fields.items()]
 
-
-def _model_in(annotation: object) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def run_as_json(run: IterativeDPORun) -> str:
-    return json.dumps(run.to_manifest(), indent=2, sort_keys=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -340,3 +341,14 @@ class CrossFieldError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+def nested_model(annotation: object) -> type[BaseModel] | None:
+    """The spec model inside a field's type (`X`, `X | None`, `list[X]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = nested_model(arg)
+        if found is not None:
+            return found
+    return None

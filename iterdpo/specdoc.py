@@ -14,7 +14,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from iterdpo.spec import IterativeDPORunSpec
+from iterdpo.spec import IterativeDPORunSpec, nested_model
 
 _BOUNDS = ((Ge, "ge", ">="), (Gt, "gt", ">"), (Le, "le", "<="), (Lt, "lt", "<"))
 
@@ -24,7 +24,7 @@ def field_rows(model: type[BaseModel], prefix: str = "spec") -> list[tuple[str, 
     rows = []
     for name, field in model.model_fields.items():
         path = f"{prefix}.{field.alias or name}"
-        nested = _nested_model(field.annotation)
+        nested = nested_model(field.annotation)
         rows.append((path, _type_text(field), _default_text(field, nested), field.description or ""))
         if nested is not None:
             rows += field_rows(nested, path + ("[]" if _is_list(field.annotation) else ""))
@@ -80,16 +80,6 @@ def _default_text(field, nested) -> str:
     if default is PydanticUndefined or default is None:
         return "unset"
     return f"`{str(default).lower() if isinstance(default, bool) else default}`"
-
-
-def _nested_model(annotation) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _nested_model(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _is_list(annotation) -> bool:

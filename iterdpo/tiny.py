@@ -128,13 +128,6 @@ def token_values(tokenizer) -> dict[int, float]:
     return values
 
 
-def reference_reward(tokenizer, text_ids: list[int]) -> float:
-    """What the hand-wired reward model computes, in plain Python (for tests)."""
-    values = token_values(tokenizer)
-    mean = sum(values.get(i, 0.0) for i in text_ids) / len(text_ids)
-    return mean
-
-
 def _train_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from iterdpo.tiny import TinyAssets
+
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> "TinyAssets":  # noqa: F821
+def tiny(tmp_path_factory) -> TinyAssets:
     """Tiny policy, reward model and prompt sets, built once per test session (no downloads)."""
     from iterdpo.tiny import build_tiny
 

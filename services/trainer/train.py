@@ -142,7 +142,7 @@ def train(inputs: Inputs, *, started: float) -> dict:
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM
 
-    run, training = inputs.run, inputs.run.spec.training
+    training = inputs.run.spec.training
     on_cuda = get_accelerator().device_name() == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()

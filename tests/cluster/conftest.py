@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -27,6 +28,9 @@ from kubelet import InstantKubelet  # noqa: E402
 
 BINS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd")
 _KEPT = pytest.StashKey[Path]()
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -75,7 +79,7 @@ def _shared_dir() -> Path:
 class Cluster:
     control_plane: ControlPlane
     kubelet: InstantKubelet
-    api_client: "kubernetes.client.ApiClient"  # noqa: F821
+    api_client: ApiClient
     kubectl_path: Path
     work_dir: Path
 
