@@ -113,10 +113,11 @@ def control_plane(request: pytest.FixtureRequest):
         cluster = Cluster(cp, kubelet, api_client, bin_dir / "kubectl", work)
         try:
             crds = sorted((_shared_dir() / "kubeflow").glob("*.yaml"))
+            if not crds:  # never start without them: the PyTorchJob tests would fail far from the cause
+                pytest.fail(f"no Kubeflow CRDs in {_shared_dir() / 'kubeflow'}: set ITERDPO_SHARED to the shared/ folder")
             for crd in crds:
                 cluster.kubectl("apply", "--server-side", "-f", str(crd))
-            if crds:
-                cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+            cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
             print(f"\ncontrol plane up in {cp.startup_seconds:.1f}s, with node and CRDs {time.monotonic() - t0:.1f}s; logs in {work}")
             yield cluster
         finally:
