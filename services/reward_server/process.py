@@ -1,32 +1,28 @@
 """Run the reward server as a child process: start, wait for /readyz, stop with SIGTERM.
 
-For the local runner and the tests. Readiness is polled (never a fixed sleep),
-an early exit of the child is reported with its output, and stopping checks
-the exit code instead of assuming it.
+For the tests and benchmarks; it stays in the caller's session, so a benchmark's
+CPU share is fair. Readiness is polled (never a fixed sleep) with the local
+runner's helper; an early exit of the child is reported with its output, and
+stopping checks the exit code instead of assuming it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from iterdpo.local import processes
+from iterdpo.local.processes import free_port
+
+__all__ = ["RewardServerProcess", "ServerProcessError", "free_port"]
 
 
 class ServerProcessError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class RewardServerProcess:
@@ -60,21 +56,11 @@ class RewardServerProcess:
         )
         return self
 
-    def wait_ready(self, timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerProcessError(f"the reward server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                r = httpx.get(f"{self.url}/readyz", timeout=5)
-                if r.status_code == 200:
-                    return r.json()
-            except httpx.TransportError:
-                pass
-            time.sleep(delay)
-            delay = min(1.0, delay * 2)
-        raise ServerProcessError(f"the reward server was not ready within {timeout} s:\n{self.output()}")
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        try:
+            processes.wait_ready(f"{self.url}/readyz", self.proc, timeout=timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise ServerProcessError(f"the reward server: {exc}:\n{self.output()}") from None
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait; SIGKILL only if it does not stop in time. Returns the exit code."""
