@@ -73,6 +73,26 @@ def tiny_assets(workdir: Path):
     return build_tiny(workdir / "tiny")
 
 
+def write_run(path: Path, name: str, *, policy: Path, reward: Path, prompts: Path, root: Path, **spec) -> None:
+    """A one-round IterativeDPORun on the tiny models; `spec` adds the stage's own sections."""
+    import yaml
+
+    run = {
+        "apiVersion": "iterdpo.io/v1alpha1",
+        "kind": "IterativeDPORun",
+        "metadata": {"name": name},
+        "spec": {
+            "iterations": 1,
+            "policy": {"model": str(policy)},
+            "prompts": {"dataset": str(prompts)},
+            "reward": {"model": str(reward)},
+            "storage": {"root": str(root)},
+            **spec,
+        },
+    }
+    path.write_text(yaml.safe_dump(run, sort_keys=False))
+
+
 def read_prompts(assets) -> list[list[dict]]:
     """Every prompt of every tiny round, as chat messages."""
     import json

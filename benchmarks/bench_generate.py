@@ -37,34 +37,22 @@ def write_prompts(assets, count: int, path: Path) -> None:
 
 
 def write_run_file(path: Path, *, policy: Path, reward: Path, prompts: Path, root: Path, args) -> None:
-    import yaml
-
-    run = {
-        "apiVersion": "iterdpo.io/v1alpha1",
-        "kind": "IterativeDPORun",
-        "metadata": {"name": "bench-generate"},
-        "spec": {
-            "iterations": 1,
-            "policy": {"model": str(policy)},
-            "prompts": {"dataset": str(prompts)},
-            "reward": {"model": str(reward)},
-            "storage": {"root": str(root)},
-            "generation": {
-                "samplesPerPrompt": args.samples,
-                "temperature": 1.0,
-                "topP": 1.0,
-                "maxNewTokens": args.max_new_tokens,
-                "seed": SEED,
-                "shards": 1,
-                "gpuMemoryUtilization": GPU_MEMORY_UTILIZATION,
-                "enforceEager": True,
-                "maxModelLen": args.max_model_len,
-            },
-            # Generation leaves out prompts longer than maxPromptLength; the tiny ones are far shorter.
-            "training": {"maxLength": args.max_model_len, "maxPromptLength": args.max_model_len - args.max_new_tokens},
+    c.write_run(
+        path, "bench-generate", policy=policy, reward=reward, prompts=prompts, root=root,
+        generation={
+            "samplesPerPrompt": args.samples,
+            "temperature": 1.0,
+            "topP": 1.0,
+            "maxNewTokens": args.max_new_tokens,
+            "seed": SEED,
+            "shards": 1,
+            "gpuMemoryUtilization": GPU_MEMORY_UTILIZATION,
+            "enforceEager": True,
+            "maxModelLen": args.max_model_len,
         },
-    }
-    path.write_text(yaml.safe_dump(run, sort_keys=False))
+        # Generation leaves out prompts longer than maxPromptLength; the tiny ones are far shorter.
+        training={"maxLength": args.max_model_len, "maxPromptLength": args.max_model_len - args.max_new_tokens},
+    )
 
 
 def raw_vllm(job_file: Path) -> None:

@@ -47,38 +47,26 @@ def build_pairs(assets, count: int, words: int, seed: int) -> list[dict]:
 
 
 def write_run_file(path: Path, *, assets, root: Path, args) -> None:
-    import yaml
-
-    run = {
-        "apiVersion": "iterdpo.io/v1alpha1",
-        "kind": "IterativeDPORun",
-        "metadata": {"name": "bench-train"},
-        "spec": {
-            "iterations": 1,
-            "policy": {"model": str(assets.policy)},
-            "prompts": {"dataset": str(assets.prompts[0])},
-            "reward": {"model": str(assets.reward)},
-            "storage": {"root": str(root)},
-            "training": {
-                "loss": {"type": "sigmoid", "beta": args.beta, "labelSmoothing": 0.0},
-                "learningRate": args.lr,
-                "epochs": args.epochs,
-                "scheduler": "constant",
-                "warmupRatio": 0.0,
-                "weightDecay": 0.0,
-                "globalBatchSize": args.batch,
-                "microBatchSize": args.batch // args.nproc,
-                "nprocPerNode": args.nproc,
-                "maxLength": args.max_length,
-                "maxPromptLength": args.max_prompt_length,
-                "zeroStage": 2,
-                "precision": "fp32",
-                "gradientCheckpointing": False,
-                "seed": SEED,
-            },
+    c.write_run(
+        path, "bench-train", policy=assets.policy, reward=assets.reward, prompts=assets.prompts[0], root=root,
+        training={
+            "loss": {"type": "sigmoid", "beta": args.beta, "labelSmoothing": 0.0},
+            "learningRate": args.lr,
+            "epochs": args.epochs,
+            "scheduler": "constant",
+            "warmupRatio": 0.0,
+            "weightDecay": 0.0,
+            "globalBatchSize": args.batch,
+            "microBatchSize": args.batch // args.nproc,
+            "nprocPerNode": args.nproc,
+            "maxLength": args.max_length,
+            "maxPromptLength": args.max_prompt_length,
+            "zeroStage": 2,
+            "precision": "fp32",
+            "gradientCheckpointing": False,
+            "seed": SEED,
         },
-    }
-    path.write_text(yaml.safe_dump(run, sort_keys=False))
+    )
 
 
 def trl_train(job_file: Path) -> None:
