@@ -33,14 +33,16 @@ def resolve_executable(name: str) -> str:
     return str(beside) if beside.exists() else name
 
 
-def start(argv: tuple[str, ...], *, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start(argv: tuple[str, ...], *, env: dict[str, str], log_path: Path, inherit_env: bool = True) -> subprocess.Popen:
+    """Start `argv` in its own session, output appended to `log_path`; its environment is
+    this process's plus `env`, or exactly `env` when `inherit_env` is False."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n")
         log.flush()
         return subprocess.Popen(
             [resolve_executable(argv[0]), *argv[1:]],
-            env={**os.environ, **env},
+            env={**os.environ, **env} if inherit_env else env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +24,10 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # also under --import-mode=importlib
 
+from clusterutil import exists, wait_for  # noqa: E402
 from controlplane import ControlPlane  # noqa: E402
 from kubelet import InstantKubelet  # noqa: E402
+from localexec import LocalExecKubelet, PodSetupError  # noqa: E402
 
 BINS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd")
 _KEPT = pytest.StashKey[Path]()
@@ -75,6 +78,16 @@ def _shared_dir() -> Path:
     return HERE.parents[2] / "shared"  # /work/main/tests/cluster -> /work/shared
 
 
+LOCAL_NODE = "iterdpo-node-local"
+
+
+def pod_base_env() -> dict[str, str]:
+    """What the local-exec kubelet's "image" provides: this venv first on PATH, offline HF."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    return {"PATH": path, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+
+
 @dataclass
 class Cluster:
     control_plane: ControlPlane
@@ -82,6 +95,8 @@ class Cluster:
     api_client: ApiClient
     kubectl_path: Path
     work_dir: Path
+    local: LocalExecKubelet | None = None  # a second node, cordoned unless a test asks for it
+    local_unavailable: str = ""  # why `local` is None
 
     @property
     def kubeconfig(self) -> Path:
@@ -112,6 +127,11 @@ def control_plane(request: pytest.FixtureRequest):
         kubelet = InstantKubelet(api_client).start()
         cluster = Cluster(cp, kubelet, api_client, bin_dir / "kubectl", work)
         try:
+            try:
+                cluster.local = LocalExecKubelet(api_client, LOCAL_NODE, work / "local-exec", base_env=pod_base_env(),
+                                                 unschedulable=True).start()  # fmt: skip
+            except PodSetupError as e:
+                cluster.local_unavailable = str(e)
             crds = sorted((_shared_dir() / "kubeflow").glob("*.yaml"))
             if not crds:  # never start without them: the PyTorchJob tests would fail far from the cause
                 pytest.fail(f"no Kubeflow CRDs in {_shared_dir() / 'kubeflow'}: set ITERDPO_SHARED to the shared/ folder")
@@ -122,8 +142,38 @@ def control_plane(request: pytest.FixtureRequest):
             yield cluster
         finally:
             kubelet.stop()
+            if cluster.local is not None:
+                cluster.local.stop()
             api_client.close()
     if request.session.testsfailed or os.environ.get("ITERDPO_KEEP_CLUSTER_LOGS") == "1":
         request.config.stash[_KEPT] = work
     else:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture()
+def local_exec(control_plane):
+    """New pods go to the local-exec node (their commands really run) for one test."""
+    if control_plane.local is None:
+        pytest.skip(f"local-exec kubelet unavailable: {control_plane.local_unavailable}")
+    control_plane.kubelet.cordon(True)
+    control_plane.local.cordon(False)
+    try:
+        yield control_plane.local
+    finally:
+        control_plane.local.cordon(True)
+        control_plane.kubelet.cordon(False)
+
+
+@pytest.fixture()
+def ns(control_plane):
+    """A fresh namespace per test (and its default ServiceAccount, which pods need)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(control_plane.api_client)
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    wait_for("default ServiceAccount", lambda: exists(core.read_namespaced_service_account, "default", name), control_plane)
+    yield name
+    control_plane.kubelet.rule = lambda pod: (0, "")
+    core.delete_namespace(name)

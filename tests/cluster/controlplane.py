@@ -33,6 +33,7 @@ CONTROLLERS = (
     "serviceaccount-token-controller",
     "endpoints-controller",
     "endpointslice-controller",
+    "persistentvolume-binder-controller",
     "pod-garbage-collector-controller",
     "ttl-after-finished-controller",
     "root-ca-certificate-publisher-controller",

@@ -1,13 +1,16 @@
-"""A fake kubelet in "instant" mode: one Node, and each pod bound to it runs and exits
-at once, with the exit code and termination message a test chooses.
+"""Test kubelets: a Node object plus the node side of the pod lifecycle, written through
+the pods/status subresource as a real kubelet does, so the Job, ReplicaSet, Deployment and
+endpoint controllers see the usual transitions. There is no container engine on the
+project's machines; this stands in for one.
 
-There is no container engine on the project's machines, so this stands in for the node
-side: it writes pod status through the pods/status subresource, as a kubelet does, so
-the Job, ReplicaSet and Deployment controllers see the usual transitions.
+`TestKubelet` keeps the Node registered and Ready and hands each pod bound to it to
+`_admit` (once) and each pod being deleted to `_evict`. Two modes build on it:
 
-Pods with restartPolicy Always (Deployments) stay Running and Ready. Others go
-Running -> Succeeded/Failed per `rule(pod) -> (exit_code, message)`. Pods being deleted
-are removed at once (a kubelet's grace-period confirmation).
+- `InstantKubelet` (this file): each pod runs and exits at once, with the exit code and
+  termination message that `rule(pod)` returns; pods with restartPolicy Always
+  (Deployments) stay Running and Ready.
+- `LocalExecKubelet` (`localexec.py`): each container's command really runs as a local
+  process.
 """
 
 from __future__ import annotations
@@ -27,35 +30,50 @@ log = logging.getLogger(__name__)
 Rule = Callable[[client.V1Pod], "tuple[int, str]"]
 NODE = "iterdpo-node-0"
 CAPACITY = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8"}
+KUBELET_VERSION = "v1.34.4"
 
 
 def succeed(pod: client.V1Pod) -> tuple[int, str]:
     return 0, ""
 
 
-def _now() -> str:
+def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class InstantKubelet:
-    """Run with `start()` / `stop()`; set `.rule` to choose how pods exit."""
+def pod_conditions(ready: bool, at: str) -> list[dict]:
+    status = "True" if ready else "False"
+    return [{"type": t, "status": s, "lastTransitionTime": at} for t, s in
+            (("PodScheduled", "True"), ("Initialized", "True"), ("ContainersReady", status), ("Ready", status))]  # fmt: skip
 
-    def __init__(self, api_client: client.ApiClient, node_name: str = NODE, heartbeat: float = 10.0):
+
+def container_id(pod: client.V1Pod, container: str, runtime: str) -> str:
+    return f"{runtime}://{pod.metadata.uid}/{container}"
+
+
+class TestKubelet:
+    """Run with `start()` / `stop()`. Subclasses implement `_admit` and may override `_evict`."""
+
+    runtime = "test"
+
+    def __init__(self, api_client: client.ApiClient, node_name: str = NODE, *, heartbeat: float = 10.0,
+                 node_ip: str = "127.0.0.1", unschedulable: bool = False):  # fmt: skip
+        self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.node_name = node_name
+        self.node_ip = node_ip
         self.heartbeat = heartbeat
-        self.rule: Rule = succeed
-        self.errors: list[str] = []  # status patches that failed, for a test to assert on
-        self._handled: set[str] = set()  # pod uids already started
-        self._ips = itertools.cycle(range(2, 255))
+        self.unschedulable = unschedulable
+        self.errors: list[str] = []  # API calls that failed, for a test to assert on
+        self._admitted: set[str] = set()  # pod uids already handed to _admit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"kubelet-{node_name}", daemon=True)
 
     # -- node -------------------------------------------------------------------
     def _ready_condition(self) -> dict:
-        now = _now()
+        t = now()
         return {"type": "Ready", "status": "True", "reason": "KubeletReady",
-                "message": "instant test kubelet", "lastHeartbeatTime": now, "lastTransitionTime": now}  # fmt: skip
+                "message": f"{self.runtime} test kubelet", "lastHeartbeatTime": t, "lastTransitionTime": t}  # fmt: skip
 
     def register(self) -> None:
         body = client.V1Node(metadata=client.V1ObjectMeta(name=self.node_name, labels={
@@ -67,66 +85,52 @@ class InstantKubelet:
                 raise
         # The TaintNodesByCondition admission plugin adds node.kubernetes.io/not-ready on
         # create; node-lifecycle (not run here) would lift it once Ready, so lift it here.
-        self.core.patch_node(self.node_name, {"spec": {"taints": None}})
+        self.core.patch_node(self.node_name, {"spec": {"taints": None, "unschedulable": self.unschedulable}})
         self.core.patch_node_status(self.node_name, {"status": {
             "capacity": CAPACITY, "allocatable": CAPACITY, "conditions": [self._ready_condition()],
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.node_name}],
-            "nodeInfo": {"kubeletVersion": "v1.34.4", "architecture": "amd64", "operatingSystem": "linux",
-                         "containerRuntimeVersion": "instant://0", "kernelVersion": "", "osImage": "",
+            "addresses": [{"type": "InternalIP", "address": self.node_ip}, {"type": "Hostname", "address": self.node_name}],
+            "nodeInfo": {"kubeletVersion": KUBELET_VERSION, "architecture": "amd64", "operatingSystem": "linux",
+                         "containerRuntimeVersion": f"{self.runtime}://0", "kernelVersion": "", "osImage": "",
                          "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""}}})  # fmt: skip
+
+    def cordon(self, unschedulable: bool = True) -> None:
+        """Mark the node (un)schedulable, so a test can choose which kubelet gets new pods."""
+        self.unschedulable = unschedulable
+        self.core.patch_node(self.node_name, {"spec": {"unschedulable": unschedulable}})
 
     def _beat(self) -> None:
         self.core.patch_node_status(self.node_name, {"status": {"conditions": [self._ready_condition()]}})
 
     # -- pods -------------------------------------------------------------------
+    def patch_status(self, pod: client.V1Pod, status: dict) -> None:
+        """Write pod status; a pod deleted meanwhile (404) is not an error."""
+        try:
+            self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
+        except ApiException as e:
+            if e.status != 404:
+                self.errors.append(f"status {pod.metadata.namespace}/{pod.metadata.name}: {e.status} {e.body}")
+                log.warning("%s kubelet: %s", self.runtime, self.errors[-1])
+
     def _handle(self, pod: client.V1Pod) -> None:
         meta = pod.metadata
         if meta.deletion_timestamp is not None:
+            self._evict(pod)
             try:
                 self.core.delete_namespaced_pod(meta.name, meta.namespace, grace_period_seconds=0)
             except ApiException as e:
                 if e.status != 404:
                     self.errors.append(f"delete {meta.namespace}/{meta.name}: {e.status} {e.reason}")
             return
-        if meta.uid in self._handled or (pod.status and pod.status.phase in ("Succeeded", "Failed")):
+        if meta.uid in self._admitted or (pod.status and pod.status.phase in ("Succeeded", "Failed")):
             return
-        self._handled.add(meta.uid)
-        try:
-            self._run(pod)
-        except ApiException as e:
-            if e.status != 404:
-                self.errors.append(f"status {meta.namespace}/{meta.name}: {e.status} {e.body}")
-                log.warning("instant kubelet: %s", self.errors[-1])
+        self._admitted.add(meta.uid)
+        self._admit(pod)
 
-    def _run(self, pod: client.V1Pod) -> None:
-        name, ns, now = pod.metadata.name, pod.metadata.namespace, _now()
-        ip = f"127.0.0.{next(self._ips)}"
-        cid = lambda c: f"instant://{pod.metadata.uid}/{c.name}"  # noqa: E731
+    def _admit(self, pod: client.V1Pod) -> None:
+        raise NotImplementedError
 
-        def cond(ready: str) -> list[dict]:
-            return [{"type": t, "status": s, "lastTransitionTime": now} for t, s in
-                    (("PodScheduled", "True"), ("Initialized", "True"), ("ContainersReady", ready), ("Ready", ready))]  # fmt: skip
-
-        running = [{"name": c.name, "image": c.image, "imageID": c.image, "containerID": cid(c),
-                    "ready": True, "started": True, "restartCount": 0,
-                    "state": {"running": {"startedAt": now}}} for c in pod.spec.containers]  # fmt: skip
-        self.core.patch_namespaced_pod_status(name, ns, {"status": {
-            "phase": "Running", "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": ip, "podIPs": [{"ip": ip}], "startTime": now, "conditions": cond("True"),
-            "containerStatuses": running}})  # fmt: skip
-        if pod.spec.restart_policy == "Always":
-            return
-        code, message = self.rule(pod)
-        code = int(code)
-        terminated = [{"name": c.name, "image": c.image, "imageID": c.image, "containerID": cid(c),
-                       "ready": False, "started": False, "restartCount": 0,
-                       "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                                "message": message, "startedAt": now, "finishedAt": _now(),
-                                                "containerID": cid(c)}}}
-                      for c in pod.spec.containers]  # fmt: skip
-        self.core.patch_namespaced_pod_status(name, ns, {"status": {
-            "phase": "Succeeded" if code == 0 else "Failed", "conditions": cond("False"),
-            "containerStatuses": terminated}})  # fmt: skip
+    def _evict(self, pod: client.V1Pod) -> None:
+        """Stop whatever runs for a pod being deleted (before its object is removed)."""
 
     # -- loop -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -152,10 +156,10 @@ class InstantKubelet:
             except Exception as e:  # noqa: BLE001 - keep the node alive across API blips
                 if self._stop.is_set():
                     return
-                log.warning("instant kubelet loop: %r", e)
+                log.warning("%s kubelet loop: %r", self.runtime, e)
                 self._stop.wait(0.5)
 
-    def start(self) -> "InstantKubelet":
+    def start(self):
         self.register()
         self._thread.start()
         return self
@@ -163,3 +167,39 @@ class InstantKubelet:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)  # a watch may block up to `heartbeat`; the thread is a daemon
+
+
+class InstantKubelet(TestKubelet):
+    """Each pod runs and exits at once; set `.rule` to choose how."""
+
+    runtime = "instant"
+
+    def __init__(self, api_client: client.ApiClient, node_name: str = NODE, **kwargs):
+        super().__init__(api_client, node_name, **kwargs)
+        self.rule: Rule = succeed
+        self._ips = itertools.cycle(range(2, 255))
+
+    def _admit(self, pod: client.V1Pod) -> None:
+        # Instant pods never listen, so their IPs only need to be valid endpoint
+        # addresses (the EndpointSlice API rejects loopback ones): TEST-NET-3.
+        ip, t = f"203.0.113.{next(self._ips)}", now()
+        cid = lambda c: container_id(pod, c.name, self.runtime)  # noqa: E731
+        running = [{"name": c.name, "image": c.image, "imageID": c.image, "containerID": cid(c),
+                    "ready": True, "started": True, "restartCount": 0,
+                    "state": {"running": {"startedAt": t}}} for c in pod.spec.containers]  # fmt: skip
+        self.patch_status(pod, {
+            "phase": "Running", "hostIP": self.node_ip, "hostIPs": [{"ip": self.node_ip}],
+            "podIP": ip, "podIPs": [{"ip": ip}], "startTime": t, "conditions": pod_conditions(True, t),
+            "containerStatuses": running})  # fmt: skip
+        if pod.spec.restart_policy == "Always":
+            return
+        code, message = self.rule(pod)
+        code = int(code)
+        terminated = [{"name": c.name, "image": c.image, "imageID": c.image, "containerID": cid(c),
+                       "ready": False, "started": False, "restartCount": 0,
+                       "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                                "message": message, "startedAt": t, "finishedAt": now(),
+                                                "containerID": cid(c)}}}
+                      for c in pod.spec.containers]  # fmt: skip
+        self.patch_status(pod, {"phase": "Succeeded" if code == 0 else "Failed",
+                                "conditions": pod_conditions(False, t), "containerStatuses": terminated})  # fmt: skip

@@ -6,49 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
-import time
-import uuid
-
 import pytest
+from clusterutil import wait_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.cluster
-
-
-def wait_for(what: str, predicate, cluster, timeout: float = 60.0, interval: float = 0.3):
-    """Poll until `predicate()` is truthy; on timeout say what and check the processes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        cluster.control_plane.check_alive()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; kubelet errors: {cluster.kubelet.errors}")
-        time.sleep(interval)
-
-
-@pytest.fixture()
-def ns(control_plane):
-    """A fresh namespace per test (and its default ServiceAccount, which pods need)."""
-    core = client.CoreV1Api(control_plane.api_client)
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    wait_for("default ServiceAccount", lambda: _exists(core.read_namespaced_service_account, "default", name), control_plane)
-    yield name
-    control_plane.kubelet.rule = lambda pod: (0, "")
-    core.delete_namespace(name)
-
-
-def _exists(read, *args) -> bool:
-    try:
-        read(*args)
-        return True
-    except ApiException as e:
-        if e.status == 404:
-            return False
-        raise
 
 
 def job_body(name: str, *, gpus: int = 0, backoff: int = 6, completions: int | None = None, indexed: bool = False) -> dict:
@@ -81,11 +44,11 @@ def job_condition(control_plane, ns: str, name: str) -> str | None:
 
 
 def test_kubectl_lists_ready_node_and_applies(control_plane, ns):
-    nodes = json.loads(control_plane.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-    assert [n["metadata"]["name"] for n in nodes] == ["iterdpo-node-0"]
-    ready = {c["type"]: c["status"] for c in nodes[0]["status"]["conditions"]}["Ready"]
+    nodes = {n["metadata"]["name"]: n for n in json.loads(control_plane.kubectl("get", "nodes", "-o", "json").stdout)["items"]}
+    node = nodes["iterdpo-node-0"]
+    ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
     assert ready == "True"
-    assert nodes[0]["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     manifest = json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "applied"}, "data": {"k": "v"}})
     control_plane.kubectl("apply", "-n", ns, "-f", "-", input=manifest)
     out = control_plane.kubectl("get", "configmap", "applied", "-n", ns, "-o", "jsonpath={.data.k}").stdout

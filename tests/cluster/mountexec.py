@@ -1,0 +1,36 @@
+"""Container entry for the local-exec kubelet: run inside a private mount namespace
+(`unshare --mount --propagation private`), bind each volume at its mountPath, then exec
+the container's command. The binds are invisible outside the namespace and vanish with
+it, so two pods can mount different folders at the same path.
+
+Usage: python mountexec.py PLAN.json, where the plan is
+{"mounts": [[host_path, container_path, read_only], ...], "workingDir": str|null,
+ "argv": [...], "env": {...}}. Mount points must already exist (the kubelet makes them).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        plan = json.load(f)
+    for source, target, read_only in plan["mounts"]:
+        subprocess.run(["mount", "--bind", source, target], check=True)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
+    if plan.get("workingDir"):
+        os.chdir(plan["workingDir"])
+    argv, env = plan["argv"], plan["env"]
+    executable = shutil.which(argv[0], path=env.get("PATH", os.defpath)) if "/" not in argv[0] else argv[0]
+    if executable is None:
+        print(f"local-exec: {argv[0]!r} not found on PATH={env.get('PATH', '')}", file=sys.stderr)
+        sys.exit(127)
+    os.execve(executable, argv, env)
+
+
+if __name__ == "__main__":
+    main()

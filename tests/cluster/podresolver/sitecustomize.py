@@ -1,0 +1,54 @@
+"""Cluster DNS and kube-proxy for the local-exec kubelet's Python processes.
+
+There is no cluster DNS and no kube-proxy on a test machine. The local-exec kubelet puts
+this folder first on PYTHONPATH, so every Python process in a pod loads this module. It
+resolves Service names (`svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`) to the
+ready endpoints the real EndpointSlice controller published, and swaps the Service port
+for the endpoint's target port, as kube-proxy would for a ClusterIP. The table is a JSON
+file the kubelet rewrites as Services and EndpointSlices change ($LOCALEXEC_SERVICES).
+Other names resolve as usual.
+"""
+
+import json
+import os
+import socket
+
+_TABLE = os.environ.get("LOCALEXEC_SERVICES")
+_NAMESPACE = os.environ.get("LOCALEXEC_NAMESPACE", "default")
+_getaddrinfo = socket.getaddrinfo
+
+
+def _service_key(host: str) -> str | None:
+    name = host.rstrip(".").lower()
+    for suffix in (".svc.cluster.local", ".svc"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    parts = name.split(".")
+    if len(parts) == 1:
+        return f"{parts[0]}.{_NAMESPACE}"
+    return name if len(parts) == 2 else None
+
+
+def _lookup(host: str) -> dict | None:
+    key = _service_key(host)
+    if key is None:
+        return None
+    try:
+        with open(_TABLE) as f:
+            return json.load(f).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def getaddrinfo(host, port, *args, **kwargs):
+    entry = _lookup(host) if _TABLE and isinstance(host, str) else None
+    if entry is None:
+        return _getaddrinfo(host, port, *args, **kwargs)
+    if not entry["ips"]:
+        raise socket.gaierror(socket.EAI_NONAME, f"{host}: the Service has no ready endpoints")
+    target = entry["ports"].get(str(port), port)
+    return [info for ip in entry["ips"] for info in _getaddrinfo(ip, target, *args, **kwargs)]
+
+
+socket.getaddrinfo = getaddrinfo
