@@ -26,6 +26,10 @@ LOSS_KINDS = ("sigmoid",)
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp16", "fp32")
 REFERENCE_MODES = ("initial", "previous")
+TRAIN_LAUNCHERS = ("pytorchjob", "job")  # Kubeflow Trainer v2's TrainJob is the planned third
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+TOLERATION_OPERATORS = ("Exists", "Equal")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 # RFC 1123 label: what Kubernetes accepts as a name that becomes part of child names.
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -234,7 +238,93 @@ class StorageSpec(_Model):
     )
 
 
+class Resources(_Model):
+    """What one pod of a stage asks the scheduler for."""
+
+    gpus: Annotated[int, Field(ge=0)] | None = Field(
+        default=None,
+        description="nvidia.com/gpu per pod. Unset: generate takes generation.tensorParallelSize, "
+        "reward 1, annotate 0, train training.nprocPerNode. 0 runs the stage on CPUs.",
+    )
+    cpu: str | None = Field(default=None, description="CPU request and limit, e.g. '8' or '500m'.")
+    memory: str | None = Field(default=None, description="Memory request and limit, e.g. '64Gi'.")
+
+
+class StageResources(_Model):
+    generate: Resources = Field(default_factory=Resources, description="Each generation shard's pod.")
+    reward: Resources = Field(default_factory=Resources, description="The reward server's pod.")
+    annotate: Resources = Field(default_factory=Resources, description="The annotator's pod (calls the reward server).")
+    train: Resources = Field(default_factory=Resources, description="Each training node's pod.")
+
+
+class VolumeSpec(_Model):
+    claim_name: str | None = Field(
+        default=None,
+        description="ReadWriteMany PersistentVolumeClaim every pod mounts: models, prompts and "
+        "the run's artifacts live on it. Required on Kubernetes.",
+    )
+    mount_path: str = Field(
+        default="/iterdpo",
+        description="Where pods mount the claim. Local model and prompt paths, and storage.root "
+        "(default <mountPath>/runs), must be under it.",
+    )
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(description="Secret name, in the run's namespace.")
+    key: str = Field(default="token", description="Key in the Secret.")
+
+
+class Toleration(_Model):
+    key: str | None = Field(default=None, description="Taint key (unset with Exists: all taints).")
+    operator: Literal[TOLERATION_OPERATORS] = Field(default="Equal", description="How value is matched.")  # type: ignore[valid-type]
+    value: str | None = Field(default=None, description="Taint value, for Equal.")
+    effect: Literal[TAINT_EFFECTS] | None = Field(default=None, description="Taint effect (unset: all).")  # type: ignore[valid-type]
+
+
+class KubernetesSpec(_Model):
+    """How the operator runs the stages on Kubernetes. `iterdpo run` ignores this section."""
+
+    image: str = Field(
+        default="iterdpo:latest", description="Container image of every stage (the project's Dockerfile builds it)."
+    )
+    image_pull_policy: Literal[PULL_POLICIES] = Field(  # type: ignore[valid-type]
+        default="IfNotPresent", description="Image pull policy of every container."
+    )
+    service_account_name: str | None = Field(default=None, description="ServiceAccount of the stage pods.")
+    volume: VolumeSpec = Field(default_factory=VolumeSpec, description="The shared volume of the run.")
+    hub_token_secret: SecretKeyRef | None = Field(
+        default=None, description="Secret holding a Hugging Face token, passed to pods as HF_TOKEN (never inline)."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels every stage pod requires.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints every stage pod tolerates.")
+    resources: StageResources = Field(default_factory=StageResources, description="Per-stage pod resources.")
+    launcher: Literal[TRAIN_LAUNCHERS] = Field(  # type: ignore[valid-type]
+        default="pytorchjob",
+        description="How training runs: pytorchjob (Kubeflow PyTorchJob, Master + Workers) or "
+        "job (one batch Job, single node, for clusters without Kubeflow).",
+    )
+    keep_reward_warm: bool = Field(
+        default=False,
+        description="Keep the reward server running between scoring stages. Default: scaled to zero "
+        "outside scoring, so its GPUs are free while generating and training.",
+    )
+    stage_retries: Annotated[int, Field(ge=0, le=10)] = Field(
+        default=2, description="New attempts of a failed stage before the run fails."
+    )
+    retry_backoff_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=30.0, description="Wait before attempt n+1 of a stage: this x 2^(n-1) seconds."
+    )
+    shard_retries: Annotated[int, Field(ge=0, le=10)] = Field(
+        default=1, description="Retries of one failed generation shard, alone (the Job's backoffLimitPerIndex)."
+    )
+
+
 class IterativeDPORunSpec(_Model):
+    suspend: bool = Field(
+        default=False,
+        description="Kubernetes: stop between stages and suspend running children; set back to false to resume.",
+    )
     iterations: Annotated[int, Field(ge=1, le=100)] = Field(default=3, description="Rounds.")
     policy: PolicySpec = Field(description="The SFT policy the first round starts from.")
     reference: Literal[REFERENCE_MODES] = Field(  # type: ignore[valid-type]
@@ -252,6 +342,9 @@ class IterativeDPORunSpec(_Model):
     )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="DPO training on DeepSpeed.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Where artifacts go.")
+    kubernetes: KubernetesSpec = Field(
+        default_factory=KubernetesSpec, description="Pods, volume and launcher on Kubernetes (ignored by iterdpo run)."
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> IterativeDPORunSpec:
@@ -290,6 +383,11 @@ class IterativeDPORunSpec(_Model):
                 f"must list one prompt set per round: {self.iterations} (spec.iterations), "
                 f"got {len(self.prompts.per_iteration)}",
             )
+        if self.kubernetes.launcher == "job" and t.nodes != 1:
+            raise CrossFieldError(
+                "kubernetes.launcher",
+                f"job runs training on one node: set training.nodes to 1 or use pytorchjob (training.nodes is {t.nodes})",
+            )
         if self.pairing.strategy != "max_min_length_penalty" and self.pairing.length_penalty:
             raise CrossFieldError(
                 "pairing.lengthPenalty",
@@ -325,8 +423,11 @@ class IterativeDPORun(BaseModel):
         return self.metadata.name
 
     def spec_hash(self) -> str:
-        """Stable digest of the spec: a resumed run must be the run that was started."""
-        blob = json.dumps(self.spec.model_dump(mode="json", by_alias=True), sort_keys=True)
+        """Stable digest of the recipe: a resumed run must be the run that was started.
+        `suspend` and the `kubernetes` section (image, resources, retries) may change
+        mid-run: they change how stages run, not what they compute."""
+        recipe = self.spec.model_dump(mode="json", by_alias=True, exclude={"suspend", "kubernetes"})
+        blob = json.dumps(recipe, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_manifest(self) -> dict:

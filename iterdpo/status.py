@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 Stage = Literal["Generate", "Score", "Train"]
 STAGES: tuple[Stage, ...] = ("Generate", "Score", "Train")
 
@@ -75,6 +75,12 @@ class RunStatus(_Model):
     iterations: list[IterationStatus] = Field(default_factory=list)
     final_policy: str | None = None
     spec_hash: str | None = None
+    # Kubernetes only: the operator's bookkeeping of the current stage.
+    observed_generation: int | None = None
+    current_attempt: int | None = None  # 1 = first try of the current stage
+    current_child: str | None = None  # the Job/PyTorchJob running the current stage attempt
+    retry_after: str | None = None  # RFC 3339: the next attempt starts no earlier
+    resume_token: str | None = None  # the iterdpo.io/resume annotation value last acted on
 
     def iteration(self, number: int) -> IterationStatus | None:
         return next((it for it in self.iterations if it.iteration == number), None)
