@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))  # also under --import-mode=importlib
 from clusterutil import exists, wait_for  # noqa: E402
 from controlplane import ControlPlane  # noqa: E402
 from kubelet import InstantKubelet  # noqa: E402
+from kubeflow_operator import TrainingOperator  # noqa: E402
 from localexec import LocalExecKubelet, PodSetupError  # noqa: E402
 
 BINS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd")
@@ -72,6 +73,25 @@ def _bin_dir() -> Path | None:
     return None
 
 
+def _training_operator_bin() -> Path:
+    """The Kubeflow training operator v1 binary (kubeflow/build.sh: cached, ~80 s cold)."""
+    out = subprocess.run([str(HERE / "kubeflow" / "build.sh")], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1]) / "training-operator"
+
+
+def _wait_established(cluster: "Cluster", timeout: float = 60.0) -> None:
+    """Poll until every CRD is Established (`kubectl wait` can fail on a CRD with no status yet)."""
+    from kubernetes import client
+
+    ext = client.ApiextensionsV1Api(cluster.api_client)
+
+    def established() -> bool:
+        crds = ext.list_custom_resource_definition().items
+        return all(any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or [])) for crd in crds)
+
+    wait_for("CRDs Established", established, cluster, timeout=timeout)
+
+
 def _shared_dir() -> Path:
     if os.environ.get("ITERDPO_SHARED"):
         return Path(os.environ["ITERDPO_SHARED"])
@@ -97,6 +117,7 @@ class Cluster:
     work_dir: Path
     local: LocalExecKubelet | None = None  # a second node, cordoned unless a test asks for it
     local_unavailable: str = ""  # why `local` is None
+    training_operator: TrainingOperator | None = None  # Kubeflow's, reconciling PyTorchJobs
 
     @property
     def kubeconfig(self) -> Path:
@@ -137,10 +158,13 @@ def control_plane(request: pytest.FixtureRequest):
                 pytest.fail(f"no Kubeflow CRDs in {_shared_dir() / 'kubeflow'}: set ITERDPO_SHARED to the shared/ folder")
             for crd in crds:
                 cluster.kubectl("apply", "--server-side", "-f", str(crd))
-            cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+            _wait_established(cluster)
+            cluster.training_operator = TrainingOperator(_training_operator_bin(), cp.kubeconfig, work).start()
             print(f"\ncontrol plane up in {cp.startup_seconds:.1f}s, with node and CRDs {time.monotonic() - t0:.1f}s; logs in {work}")
             yield cluster
         finally:
+            if cluster.training_operator is not None:
+                cluster.training_operator.stop()
             kubelet.stop()
             if cluster.local is not None:
                 cluster.local.stop()

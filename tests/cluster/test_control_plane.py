@@ -160,3 +160,42 @@ def test_rbac_denies_then_allows_service_account(control_plane, ns):
 def test_kubeflow_pytorchjob_crd_installed(control_plane):
     out = control_plane.kubectl("get", "crd", "pytorchjobs.kubeflow.org", "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}")
     assert out.stdout == "True"
+
+
+def _pytorchjob(name: str, workers: int) -> dict:
+    template = {"spec": {"containers": [{"name": "pytorch", "image": "registry.invalid/none:0", "command": ["torchrun"]}]}}
+    replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
+    if workers:
+        replicas["Worker"] = {"replicas": workers, "restartPolicy": "Never", "template": template}
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": name},
+            "spec": {"nprocPerNode": "2", "pytorchReplicaSpecs": replicas}}  # fmt: skip
+
+
+def _pytorchjob_state(control_plane, ns: str, name: str) -> str | None:
+    obj = client.CustomObjectsApi(control_plane.api_client).get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", name)
+    true = {c["type"] for c in (obj.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
+    return "Succeeded" if "Succeeded" in true else "Failed" if "Failed" in true else None
+
+
+def test_kubeflow_training_operator_runs_a_pytorchjob(control_plane, ns):
+    """The real training operator (v1.8.1, built from its Go module) creates the master and
+    worker pods with torchrun's rendezvous env, and the job succeeds with its master."""
+    client.CustomObjectsApi(control_plane.api_client).create_namespaced_custom_object(
+        "kubeflow.org", "v1", ns, "pytorchjobs", _pytorchjob("pt", workers=1))
+    assert wait_for("PyTorchJob pt done", lambda: _pytorchjob_state(control_plane, ns, "pt"), control_plane) == "Succeeded"
+    pods = {p.metadata.labels["training.kubeflow.org/replica-type"]: p
+            for p in client.CoreV1Api(control_plane.api_client).list_namespaced_pod(ns).items}  # fmt: skip
+    assert sorted(pods) == ["master", "worker"]
+    env = {r: {e.name: e.value for e in p.spec.containers[0].env or []} for r, p in pods.items()}
+    assert env["master"]["PET_MASTER_ADDR"] == "pt-master-0" and env["master"]["PET_NNODES"] == "2"
+    assert (env["master"]["PET_NODE_RANK"], env["worker"]["PET_NODE_RANK"]) == ("0", "1")
+    assert env["master"]["PET_NPROC_PER_NODE"] == "2"
+    services = [s.metadata.name for s in client.CoreV1Api(control_plane.api_client).list_namespaced_service(ns).items]
+    assert "pt-master-0" in services
+
+
+def test_kubeflow_pytorchjob_fails_when_its_master_fails(control_plane, ns):
+    control_plane.kubelet.rule = lambda pod: (1, "rank 0 crashed")
+    client.CustomObjectsApi(control_plane.api_client).create_namespaced_custom_object(
+        "kubeflow.org", "v1", ns, "pytorchjobs", _pytorchjob("ptf", workers=0))
+    assert wait_for("PyTorchJob ptf done", lambda: _pytorchjob_state(control_plane, ns, "ptf"), control_plane) == "Failed"

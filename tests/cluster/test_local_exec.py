@@ -134,9 +134,14 @@ def test_service_reached_by_dns_name_once_ready(control_plane, local_exec, ns):
     assert [a for s in slices for e in s.endpoints or [] for a in e.addresses] == [pod.status.pod_ip]
 
     script = f"""
-        import pathlib, urllib.request
-        with urllib.request.urlopen("http://web.{ns}.svc.cluster.local/", timeout=10) as r:
-            pathlib.Path("/dev/termination-log").write_text(str(r.status))
+        import pathlib, time, urllib.error, urllib.request
+        for _ in range(50):  # as any client of a fresh Service: retry while endpoints propagate
+            try:
+                with urllib.request.urlopen("http://web.{ns}.svc.cluster.local/", timeout=10) as r:
+                    pathlib.Path("/dev/termination-log").write_text(str(r.status))
+                    break
+            except urllib.error.URLError:
+                time.sleep(0.2)
     """
     client.BatchV1Api(control_plane.api_client).create_namespaced_job(ns, _job("client", script))
     assert wait_for("Job client done", lambda: _job_state(control_plane, ns, "client"), control_plane, timeout=60) == "Complete"
