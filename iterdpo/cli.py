@@ -37,22 +37,94 @@ def _run(args) -> int:
     return 0
 
 
+def _cluster_status(name: str, namespace: str | None):
+    """The status of the IterativeDPORun `name` in the cluster of the current kubeconfig."""
+    from kubernetes import config
+
+    from iterdpo_operator.handlers import status_of
+    from iterdpo_operator.kube import Kube, load_config
+
+    namespace = namespace or config.list_kube_config_contexts()[1].get("context", {}).get("namespace") or "default"
+    body = Kube(load_config()).read_run(namespace, name)
+    if body is None:
+        raise LookupError(f"no IterativeDPORun {name!r} in namespace {namespace!r}")
+    return status_of(body), (body.get("spec") or {}).get("iterations")
+
+
 def _status(args) -> int:
     from iterdpo.local.report import status_table
     from iterdpo.local.runner import load_status, status_path
 
     path = status_path(args.workdir, args.name)
-    status = load_status(path)
+    status = None if args.cluster else load_status(path)
+    iterations = None
     if status is None:
-        print(f"iterdpo status: no run named {args.name!r} under {args.workdir} (no {path})", file=sys.stderr)
-        return 1
+        try:
+            status, iterations = _cluster_status(args.name, args.namespace)
+        except Exception as exc:  # noqa: BLE001 - no kubeconfig, no cluster, no such run: say which
+            where = "" if args.cluster else f"no run named {args.name!r} under {args.workdir} (no {path}), and "
+            print(f"iterdpo status: {where}the cluster has none: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         import json
 
         print(json.dumps(status.to_json(), indent=2))
     else:
-        print(status_table(args.name, status))
+        print(status_table(args.name, status, iterations))
     return 0
+
+
+def _render(args) -> int:
+    import yaml
+
+    from iterdpo_operator.builders import render_round, to_yaml
+    from iterdpo_operator.validation import InvalidRun, validate_resource
+
+    try:
+        body = yaml.safe_load(Path(args.run_file).read_text())
+        if args.namespace:
+            body.setdefault("metadata", {})["namespace"] = args.namespace
+        body.setdefault("metadata", {}).setdefault("namespace", "default")
+        run = validate_resource(body)
+    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        print(f"iterdpo render: cannot read {args.run_file}: {exc}", file=sys.stderr)
+        return 2
+    except InvalidRun as exc:
+        print(f"iterdpo render: {args.run_file} cannot run on Kubernetes:", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"  - {line}", file=sys.stderr)
+        return 2
+    if not 1 <= args.iteration <= run.spec.iterations:
+        print(f"iterdpo render: --iteration must be between 1 and {run.spec.iterations}", file=sys.stderr)
+        return 2
+    print(f"# Every manifest of round {args.iteration} of {run.name}, as the operator creates them "
+          "(it adds ownerReferences to the run).")  # fmt: skip
+    print(to_yaml(render_round(run, args.iteration)), end="")
+    return 0
+
+
+def _resume(args) -> int:
+    from datetime import datetime, timezone
+
+    from kubernetes import client
+
+    from iterdpo_operator.kube import PLURAL, load_config
+    from iterdpo_operator.reconcile import RESUME_ANNOTATION
+    from iterdpo.spec import API_VERSION
+
+    group, version = API_VERSION.split("/")
+    token = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    api = client.CustomObjectsApi(load_config())
+    api.patch_namespaced_custom_object(group, version, args.namespace, PLURAL, args.name,
+                                       {"metadata": {"annotations": {RESUME_ANNOTATION: token}}})  # fmt: skip
+    print(f"asked {args.namespace}/{args.name} to resume its failed stage ({RESUME_ANNOTATION}={token})")
+    return 0
+
+
+def _operator(args) -> int:
+    from iterdpo_operator.main import run_operator
+
+    return run_operator(namespaces=args.namespace, all_namespaces=args.all_namespaces, liveness=args.liveness)
 
 
 def _validate(args) -> int:
@@ -123,7 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     p.add_argument("--json", action="store_true", help="print status.json as is")
+    p.add_argument("--cluster", action="store_true", help="read the IterativeDPORun from the cluster (default: "
+                   "the local run, else the cluster of the current kubeconfig)")  # fmt: skip
+    p.add_argument("-n", "--namespace", help="namespace of the cluster run (default: the kubeconfig's)")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("render", help="print every Kubernetes manifest of a round (for review or GitOps)")
+    p.add_argument("run_file", type=Path)
+    p.add_argument("--iteration", type=int, default=1, help="which round (default 1)")
+    p.add_argument("-n", "--namespace", help="namespace (default: the file's, else 'default')")
+    p.set_defaults(func=_render)
+
+    p = sub.add_parser("resume", help="resume a failed IterativeDPORun in the cluster from its failed stage")
+    p.add_argument("name")
+    p.add_argument("-n", "--namespace", default="default")
+    p.set_defaults(func=_resume)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf) against the current kubeconfig")
+    p.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    p.add_argument("--liveness", help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.set_defaults(func=_operator)
 
     p = sub.add_parser("validate", help="check a run file without running anything")
     p.add_argument("run_file", type=Path)

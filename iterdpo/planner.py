@@ -81,7 +81,7 @@ def stage_step(
     policy = policy_for(run, iteration)
     if stage == "Generate":
         jobs = tuple(
-            Command(f"generate-shard-{i}", ("iterdpo", "generate", *common, "--shard", str(i)))
+            Command(f"generate-shard-{i}", generate_argv(run, iteration, spec_file=spec_file, shard=i))
             for i in range(run.spec.generation.shards)
         )
         return StageStep(iteration, stage, policy, jobs)
@@ -104,6 +104,12 @@ def stage_step(
         *common,
     )
     return StageStep(iteration, stage, policy, (Command("train", train),))
+
+
+def generate_argv(run: IterativeDPORun, iteration: int, *, spec_file: str, shard: int | None) -> tuple[str, ...]:
+    """One generation shard; without `shard` the program reads JOB_COMPLETION_INDEX (an Indexed Job)."""
+    argv = ("iterdpo", "generate", "--spec", spec_file, "--iteration", str(iteration))
+    return argv if shard is None else (*argv, "--shard", str(shard))
 
 
 def reward_server_argv(run: IterativeDPORun, *, host: str, port: int) -> tuple[str, ...]:

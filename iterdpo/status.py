@@ -78,6 +78,7 @@ class RunStatus(_Model):
     # Kubernetes only: the operator's bookkeeping of the current stage.
     observed_generation: int | None = None
     current_attempt: int | None = None  # 1 = first try of the current stage
+    attempt_limit: int | None = None  # the last attempt allowed before the run fails
     current_child: str | None = None  # the Job/PyTorchJob running the current stage attempt
     retry_after: str | None = None  # RFC 3339: the next attempt starts no earlier
     resume_token: str | None = None  # the iterdpo.io/resume annotation value last acted on
@@ -103,7 +104,9 @@ def set_condition(
     old = next((c for c in conditions if c.type == type_), None)
     since = old.last_transition_time if old is not None and old.status == status else now
     new = Condition(type=type_, status=status, reason=reason, message=message, last_transition_time=since)
-    return [c for c in conditions if c.type != type_] + [new]
+    if old is None:
+        return [*conditions, new]
+    return [new if c.type == type_ else c for c in conditions]  # in place: an unchanged list compares equal
 
 
 def _with_conditions(status: RunStatus, now: str, *changes: tuple[str, str, str, str]) -> list[Condition]:

@@ -30,3 +30,19 @@ def exists(read, *args) -> bool:
         if e.status == 404:
             return False
         raise
+
+
+def bound_claim(cluster, ns: str, host_dir, name: str = "shared") -> None:
+    """A ReadWriteMany PVC `name`, bound (by the real PV controller) to a hostPath PV in
+    `host_dir`: what a pod's persistentVolumeClaim needs to be scheduled."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(cluster.api_client)
+    core.create_persistent_volume({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"pv-{ns}-{name}"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(host_dir)},
+                 "claimRef": {"namespace": ns, "name": name}}})  # fmt: skip
+    core.create_namespaced_persistent_volume_claim(ns, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name}, "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
+                                              "resources": {"requests": {"storage": "1Gi"}}}})  # fmt: skip
+    wait_for(f"PVC {name} Bound", lambda: core.read_namespaced_persistent_volume_claim(name, ns).status.phase == "Bound", cluster)

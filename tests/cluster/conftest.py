@@ -200,4 +200,5 @@ def ns(control_plane):
     wait_for("default ServiceAccount", lambda: exists(core.read_namespaced_service_account, "default", name), control_plane)
     yield name
     control_plane.kubelet.rule = lambda pod: (0, "")
+    control_plane.kubelet.release()
     core.delete_namespace(name)

@@ -27,7 +27,7 @@ from kubernetes.client.rest import ApiException
 
 log = logging.getLogger(__name__)
 
-Rule = Callable[[client.V1Pod], "tuple[int, str]"]
+Rule = Callable[[client.V1Pod], "tuple[int, str] | None"]  # None: keep the pod running for now
 NODE = "iterdpo-node-0"
 CAPACITY = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8"}
 KUBELET_VERSION = "v1.34.4"
@@ -170,7 +170,8 @@ class TestKubelet:
 
 
 class InstantKubelet(TestKubelet):
-    """Each pod runs and exits at once; set `.rule` to choose how."""
+    """Each pod runs and exits at once; set `.rule` to choose how. A rule that returns None
+    holds the pod Running until `release()` asks the (then current) rule again."""
 
     runtime = "instant"
 
@@ -178,6 +179,19 @@ class InstantKubelet(TestKubelet):
         super().__init__(api_client, node_name, **kwargs)
         self.rule: Rule = succeed
         self._ips = itertools.cycle(range(2, 255))
+        self._held: dict[str, client.V1Pod] = {}
+        self._held_lock = threading.Lock()
+
+    def release(self) -> None:
+        """Ask the rule again for every held pod (still existing or not)."""
+        with self._held_lock:
+            held, self._held = list(self._held.values()), {}
+        for pod in held:
+            self._finish(pod)
+
+    def _evict(self, pod: client.V1Pod) -> None:
+        with self._held_lock:
+            self._held.pop(pod.metadata.uid, None)
 
     def _admit(self, pod: client.V1Pod) -> None:
         # Instant pods never listen, so their IPs only need to be valid endpoint
@@ -191,10 +205,18 @@ class InstantKubelet(TestKubelet):
             "phase": "Running", "hostIP": self.node_ip, "hostIPs": [{"ip": self.node_ip}],
             "podIP": ip, "podIPs": [{"ip": ip}], "startTime": t, "conditions": pod_conditions(True, t),
             "containerStatuses": running})  # fmt: skip
-        if pod.spec.restart_policy == "Always":
+        if pod.spec.restart_policy != "Always":
+            self._finish(pod)
+
+    def _finish(self, pod: client.V1Pod) -> None:
+        outcome = self.rule(pod)
+        if outcome is None:
+            with self._held_lock:
+                self._held[pod.metadata.uid] = pod
             return
-        code, message = self.rule(pod)
-        code = int(code)
+        code, message = int(outcome[0]), outcome[1]
+        t = now()
+        cid = lambda c: container_id(pod, c.name, self.runtime)  # noqa: E731
         terminated = [{"name": c.name, "image": c.image, "imageID": c.image, "containerID": cid(c),
                        "ready": False, "started": False, "restartCount": 0,
                        "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",

@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from clusterutil import wait_for
+from clusterutil import bound_claim, wait_for
 from kubernetes import client
 
 pytestmark = pytest.mark.cluster
@@ -42,21 +42,8 @@ def _pods(cluster, ns: str, selector: str) -> list[client.V1Pod]:
     return client.CoreV1Api(cluster.api_client).list_namespaced_pod(ns, label_selector=selector).items
 
 
-def _claim(cluster, ns: str, host_dir) -> None:
-    """A PVC bound (by the real PV controller) to a hostPath PV in `host_dir`."""
-    core = client.CoreV1Api(cluster.api_client)
-    core.create_persistent_volume({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"pv-{ns}"},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
-                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(host_dir)},
-                 "claimRef": {"namespace": ns, "name": "shared"}}})  # fmt: skip
-    core.create_namespaced_persistent_volume_claim(ns, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "shared"}, "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
-                                                  "resources": {"requests": {"storage": "1Gi"}}}})  # fmt: skip
-    wait_for("PVC shared Bound", lambda: core.read_namespaced_persistent_volume_claim("shared", ns).status.phase == "Bound", cluster)
-
-
 def test_indexed_job_runs_with_env_volumes_and_termination_message(control_plane, local_exec, ns, tmp_path):
-    _claim(control_plane, ns, tmp_path / "pv")
+    bound_claim(control_plane, ns, tmp_path / "pv")
     core = client.CoreV1Api(control_plane.api_client)
     core.create_namespaced_config_map(ns, {"metadata": {"name": "inputs"}, "data": {"greeting.txt": "hello"}})
     core.create_namespaced_secret(ns, {"metadata": {"name": "token"}, "stringData": {"value": "s3cret"}})

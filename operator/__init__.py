@@ -1,0 +1,1 @@
+"""The iterdpo operator: reconciles IterativeDPORun resources on Kubernetes (kopf)."""

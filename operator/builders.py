@@ -1,0 +1,258 @@
+"""Pure builders: the typed run -> the Kubernetes manifests of its children.
+
+Nothing here talks to the API. The operator, `iterdpo render` and the golden tests all
+call these functions, so what is reviewed is what is applied. Every container command
+comes from `iterdpo.planner`, the same argv the local runner starts as a process.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import yaml
+
+from iterdpo.planner import REWARD_PORT, generate_argv, stage_step
+from iterdpo.spec import API_VERSION, KIND, IterativeDPORun, Resources
+
+SPEC_DIR = "/etc/iterdpo"
+SPEC_FILE = f"{SPEC_DIR}/run.yaml"
+GPU = "nvidia.com/gpu"
+STAGE_WORDS = {"Generate": "generate", "Score": "annotate", "Train": "train"}
+RUN_LABEL = "iterdpo.io/run"
+
+
+# -- names and labels ----------------------------------------------------------------
+def child_name(run: IterativeDPORun, iteration: int, stage: str, attempt: int) -> str:
+    """The one name of a stage attempt's child: a restarted operator finds it again."""
+    return f"{run.name}-i{iteration:02d}-{STAGE_WORDS[stage]}-a{attempt}"
+
+
+def reward_name(run: IterativeDPORun) -> str:
+    return f"{run.name}-reward"
+
+
+def spec_config_map_name(run: IterativeDPORun) -> str:
+    return f"{run.name}-spec"
+
+
+def labels(run: IterativeDPORun, component: str, iteration: int | None = None, attempt: int | None = None) -> dict:
+    out = {
+        "app.kubernetes.io/name": "iterdpo",
+        "app.kubernetes.io/instance": run.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "iterdpo-operator",
+        RUN_LABEL: run.name,
+    }
+    if iteration is not None:
+        out["iterdpo.io/iteration"] = str(iteration)
+    if attempt is not None:
+        out["iterdpo.io/attempt"] = str(attempt)
+    return out
+
+
+def owner_reference(run: IterativeDPORun, uid: str) -> dict:
+    """Makes the run the controller of a child: deleting the run garbage-collects it."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": run.name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+
+
+def _meta(run: IterativeDPORun, name: str, component: str, owner_uid: str | None, **label_args) -> dict:
+    meta = {"name": name, "labels": labels(run, component, **label_args)}
+    if run.metadata.namespace:
+        meta["namespace"] = run.metadata.namespace
+    if owner_uid:
+        meta["ownerReferences"] = [owner_reference(run, owner_uid)]
+    return meta
+
+
+# -- the run as the pods see it ---------------------------------------------------------
+def storage_root(run: IterativeDPORun) -> str:
+    return run.spec.storage.root or str(PurePosixPath(run.spec.kubernetes.volume.mount_path) / "runs")
+
+
+def pod_run(run: IterativeDPORun) -> IterativeDPORun:
+    """The run with storage.root filled in, as the stage programs read it in a pod."""
+    spec = run.spec.model_copy(update={"storage": run.spec.storage.model_copy(update={"root": storage_root(run)})})
+    return run.model_copy(update={"spec": spec, "status": None})
+
+
+def spec_config_map(run: IterativeDPORun, owner_uid: str | None = None) -> dict:
+    manifest = pod_run(run).to_manifest()
+    manifest["metadata"] = {k: v for k, v in manifest["metadata"].items() if k in ("name", "namespace")}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(run, spec_config_map_name(run), "spec", owner_uid),
+            "data": {"run.yaml": yaml.safe_dump(manifest, sort_keys=False)}}  # fmt: skip
+
+
+# -- pods ------------------------------------------------------------------------------
+def _resources(resources: Resources, default_gpus: int) -> dict:
+    gpus = default_gpus if resources.gpus is None else resources.gpus
+    limits: dict[str, str] = {}
+    if gpus:
+        limits[GPU] = str(gpus)
+    if resources.cpu:
+        limits["cpu"] = resources.cpu
+    if resources.memory:
+        limits["memory"] = resources.memory
+    requests = {k: v for k, v in limits.items() if k != GPU}
+    out: dict = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def stage_gpus(run: IterativeDPORun, stage: str) -> int:
+    """GPUs per pod of a stage (reward, generate, annotate, train)."""
+    spec = run.spec
+    default = {"generate": spec.generation.tensor_parallel_size, "reward": 1, "annotate": 0,
+               "train": spec.training.nproc_per_node}[stage]  # fmt: skip
+    chosen = getattr(spec.kubernetes.resources, stage).gpus
+    return default if chosen is None else chosen
+
+
+def container(run: IterativeDPORun, name: str, argv: tuple[str, ...] | list[str], stage: str,
+              extra_env: list[dict] | None = None) -> dict:  # fmt: skip
+    k = run.spec.kubernetes
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
+           {"name": "HF_HOME", "value": str(PurePosixPath(k.volume.mount_path) / ".cache" / "huggingface")}]  # fmt: skip
+    if k.hub_token_secret is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": k.hub_token_secret.name, "key": k.hub_token_secret.key}}})
+    if stage == "train" and stage_gpus(run, "train") == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})  # DeepSpeed on CPUs (gloo)
+    env += extra_env or []
+    return {
+        "name": name,
+        "image": k.image,
+        "imagePullPolicy": k.image_pull_policy,
+        "command": list(argv),
+        "env": env,
+        "resources": _resources(getattr(k.resources, stage), stage_gpus(run, stage)),
+        "volumeMounts": [{"name": "run-volume", "mountPath": k.volume.mount_path},
+                         {"name": "run-spec", "mountPath": SPEC_DIR, "readOnly": True}],  # fmt: skip
+        # The stage's JSON summary is its termination message; on a crash, the log tail.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def pod_spec(run: IterativeDPORun, containers: list[dict], restart_policy: str = "Never") -> dict:
+    k = run.spec.kubernetes
+    spec: dict = {
+        "restartPolicy": restart_policy,
+        "containers": containers,
+        "volumes": [
+            {"name": "run-volume", "persistentVolumeClaim": {"claimName": k.volume.claim_name}},
+            {"name": "run-spec", "configMap": {"name": spec_config_map_name(run)}},
+        ],
+    }
+    if k.service_account_name:
+        spec["serviceAccountName"] = k.service_account_name
+    if k.node_selector:
+        spec["nodeSelector"] = dict(k.node_selector)
+    if k.tolerations:
+        spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in k.tolerations]
+    return spec
+
+
+def _step(run: IterativeDPORun, iteration: int, stage: str):
+    return stage_step(pod_run(run), iteration, stage, spec_file=SPEC_FILE, reward_host="0.0.0.0",
+                      reward_port=REWARD_PORT, reward_url=reward_url(run))  # fmt: skip
+
+
+def reward_url(run: IterativeDPORun) -> str:
+    """The reward Service by its cluster DNS name."""
+    return f"http://{reward_name(run)}.{run.metadata.namespace or 'default'}.svc:{REWARD_PORT}"
+
+
+# -- children --------------------------------------------------------------------------
+def generate_job(run: IterativeDPORun, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
+    """An Indexed Job: one index per shard (JOB_COMPLETION_INDEX picks it); a failed shard retries alone."""
+    shards = run.spec.generation.shards
+    argv = generate_argv(pod_run(run), iteration, spec_file=SPEC_FILE, shard=None)
+    name = child_name(run, iteration, "Generate", attempt)
+    template_labels = labels(run, "generate", iteration=iteration, attempt=attempt)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(run, name, "generate", owner_uid, iteration=iteration, attempt=attempt),
+        "spec": {
+            "completionMode": "Indexed", "completions": shards, "parallelism": shards,
+            "backoffLimitPerIndex": run.spec.kubernetes.shard_retries,
+            "template": {"metadata": {"labels": template_labels},
+                         "spec": pod_spec(run, [container(run, "generate", argv, "generate")])},
+        },
+    }  # fmt: skip
+
+
+def annotate_job(run: IterativeDPORun, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
+    """Scores the round through the reward Service and writes the pairs."""
+    (command,) = _step(run, iteration, "Score").jobs
+    name = child_name(run, iteration, "Score", attempt)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(run, name, "annotate", owner_uid, iteration=iteration, attempt=attempt),
+        "spec": {
+            "backoffLimit": 0,  # the operator retries a stage as a new attempt
+            "template": {"metadata": {"labels": labels(run, "annotate", iteration=iteration, attempt=attempt)},
+                         "spec": pod_spec(run, [container(run, "annotate", command.argv, "annotate")])},
+        },
+    }  # fmt: skip
+
+
+def reward_deployment(run: IterativeDPORun, replicas: int, owner_uid: str | None = None) -> dict:
+    """The reward server; Recreate, so a new pod never waits for the old one's GPUs."""
+    service = _step(run, 1, "Score").service
+    main = container(run, "reward-server", service.argv, "reward")
+    main["ports"] = [{"name": "http", "containerPort": REWARD_PORT}]
+    main["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 1}
+    main["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6}
+    selector = {RUN_LABEL: run.name, "app.kubernetes.io/component": "reward"}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(run, reward_name(run), "reward", owner_uid),
+        "spec": {
+            "replicas": replicas, "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": labels(run, "reward")},
+                         "spec": pod_spec(run, [main], restart_policy="Always")},
+        },
+    }  # fmt: skip
+
+
+def reward_service(run: IterativeDPORun, owner_uid: str | None = None) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(run, reward_name(run), "reward", owner_uid),
+        "spec": {"selector": {RUN_LABEL: run.name, "app.kubernetes.io/component": "reward"},
+                 "ports": [{"name": "http", "port": REWARD_PORT, "targetPort": "http"}]},
+    }  # fmt: skip
+
+
+def train_argv(run: IterativeDPORun, iteration: int) -> tuple[str, ...]:
+    (command,) = _step(run, iteration, "Train").jobs
+    return command.argv
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the run file in the ConfigMap) as literal blocks."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def to_yaml(manifests: list[dict]) -> str:
+    """Multi-document YAML, as `kubectl apply -f` takes it."""
+    return yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False)
+
+
+def render_round(run: IterativeDPORun, iteration: int = 1) -> list[dict]:
+    """Every manifest of one round, in the order the operator creates them."""
+    from iterdpo_operator.launchers import launcher_for
+
+    return [
+        spec_config_map(run),
+        generate_job(run, iteration, 1),
+        reward_service(run),
+        reward_deployment(run, 1),
+        annotate_job(run, iteration, 1),
+        launcher_for(run).build(run, iteration, 1),
+    ]

@@ -1,0 +1,119 @@
+"""kopf handlers: thin. Whatever wakes the operator (the run changing, a child changing, a
+timer), it calls `reconcile(namespace, name)`: read the run, decide (pure), apply, write
+the status if it changed. Importing this module registers the handlers with kopf.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import datetime, timezone
+
+import kopf
+
+from iterdpo.planner import Finished
+from iterdpo.spec import API_VERSION
+from iterdpo.status import RunStatus
+from iterdpo_operator.builders import RUN_LABEL
+from iterdpo_operator.kube import PLURAL, Conflict, Kube, load_config
+from iterdpo_operator.reconcile import Decision, Event, Observed, current_target, decide, invalid
+from iterdpo_operator.validation import InvalidRun, validate_resource
+
+log = logging.getLogger("iterdpo.operator")
+GROUP, VERSION = API_VERSION.split("/")
+TIMER_INTERVAL = float(os.environ.get("ITERDPO_RECONCILE_INTERVAL", "5"))  # seconds: the level-based safety net
+MAX_PASSES = 12  # per reconcile: status conflicts and stage transitions taken at once
+
+_kube: Kube | None = None
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        _kube = Kube(load_config())
+    return _kube
+
+
+def _lock(namespace: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((namespace, name), threading.Lock())
+
+
+def status_of(body: dict) -> RunStatus:
+    """The run's status as typed; fields iterdpo does not own are ignored."""
+    raw = dict(body.get("status") or {})
+    known = {f.alias or n for n, f in RunStatus.model_fields.items()}
+    return RunStatus.model_validate({k: v for k, v in raw.items() if k in known})
+
+
+def _decide_once(k: Kube, body: dict, status: RunStatus, now: datetime) -> Decision:
+    meta = body["metadata"]
+    try:
+        run = validate_resource(body)
+    except InvalidRun as exc:
+        new = invalid(status, str(exc), meta.get("generation"), now)
+        events = [] if new.condition("Valid") == status.condition("Valid") else [Event("Warning", "InvalidSpec", str(exc))]
+        return Decision(new, events=events)
+    target = current_target(run, status)
+    observed = Observed() if isinstance(target, Finished) else k.observe(run, target)
+    decision = decide(run, status, owner_uid=meta["uid"], generation=meta.get("generation"),
+                      annotations=meta.get("annotations") or {}, target=target, observed=observed, now=now)  # fmt: skip
+    k.apply(run, decision.actions)
+    return decision
+
+
+def reconcile(namespace: str, name: str) -> float | None:
+    """Bring the run one or more steps forward; returns seconds until it wants a look again."""
+    k = kube()
+    with _lock(namespace, name):
+        for _ in range(MAX_PASSES):
+            body = k.read_run(namespace, name)
+            if body is None:
+                return None  # deleted: its children go with it (ownerReferences)
+            status = status_of(body)
+            decision = _decide_once(k, body, status, datetime.now(timezone.utc))
+            if decision.status != status:
+                try:
+                    k.write_status(body, decision.status.to_json())
+                except Conflict:
+                    log.info("run %s/%s changed while reconciling; reading it again", namespace, name)
+                    continue
+            for e in decision.events:
+                k.event(body, e.type, e.reason, e.message)
+            if not decision.again:
+                return decision.requeue_after
+    return 0.0
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_) -> None:
+    # kopf's own bookkeeping in iterdpo.io annotations; status is iterdpo's alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="iterdpo.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="iterdpo.io", key="last-handled-configuration")
+    settings.posting.enabled = False  # iterdpo posts its own Events (Kube.event)
+    settings.watching.server_timeout = 120
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def on_run(namespace: str, name: str, **_) -> None:
+    reconcile(namespace, name)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_INTERVAL)
+def tick(namespace: str, name: str, **_) -> None:
+    reconcile(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
+@kopf.on.event("apps", "v1", "deployments", labels={RUN_LABEL: kopf.PRESENT})
+@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={RUN_LABEL: kopf.PRESENT})
+def on_child(namespace: str, labels: dict, **_) -> None:
+    reconcile(namespace, labels[RUN_LABEL])
+
+
+__all__ = ["PLURAL", "reconcile", "status_of"]

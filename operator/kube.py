@@ -1,0 +1,194 @@
+"""The one module that talks to the Kubernetes API (through the official client's
+dynamic client, so core kinds, Jobs and Kubeflow's CRDs go through one code path)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+from kubernetes import client, config, dynamic
+from kubernetes.client.rest import ApiException
+
+from iterdpo.spec import API_VERSION, IterativeDPORun
+from iterdpo_operator import builders as b
+from iterdpo_operator.launchers import ChildRef, job_outcome, launcher_for
+from iterdpo_operator.reconcile import Create, Observed, Patch, Scale, Target, child_ref
+
+log = logging.getLogger(__name__)
+PLURAL = "iterativedporuns"
+MAX_DETAIL = 600  # characters of a failed pod's message kept in the run's condition
+
+
+class Conflict(Exception):
+    """The run changed since it was read (resourceVersion); read again and redo."""
+
+
+def load_config() -> client.ApiClient:
+    """In a pod: the service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient):
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self._dynamic: dynamic.DynamicClient | None = None
+
+    @property
+    def dyn(self) -> dynamic.DynamicClient:
+        if self._dynamic is None:
+            self._dynamic = dynamic.DynamicClient(self.api_client)
+        return self._dynamic
+
+    def _resource(self, api_version: str, kind: str):
+        return self.dyn.resources.get(api_version=api_version, kind=kind)
+
+    # -- the run ------------------------------------------------------------------------
+    def read_run(self, namespace: str, name: str) -> dict | None:
+        group, version = API_VERSION.split("/")
+        try:
+            return self.custom.get_namespaced_custom_object(group, version, namespace, PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def write_status(self, body: dict, status: dict) -> None:
+        """Replace the status, guarded by the resourceVersion that was read (409 -> Conflict)."""
+        group, version = API_VERSION.split("/")
+        meta = body["metadata"]
+        new = {"apiVersion": body["apiVersion"], "kind": body["kind"],
+               "metadata": {"name": meta["name"], "namespace": meta["namespace"], "resourceVersion": meta["resourceVersion"]},
+               "status": status}  # fmt: skip
+        try:
+            self.custom.replace_namespaced_custom_object_status(group, version, meta["namespace"], PLURAL, meta["name"], new)
+        except ApiException as e:
+            if e.status == 409:
+                raise Conflict(meta["name"]) from None
+            raise
+
+    # -- observing ----------------------------------------------------------------------
+    def _get(self, ref: ChildRef, namespace: str) -> dict | None:
+        try:
+            return self._resource(ref.api_version, ref.kind).get(name=ref.name, namespace=namespace).to_dict()
+        except dynamic.exceptions.NotFoundError:
+            return None
+
+    def _pods(self, namespace: str, selector: str) -> list[client.V1Pod]:
+        return self.core.list_namespaced_pod(namespace, label_selector=selector).items
+
+    @staticmethod
+    def _message(pod: client.V1Pod) -> str:
+        for cs in pod.status.container_statuses or []:
+            if cs.state and cs.state.terminated and cs.state.terminated.message:
+                return cs.state.terminated.message
+        return ""
+
+    def _summaries(self, namespace: str, selector: str) -> list[dict]:
+        """The JSON summaries of the succeeded pods: one per Job index (the last success)."""
+        by_index: dict[str, dict] = {}
+        for pod in sorted(self._pods(namespace, selector), key=lambda p: p.metadata.creation_timestamp):
+            if pod.status.phase != "Succeeded":
+                continue
+            index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index", pod.metadata.name)
+            try:
+                summary = json.loads(self._message(pod))
+            except ValueError:
+                log.warning("pod %s/%s succeeded without a JSON summary", namespace, pod.metadata.name)
+                continue
+            if isinstance(summary, dict):
+                by_index[index] = summary
+        return list(by_index.values())
+
+    def _failure_detail(self, namespace: str, selector: str) -> str:
+        failed = [p for p in self._pods(namespace, selector) if p.status.phase == "Failed"]
+        if not failed:
+            return ""
+        pod = max(failed, key=lambda p: p.metadata.creation_timestamp)
+        message = self._message(pod).strip()
+        if len(message) > MAX_DETAIL:
+            message = "..." + message[-MAX_DETAIL:]
+        return f"pod {pod.metadata.name}: {message}" if message else f"pod {pod.metadata.name} failed"
+
+    def reward_available(self, run: IterativeDPORun) -> bool:
+        try:
+            dep = self.apps.read_namespaced_deployment_status(b.reward_name(run), run.metadata.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return bool(dep.status.available_replicas) and (dep.spec.replicas or 0) > 0
+
+    def observe(self, run: IterativeDPORun, target: Target) -> Observed:
+        ns = run.metadata.namespace
+        ref = child_ref(run, target)
+        obj = self._get(ref, ns)
+        reward = self.reward_available(run) if target.stage == "Score" else False
+        if obj is None:
+            return Observed(child_exists=False, reward_available=reward)
+        if target.stage == "Train":
+            launcher = launcher_for(run)
+            outcome, selector = launcher.outcome(obj), launcher.summary_pods_selector(ref.name)
+            suspended = bool(((obj.get("spec") or {}).get("runPolicy") or {}).get("suspend")) if launcher.name == "pytorchjob" \
+                else bool((obj.get("spec") or {}).get("suspend"))  # fmt: skip
+        else:
+            outcome, selector = job_outcome(obj), f"job-name={ref.name}"
+            suspended = bool((obj.get("spec") or {}).get("suspend"))
+        summaries = self._summaries(ns, selector) if outcome.done and outcome.succeeded else []
+        detail = self._failure_detail(ns, selector) if outcome.done and not outcome.succeeded else ""
+        return Observed(True, outcome, summaries, detail, suspended, reward)
+
+    # -- acting -------------------------------------------------------------------------
+    def apply(self, run: IterativeDPORun, actions: list) -> None:
+        ns = run.metadata.namespace
+        for action in actions:
+            if isinstance(action, Create):
+                self.create(action.manifest, ns)
+            elif isinstance(action, Scale):
+                self.scale(action.name, ns, action.replicas)
+            elif isinstance(action, Patch):
+                self._resource(action.ref.api_version, action.ref.kind).patch(
+                    name=action.ref.name, namespace=ns, body=action.patch, content_type="application/merge-patch+json")
+            else:
+                raise TypeError(f"unknown action {action!r}")
+
+    def create(self, manifest: dict, namespace: str) -> bool:
+        """Create if absent; True if created. 409 means it exists: that object is the child."""
+        try:
+            self._resource(manifest["apiVersion"], manifest["kind"]).create(body=manifest, namespace=namespace)
+            return True
+        except dynamic.exceptions.ConflictError:
+            return False
+
+    def scale(self, name: str, namespace: str, replicas: int) -> None:
+        try:
+            dep = self.apps.read_namespaced_deployment(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return
+            raise
+        if dep.spec.replicas != replicas:
+            self.apps.patch_namespaced_deployment(name, namespace, {"spec": {"replicas": replicas}})
+
+    def event(self, body: dict, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the run (what `kubectl describe` shows); best effort."""
+        meta = body["metadata"]
+        now = datetime.now(timezone.utc)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(api_version=body["apiVersion"], kind=body["kind"], name=meta["name"],
+                                                     namespace=meta["namespace"], uid=meta["uid"]),  # fmt: skip
+            type=type_, reason=reason, message=message[:1024], count=1, first_timestamp=now, last_timestamp=now,
+            source=client.V1EventSource(component="iterdpo-operator"), reporting_component="iterdpo-operator",
+        )  # fmt: skip
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as e:  # an Event is never worth failing a reconcile
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)

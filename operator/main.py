@@ -1,0 +1,22 @@
+"""`iterdpo operator`: run the kopf operator in this process (in a pod, or on a laptop
+against the current kubeconfig)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def run_operator(*, namespaces: list[str], all_namespaces: bool, liveness: str | None = None) -> int:
+    import kopf
+
+    import iterdpo_operator.handlers  # noqa: F401 - registers the handlers
+
+    if not namespaces and not all_namespaces:
+        print("iterdpo operator: say which namespaces to watch: -n NAMESPACE (repeatable) or -A", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # standalone: one operator per cluster (the Helm chart runs one replica); no peering CRD needed.
+    kopf.run(standalone=True, clusterwide=all_namespaces, namespaces=[] if all_namespaces else namespaces,
+             liveness_endpoint=liveness)  # fmt: skip
+    return 0

@@ -1,0 +1,263 @@
+"""The operator's decisions, as a pure function: (run, status, what the API shows) ->
+(new status, actions, events). Handlers only fetch, call `decide`, and apply.
+
+Level-based: nothing depends on which event woke the operator. Each stage attempt has
+exactly one child, named by `builders.child_name(run, iteration, stage, attempt)`; creating
+it is idempotent (an existing child is that attempt), so an operator restarted at any
+moment never makes two children for one attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from iterdpo.figures import MissingSummary, stage_figures
+from iterdpo.planner import Finished, next_step
+from iterdpo.spec import IterativeDPORun
+from iterdpo.status import (
+    RunStatus,
+    accepted,
+    set_condition,
+    stage_failed,
+    stage_finished,
+    stage_started,
+    succeeded,
+)
+from iterdpo_operator import builders as b
+from iterdpo_operator.launchers import ChildRef, Outcome, launcher_for
+
+RESUME_ANNOTATION = "iterdpo.io/resume"
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+@dataclass(frozen=True)
+class Target:
+    """The stage attempt the run is at."""
+
+    iteration: int
+    stage: str
+    policy: str
+    attempt: int
+
+
+def current_target(run: IterativeDPORun, status: RunStatus) -> Target | Finished:
+    step = next_step(b.pod_run(run), status, spec_file=b.SPEC_FILE)
+    if isinstance(step, Finished):
+        return step
+    same = (status.current_iteration, status.current_stage) == (step.iteration, step.stage)
+    attempt = status.current_attempt if same and status.current_attempt else 1
+    return Target(step.iteration, step.stage, step.policy, attempt)
+
+
+def child_ref(run: IterativeDPORun, target: Target) -> ChildRef:
+    name = b.child_name(run, target.iteration, target.stage, target.attempt)
+    if target.stage == "Train":
+        return launcher_for(run).ref(run, target.iteration, target.attempt)
+    return ChildRef("batch/v1", "Job", "jobs", name)
+
+
+def child_manifest(run: IterativeDPORun, target: Target, owner_uid: str) -> dict:
+    if target.stage == "Generate":
+        return b.generate_job(run, target.iteration, target.attempt, owner_uid)
+    if target.stage == "Score":
+        return b.annotate_job(run, target.iteration, target.attempt, owner_uid)
+    return launcher_for(run).build(run, target.iteration, target.attempt, owner_uid)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the API shows for the target: its child, and the reward server."""
+
+    child_exists: bool = False
+    outcome: Outcome | None = None
+    summaries: list[dict] = field(default_factory=list)  # parsed termination messages of succeeded pods
+    failure_detail: str = ""  # the failed pod's termination message (log tail), for the condition
+    child_suspended: bool = False
+    reward_available: bool = False
+
+
+# -- actions and events ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Create:
+    manifest: dict  # created if absent; an existing object of that name is left as it is
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str  # the reward Deployment
+    replicas: int
+
+
+@dataclass(frozen=True)
+class Patch:
+    ref: ChildRef
+    patch: dict
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: RunStatus
+    actions: list = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    again: bool = False  # the state moved on: decide once more right away
+    requeue_after: float | None = None  # wake up after this many seconds (back-off, waits)
+
+
+# -- the decision ------------------------------------------------------------------------
+def invalid(status: RunStatus, message: str, generation: int | None, now: datetime) -> RunStatus:
+    """A spec that cannot run: Valid=False naming the fields; nothing is created."""
+    conditions = set_condition(status.conditions, "Valid", "False", "InvalidSpec", message, rfc3339(now))
+    conditions = set_condition(conditions, "Progressing", "False", "InvalidSpec", "fix the spec to continue", rfc3339(now))
+    phase = status.phase if status.phase in ("Succeeded",) else "Failed"
+    return status.model_copy(update={"conditions": conditions, "phase": phase, "observed_generation": generation})
+
+
+def _reward_actions(run: IterativeDPORun, owner_uid: str, replicas: int) -> list:
+    return [Create(b.reward_service(run, owner_uid)), Create(b.reward_deployment(run, replicas, owner_uid)),
+            Scale(b.reward_name(run), replicas)]  # fmt: skip
+
+
+def _seconds(outcome: Outcome) -> float:
+    start, end = parse_time(outcome.start_time), parse_time(outcome.completion_time)
+    return (end - start).total_seconds() if start and end else 0.0
+
+
+def _figures(run: IterativeDPORun, target: Target, observed: Observed):
+    if target.stage == "Generate" and len(observed.summaries) != run.spec.generation.shards:
+        raise MissingSummary(
+            f"expected a summary from each of the {run.spec.generation.shards} shards, found {len(observed.summaries)}"
+        )
+    return stage_figures(target.stage, observed.summaries, _seconds(observed.outcome))
+
+
+def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generation: int | None,
+           annotations: dict[str, str], target: Target | Finished, observed: Observed, now: datetime) -> Decision:  # fmt: skip
+    t = rfc3339(now)
+    keep_warm = run.spec.kubernetes.keep_reward_warm
+    st = status.model_copy(update={"observed_generation": generation})
+    events: list[Event] = []
+
+    spec_hash = run.spec_hash()
+    if st.spec_hash is not None and st.spec_hash != spec_hash:
+        message = ("the recipe changed after the run started (only spec.suspend and spec.kubernetes may change); "
+                   "revert the change, or delete the run and create a new one")  # fmt: skip
+        conditions = set_condition(st.conditions, "Valid", "False", "SpecChanged", message, t)
+        return Decision(st.model_copy(update={"conditions": conditions}))
+    st = accepted(st, spec_hash, t)
+
+    resume = annotations.get(RESUME_ANNOTATION)
+    if st.phase == "Failed" and resume and resume != st.resume_token and st.current_attempt:
+        attempt = st.current_attempt + 1
+        conditions = set_condition(st.conditions, "Failed", "False", "Resumed", f"resumed ({RESUME_ANNOTATION}={resume})", t)
+        st = st.model_copy(update={"phase": "Running", "resume_token": resume, "current_attempt": attempt,
+                                   "attempt_limit": attempt + run.spec.kubernetes.stage_retries,
+                                   "retry_after": None, "conditions": conditions})  # fmt: skip
+        events.append(Event("Normal", "Resumed", f"round {st.current_iteration}: {st.current_stage} resumes as attempt {attempt}"))
+        return Decision(st, events=events, again=True)
+    if st.phase == "Failed":
+        return Decision(st, actions=[] if keep_warm else [Scale(b.reward_name(run), 0)])
+
+    if isinstance(target, Finished):
+        actions = [] if keep_warm else [Scale(b.reward_name(run), 0)]
+        if st.phase != "Succeeded":
+            st = succeeded(st, target.final_policy, t).model_copy(update={"current_attempt": None, "current_child": None})
+            events.append(Event("Normal", "Succeeded", f"{run.spec.iterations} rounds finished; final policy {target.final_policy}"))
+        return Decision(st, actions, events)
+
+    ref = child_ref(run, target)
+    actions: list = [Create(b.spec_config_map(run, owner_uid))]
+
+    if run.spec.suspend:
+        if observed.child_exists and not observed.child_suspended and not (observed.outcome and observed.outcome.done):
+            actions.append(Patch(ref, _suspend_patch(run, target, True)))
+        actions.append(Scale(b.reward_name(run), 0))
+        if st.phase != "Suspended":
+            conditions = set_condition(st.conditions, "Suspended", "True", "SpecSuspend", "spec.suspend is true", t)
+            conditions = set_condition(conditions, "Progressing", "False", "Suspended", "suspended between stages", t)
+            st = st.model_copy(update={"phase": "Suspended", "conditions": conditions})
+            events.append(Event("Normal", "Suspended", f"round {target.iteration}: {target.stage} suspended"))
+        return Decision(st, actions, events)
+    if (st.condition("Suspended") and st.condition("Suspended").status == "True") or st.phase == "Suspended":
+        conditions = set_condition(st.conditions, "Suspended", "False", "SpecResumed", "spec.suspend is false", t)
+        st = st.model_copy(update={"conditions": conditions, "phase": "Running" if st.current_stage else "Pending"})
+        events.append(Event("Normal", "Unsuspended", f"round {target.iteration}: {target.stage} continues"))
+    if observed.child_suspended:
+        actions.append(Patch(ref, _suspend_patch(run, target, False)))
+
+    want_reward = target.stage == "Score" or keep_warm
+    actions += _reward_actions(run, owner_uid, 1 if want_reward else 0)
+    same_attempt = st.current_attempt == target.attempt and st.attempt_limit
+    limit = st.attempt_limit if same_attempt else target.attempt + run.spec.kubernetes.stage_retries
+    bookkeeping = {"current_attempt": target.attempt, "attempt_limit": limit, "current_child": ref.name}
+
+    if not observed.child_exists:
+        retry_after = parse_time(st.retry_after)
+        if retry_after and now < retry_after:
+            return Decision(st, actions, events, requeue_after=(retry_after - now).total_seconds())
+        if target.stage == "Score" and not observed.reward_available:
+            conditions = set_condition(st.conditions, "Progressing", "True", "WaitingForRewardServer",
+                                       f"round {target.iteration}: waiting for Deployment {b.reward_name(run)} to be available", t)  # fmt: skip
+            return Decision(st.model_copy(update={"conditions": conditions}), actions, events, requeue_after=2.0)
+        actions.append(Create(child_manifest(run, target, owner_uid)))
+        st = stage_started(st, target.iteration, target.stage, target.policy, t).model_copy(update={**bookkeeping, "retry_after": None})
+        events.append(Event("Normal", "StageStarted", f"round {target.iteration}: {target.stage} attempt {target.attempt}: {ref.kind} {ref.name}"))
+        return Decision(st, actions, events)
+
+    outcome = observed.outcome or Outcome(False)
+    if not outcome.done:
+        if st.current_child != ref.name or st.phase != "Running":
+            st = stage_started(st, target.iteration, target.stage, target.policy, t).model_copy(update=bookkeeping)
+        return Decision(st, actions, events)
+
+    failure = f"{ref.kind} {ref.name}: {outcome.reason}" + (f": {outcome.message}" if outcome.message else "")
+    if outcome.succeeded:
+        try:
+            figures = _figures(run, target, observed)
+        except MissingSummary as exc:
+            failure = f"{ref.kind} {ref.name} succeeded but {exc}"
+        else:
+            st = stage_finished(st, target.iteration, target.stage, figures, t).model_copy(
+                update={"current_attempt": None, "attempt_limit": None, "current_child": None, "retry_after": None})
+            events.append(Event("Normal", "StageSucceeded", f"round {target.iteration}: {target.stage} finished ({ref.name})"))
+            if target.stage == "Score" and not keep_warm:
+                actions = [a for a in actions if not isinstance(a, Scale)] + [Scale(b.reward_name(run), 0)]
+            return Decision(st, actions, events, again=True)
+    if observed.failure_detail:
+        failure += f"; {observed.failure_detail}"
+
+    if target.attempt < limit:
+        tries = max(1, target.attempt - (limit - run.spec.kubernetes.stage_retries) + 1)  # since the budget began
+        backoff = run.spec.kubernetes.retry_backoff_seconds * 2 ** (tries - 1)
+        nxt = target.attempt + 1
+        conditions = set_condition(st.conditions, "Progressing", "True", "Retrying",
+                                   f"round {target.iteration}: {target.stage} attempt {target.attempt} failed, attempt {nxt} "
+                                   f"in {backoff:.0f}s: {failure}", t)  # fmt: skip
+        st = st.model_copy(update={"current_attempt": nxt, "attempt_limit": limit, "conditions": conditions,
+                                   "retry_after": rfc3339(now + timedelta(seconds=backoff))})  # fmt: skip
+        events.append(Event("Warning", "StageRetrying", f"round {target.iteration}: {target.stage} attempt {target.attempt} failed: {failure}"))
+        return Decision(st, actions, events, requeue_after=backoff)
+    st = stage_failed(st, target.iteration, target.stage, "StageFailed", f"{failure} (attempt {target.attempt} of {limit})", t)
+    st = st.model_copy(update=bookkeeping)
+    events.append(Event("Warning", "StageFailed", f"round {target.iteration}: {target.stage} failed after {target.attempt} attempts: {failure}"))
+    return Decision(st, [a for a in actions if not isinstance(a, (Create, Scale))] + ([] if keep_warm else [Scale(b.reward_name(run), 0)]), events)
+
+
+def _suspend_patch(run: IterativeDPORun, target: Target, suspend: bool) -> dict:
+    if target.stage == "Train":
+        return launcher_for(run).suspend_patch(suspend)
+    return {"spec": {"suspend": suspend}}

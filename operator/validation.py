@@ -1,0 +1,60 @@
+"""What the schema cannot check but a cluster needs: paths that can exist in the pods.
+
+The API server has already applied the CRD's schema and CEL rules; this runs the same
+pydantic model the local runner uses (so a rule missing from the CRD is still caught)
+plus the Kubernetes-only rules. Each problem names the field, as `iterdpo validate` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from iterdpo.runfile import SpecError, parse_run
+from iterdpo.spec import IterativeDPORun
+
+
+class InvalidRun(ValueError):
+    """The run cannot run on Kubernetes; the message names every offending field."""
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~"))
+
+
+def path_problems(run: IterativeDPORun) -> list[str]:
+    spec = run.spec
+    mount = PurePosixPath(spec.kubernetes.volume.mount_path)
+    problems = []
+    if not spec.kubernetes.volume.claim_name:
+        problems.append("spec.kubernetes.volume.claimName: required on Kubernetes (a ReadWriteMany PersistentVolumeClaim)")
+    if not mount.is_absolute():
+        problems.append(f"spec.kubernetes.volume.mountPath: must be an absolute path (got {str(mount)!r})")
+    paths = {"spec.policy.model": spec.policy.model, "spec.reward.model": spec.reward.model, "spec.storage.root": spec.storage.root}
+    if spec.prompts.dataset:
+        paths["spec.prompts.dataset"] = spec.prompts.dataset
+    for i, source in enumerate(spec.prompts.per_iteration or []):
+        paths[f"spec.prompts.perIteration[{i}].dataset"] = source.dataset
+    for field, value in paths.items():
+        if not value or not _is_local(value):
+            continue  # unset, or a hub id
+        if not value.startswith("/"):
+            problems.append(f"{field}: {value!r} is relative, and a cluster run has no run file to resolve it against; "
+                            f"use an absolute path under {mount} (the run's volume) or a hub id")  # fmt: skip
+        elif not PurePosixPath(value).is_relative_to(mount):
+            problems.append(f"{field}: {value!r} cannot exist in the pods: only the run's volume is mounted, at {mount}; "
+                            f"put it under {mount} or use a hub id")  # fmt: skip
+    return problems
+
+
+def validate_resource(body: dict) -> IterativeDPORun:
+    """The typed run of a custom resource, or InvalidRun naming each bad field."""
+    manifest = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
+    manifest["metadata"] = {k: v for k, v in (body.get("metadata") or {}).items() if k in ("name", "namespace")}
+    try:
+        run = parse_run(manifest, source=f"IterativeDPORun {manifest['metadata'].get('name')}")
+    except SpecError as exc:
+        raise InvalidRun("\n".join(exc.problems)) from None
+    problems = path_problems(run)
+    if problems:
+        raise InvalidRun("\n".join(problems))
+    return run

@@ -1,0 +1,145 @@
+"""The operator's pure decision function: stage order, idempotence, retries, suspend,
+resume, and what is created when."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from iterdpo.planner import Finished
+from iterdpo.status import RunStatus
+from iterdpo_operator.launchers import Outcome
+from iterdpo_operator.reconcile import RESUME_ANNOTATION, Create, Observed, Patch, Scale, Target, current_target, decide
+from iterdpo_operator.validation import validate_resource
+
+NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def make_run(**kubernetes):
+    body = {
+        "apiVersion": "iterdpo.io/v1alpha1", "kind": "IterativeDPORun", "metadata": {"name": "r", "namespace": "ml"},
+        "spec": {"iterations": 2, "policy": {"model": "/iterdpo/p"}, "prompts": {"dataset": "/iterdpo/q.jsonl"},
+                 "reward": {"model": "org/rm"}, "generation": {"shards": 2},
+                 "kubernetes": {"volume": {"claimName": "data"}, "stageRetries": 1, "retryBackoffSeconds": 10, **kubernetes}},
+    }  # fmt: skip
+    return validate_resource(body)
+
+
+def step(run, status, observed=Observed(), annotations=None, now=NOW):
+    target = current_target(run, status)
+    return decide(run, status, owner_uid="uid-1", generation=3, annotations=annotations or {}, target=target,
+                  observed=observed, now=now)  # fmt: skip
+
+
+def created(decision) -> list[str]:
+    return [a.manifest["metadata"]["name"] for a in decision.actions if isinstance(a, Create)]
+
+
+GEN = [{"prompts": 5, "samples": 40, "promptsLeftOut": 0}] * 2
+DONE = Outcome(True, True, "Complete", start_time="2026-11-27T11:59:00Z", completion_time="2026-11-27T11:59:30Z")
+
+
+def test_fresh_run_starts_generation_with_reward_server_scaled_down():
+    d = step(make_run(), RunStatus())
+    assert created(d) == ["r-spec", "r-reward", "r-reward", "r-i01-generate-a1"]
+    assert Scale("r-reward", 0) in d.actions
+    assert (d.status.phase, d.status.current_stage, d.status.current_attempt, d.status.current_child) == (
+        "Running", "Generate", 1, "r-i01-generate-a1")
+    assert d.status.observed_generation == 3 and d.status.condition("Valid").status == "True"
+    assert [e.reason for e in d.events] == ["StageStarted"]
+
+
+def test_running_child_is_left_alone_and_status_is_stable():
+    run = make_run()
+    first = step(run, RunStatus()).status
+    running = Observed(child_exists=True, outcome=Outcome(False))
+    d1 = step(run, first, running)
+    d2 = step(run, d1.status, running)
+    assert "r-i01-generate-a1" not in created(d1)
+    assert d1.status == d2.status == first  # nothing to write
+    assert d1.events == []
+
+
+def test_success_records_figures_and_moves_on():
+    run = make_run()
+    st = step(run, RunStatus()).status
+    d = step(run, st, Observed(True, DONE, summaries=GEN))
+    assert d.again and d.status.iteration(1).generation.samples == 80
+    assert d.status.iteration(1).generation.seconds == 30.0
+    nxt = step(run, d.status)  # Score: reward server wanted, but not available yet
+    assert Scale("r-reward", 1) in nxt.actions and "r-i01-annotate-a1" not in created(nxt)
+    assert nxt.status.condition("Progressing").reason == "WaitingForRewardServer"
+    ready = step(run, nxt.status, Observed(reward_available=True))
+    assert "r-i01-annotate-a1" in created(ready)
+
+
+def test_missing_shard_summary_is_a_failure_not_a_silent_drop():
+    run = make_run()
+    st = step(run, RunStatus()).status
+    d = step(run, st, Observed(True, DONE, summaries=GEN[:1]))
+    assert d.status.iteration(1).generation is None
+    assert d.status.current_attempt == 2
+    assert "found 1" in d.status.condition("Progressing").message
+
+
+def test_failure_retries_after_backoff_then_fails_the_run():
+    run = make_run()
+    st = step(run, RunStatus()).status
+    failed = Observed(True, Outcome(True, False, "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+                      failure_detail="pod r-i01-generate-a1-0-x: CUDA out of memory")  # fmt: skip
+    d = step(run, st, failed)
+    assert (d.status.current_attempt, d.status.retry_after) == (2, "2026-11-27T12:00:10Z")
+    assert [e.reason for e in d.events] == ["StageRetrying"] and d.requeue_after == 10
+    early = step(run, d.status, Observed(), now=NOW + timedelta(seconds=5))
+    assert "r-i01-generate-a2" not in created(early) and early.requeue_after == pytest.approx(5)
+    later = step(run, d.status, Observed(), now=NOW + timedelta(seconds=11))
+    assert "r-i01-generate-a2" in created(later)
+    final = step(run, later.status, failed, now=NOW + timedelta(seconds=20))
+    assert final.status.phase == "Failed"
+    message = final.status.condition("Failed").message
+    assert "CUDA out of memory" in message and "attempt 2 of 2" in message and "BackoffLimitExceeded" in message
+    assert not [a for a in final.actions if isinstance(a, Create)]
+    assert step(run, final.status, Observed()).status.phase == "Failed"  # stays failed
+
+
+def test_resume_annotation_starts_a_new_attempt_once():
+    run = make_run(stageRetries=0)
+    st = step(run, RunStatus()).status
+    failed = step(run, st, Observed(True, Outcome(True, False, "BackoffLimitExceeded"))).status
+    assert failed.phase == "Failed"
+    d = step(run, failed, annotations={RESUME_ANNOTATION: "t1"})
+    assert (d.status.phase, d.status.current_attempt, d.status.resume_token) == ("Running", 2, "t1")
+    assert "r-i01-generate-a2" in created(step(run, d.status, annotations={RESUME_ANNOTATION: "t1"}))
+    again = step(run, failed.model_copy(update={"resume_token": "t1"}), annotations={RESUME_ANNOTATION: "t1"})
+    assert again.status.phase == "Failed"  # the same token is not acted on twice
+
+
+def test_suspend_suspends_the_child_and_resume_unsuspends():
+    run = make_run()
+    st = step(run, RunStatus()).status
+    suspended_run = run.model_copy(update={"spec": run.spec.model_copy(update={"suspend": True})})
+    d = step(suspended_run, st, Observed(True, Outcome(False)))
+    assert Patch(d.actions[1].ref, {"spec": {"suspend": True}}) in d.actions
+    assert d.status.phase == "Suspended" and d.status.condition("Suspended").status == "True"
+    back = step(run, d.status, Observed(True, Outcome(False), child_suspended=True))
+    assert any(isinstance(a, Patch) and a.patch == {"spec": {"suspend": False}} for a in back.actions)
+    assert back.status.phase == "Running" and back.status.condition("Suspended").status == "False"
+
+
+def test_train_uses_the_launcher_and_finish_scales_reward_down():
+    run = make_run(launcher="job")
+    st = RunStatus()
+    target = Target(1, "Train", "/iterdpo/p", 1)
+    d = decide(run, st, owner_uid="u", generation=1, annotations={}, target=target, observed=Observed(), now=NOW)
+    (train,) = [a.manifest for a in d.actions if isinstance(a, Create) and a.manifest["kind"] == "Job"]
+    assert train["metadata"]["name"] == "r-i01-train-a1"
+    done = decide(run, st, owner_uid="u", generation=1, annotations={}, target=Finished("/x"), observed=Observed(), now=NOW)
+    assert done.status.phase == "Succeeded" and Scale("r-reward", 0) in done.actions
+
+
+def test_changed_recipe_stops_the_run():
+    run = make_run()
+    st = step(run, RunStatus()).status.model_copy(update={"spec_hash": "something-else"})
+    d = step(run, st)
+    assert d.status.condition("Valid").reason == "SpecChanged" and not d.actions
