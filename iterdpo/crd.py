@@ -13,6 +13,7 @@ field is never silently wrong. Regenerate the committed file with:
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import types
@@ -26,7 +27,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from iterdpo.spec import _NAME_RE, API_VERSION, KIND, MAX_NAME_LENGTH, IterativeDPORun, IterativeDPORunSpec
+from iterdpo.spec import _NAME_RE, API_VERSION, KIND, MAX_NAME_LENGTH, IterativeDPORun, IterativeDPORunSpec, ObjectMeta
 from iterdpo.status import RunStatus
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -71,28 +72,23 @@ class Rule:
         return out
 
 
-def _s(expr: str) -> str:
-    return f"string({expr})"
-
-
-# IterativeDPORunSpec._cross_field, rule by rule (same order, same messages). Each sits on the
-# lowest object holding all its fields; objects with defaults get `default: {}`, so the API
+# IterativeDPORunSpec._cross_field, rule by rule (same order, same wording). Each sits on the
+# lowest object holding all its fields; objects with defaults are defaulted whole, so the API
 # server has filled every defaulted field before these run and no has() guard is needed.
-_PER_STEP = "self.microBatchSize * self.nprocPerNode * self.nodes"
+# Messages are static where the model's message shows numbers: the API server's cost estimate
+# of string(int) in a messageExpression is unbounded, and it refuses the CRD.
 SPEC_RULES: tuple[Rule, ...] = (
     Rule(
         "training",
-        f"self.globalBatchSize % ({_PER_STEP}) == 0",
+        "self.globalBatchSize % (self.microBatchSize * self.nprocPerNode * self.nodes) == 0",
         "must be a multiple of microBatchSize x nprocPerNode x nodes",
         ".globalBatchSize",
-        "'must be a multiple of microBatchSize x nprocPerNode x nodes = ' + "
-        f"{_s('self.microBatchSize')} + ' x ' + {_s('self.nprocPerNode')} + ' x ' + {_s('self.nodes')} + "
-        f"' = ' + {_s(_PER_STEP)} + ' (got ' + {_s('self.globalBatchSize')} + ')'",
     ),
     Rule(
         "training",
         "self.zeroStage != 0 || self.precision == 'fp32'",
-        "0 keeps no readable fp32 master weights under precision bf16 or fp16: use zeroStage 1, 2 or 3, or precision fp32",
+        "0 keeps no readable fp32 master weights under precision bf16 or fp16: "
+        "use zeroStage 1, 2 or 3, or precision fp32",
         ".zeroStage",
         "\"0 keeps no readable fp32 master weights under precision '\" + self.precision + "
         "\"': use zeroStage 1, 2 or 3, or precision fp32\"",
@@ -102,16 +98,12 @@ SPEC_RULES: tuple[Rule, ...] = (
         "self.maxPromptLength < self.maxLength",
         "must be less than training.maxLength to leave room for the response",
         ".maxPromptLength",
-        f"'must be less than training.maxLength (' + {_s('self.maxLength')} + ') to leave room for the response "
-        f"(got ' + {_s('self.maxPromptLength')} + ')'",
     ),
     Rule(
         "reward",
         "self.batchTokens >= self.maxLength",
         "must be at least reward.maxLength so that the longest conversation fits in one forward pass",
         ".batchTokens",
-        f"'must be at least reward.maxLength (' + {_s('self.maxLength')} + ') so that the longest conversation "
-        f"fits in one forward pass (got ' + {_s('self.batchTokens')} + ')'",
     ),
     Rule(
         "prompts",
@@ -125,16 +117,12 @@ SPEC_RULES: tuple[Rule, ...] = (
         "!has(self.prompts.perIteration) || size(self.prompts.perIteration) == self.iterations",
         "must list one prompt set per round: as many as spec.iterations",
         ".prompts.perIteration",
-        f"'must list one prompt set per round: ' + {_s('self.iterations')} + ' (spec.iterations), got ' + "
-        f"{_s('size(self.prompts.perIteration)')}",
     ),
     Rule(
         "",
         "self.kubernetes.launcher != 'job' || self.training.nodes == 1",
         "job runs training on one node: set training.nodes to 1 or use pytorchjob",
         ".kubernetes.launcher",
-        "'job runs training on one node: set training.nodes to 1 or use pytorchjob (training.nodes is ' + "
-        f"{_s('self.training.nodes')} + ')'",
     ),
     Rule(
         "pairing",
@@ -180,7 +168,7 @@ STATUS_DESCRIPTIONS: dict[str, str] = {
     "iterations[].generation": "Figures of the Generate stage, once it finished.",
     "iterations[].generation.prompts": "Prompts given to the generator.",
     "iterations[].generation.samples": "Responses sampled.",
-    "iterations[].generation.promptsLeftOut": "Prompts left out at generation (longer than training.maxPromptLength), reason recorded.",
+    "iterations[].generation.promptsLeftOut": "Prompts left out at generation (longer than training.maxPromptLength).",
     "iterations[].generation.seconds": "Wall-clock seconds of the stage.",
     "iterations[].scoring": "Figures of the Score stage (reward + pairing), once it finished.",
     "iterations[].scoring.meanReward": "Mean reward of the round's responses (unset when none was scored).",
@@ -188,11 +176,13 @@ STATUS_DESCRIPTIONS: dict[str, str] = {
     "iterations[].scoring.maxReward": "Highest reward (unset when no response was scored).",
     "iterations[].scoring.pairs": "DPO pairs made.",
     "iterations[].scoring.tiesDropped": "Prompts without a pair because the candidates' rewards tied.",
-    "iterations[].scoring.promptsLeftOut": "Prompts without a pair for another reason (left out at generation, or under 2 responses).",
+    "iterations[].scoring.promptsLeftOut": "Prompts without a pair for another reason (left out at generation, "
+    "or under 2 responses).",
     "iterations[].scoring.seconds": "Wall-clock seconds of the stage.",
     "iterations[].training": "Figures of the Train stage, once it finished.",
     "iterations[].training.loss": "DPO loss at the end of the round's training.",
-    "iterations[].training.rewardAccuracy": "Share of pairs whose implicit DPO reward prefers the chosen response, at the end of training.",
+    "iterations[].training.rewardAccuracy": "Share of pairs whose implicit DPO reward prefers the chosen response, "
+    "at the end of training.",
     "iterations[].training.rewardMargin": "Mean implicit DPO reward of chosen minus rejected, at the end of training.",
     "iterations[].training.checkpoint": "The checkpoint the round produced (the next round's policy).",
     "iterations[].training.seconds": "Wall-clock seconds of the stage.",
@@ -245,7 +235,7 @@ class _Walker:
             key = field.alias or name
             sub = f"{path}.{key}" if path else key
             schema, optional = self.annotation(field.annotation, list(field.metadata), sub)
-            description = self._description(field, schema, sub)
+            description = self._description(field, sub)
             default = self._default(field, schema, sub)
             if default is not _UNSET:
                 schema["default"] = default
@@ -278,7 +268,7 @@ class _Walker:
                 args = typing.get_args(annotation)
                 rest = [a for a in args if a is not type(None)]
                 if len(rest) != 1 or len(args) != 2:
-                    raise SchemaError(f"{self._where(path)}: unions other than X | None are not supported ({annotation})")
+                    raise SchemaError(f"{self._where(path)}: unions other than X | None are unsupported ({annotation})")
                 optional, annotation = True, rest[0]
             else:
                 break
@@ -286,16 +276,20 @@ class _Walker:
         for m in metadata:
             if schema.get("type") not in ("integer", "number"):
                 raise SchemaError(f"{self._where(path)}: bound {m!r} on a {schema.get('type')}")
-            if isinstance(m, Ge):
-                schema["minimum"] = m.ge
-            elif isinstance(m, Gt):
-                schema["minimum"], schema["exclusiveMinimum"] = m.gt, True
-            elif isinstance(m, Le):
-                schema["maximum"] = m.le
-            elif isinstance(m, Lt):
-                schema["maximum"], schema["exclusiveMaximum"] = m.lt, True
-            else:
+            bound = next((b for b in _BOUNDS if isinstance(m, b.kind)), None)
+            if bound is None:
                 raise SchemaError(f"{self._where(path)}: unsupported constraint {m!r}")
+            value = getattr(m, bound.attr)
+            schema[bound.keyword] = value
+            if float(value).is_integer():
+                if bound.exclusive:
+                    schema[f"exclusive{bound.keyword.title()}"] = True
+            else:
+                # kube-openapi compares an integer value (`0`, also what 0.0 becomes in JSON) with
+                # int64(bound), so a fractional bound is checked exactly by CEL, on a double.
+                schema.setdefault("x-kubernetes-validations", []).append(
+                    {"rule": f"self {bound.op} {float(value)!r}", "message": f"must be {bound.op} {value}"}
+                )
         return schema, optional
 
     def _type(self, annotation: object, path: str) -> dict:
@@ -334,7 +328,7 @@ class _Walker:
             return schema
         raise SchemaError(f"{self._where(path)}: no CRD schema for type {annotation!r}; extend iterdpo/crd.py")
 
-    def _description(self, field: FieldInfo, schema: dict, path: str) -> str:
+    def _description(self, field: FieldInfo, path: str) -> str:
         description = field.description or self.descriptions.get(path)
         if path in self.descriptions:
             self.used.add(f"description:{path}")
@@ -350,9 +344,12 @@ class _Walker:
         if field.default_factory is not None:
             value = field.get_default(call_default_factory=True, validated_data={})
             if isinstance(value, BaseModel):
-                if value != type(value).model_validate({}):
+                # Spelled out, not `{}`: the API server checks a default against the object's CEL
+                # rules without filling the nested defaults first.
+                default = _defaulted({}, schema)
+                if type(value).model_validate(default) != value:
                     raise SchemaError(f"{self._where(path)}: default object differs from its fields' defaults")
-                return {}  # the API server then fills the nested defaults, as pydantic does
+                return default
             if value == [] or value == {}:
                 return _UNSET  # unset means empty in the model; nothing worth storing
             raise SchemaError(f"{self._where(path)}: unsupported default_factory value {value!r}")
@@ -379,6 +376,34 @@ class _Walker:
 
     def _where(self, path: str) -> str:
         return f"{self.root}.{path}" if path else self.root
+
+
+@dataclass(frozen=True)
+class _Bound:
+    kind: type
+    attr: str
+    keyword: str
+    exclusive: bool
+    op: str
+
+
+_BOUNDS = (
+    _Bound(Ge, "ge", "minimum", False, ">="),
+    _Bound(Gt, "gt", "minimum", True, ">"),
+    _Bound(Le, "le", "maximum", False, "<="),
+    _Bound(Lt, "lt", "maximum", True, "<"),
+)
+
+
+def _defaulted(value: dict, schema: dict) -> dict:
+    """`value` with the schema's defaults filled in, as the API server fills them."""
+    out = dict(value)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if isinstance(out.get(key), dict) and sub.get("type") == "object":
+            out[key] = _defaulted(out[key], sub)
+    return out
 
 
 class _Unset:
@@ -431,12 +456,14 @@ def _name_rules() -> list[dict]:
             "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
             "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
             "(child resources append suffixes such as -i03-generate)",
-            "reason": "FieldValueTooLong",
+            "fieldPath": ".metadata.name",
+            "reason": "FieldValueInvalid",
         },
         {
             "rule": f"self.metadata.name.matches('{_NAME_RE.pattern}')",
             "message": "metadata.name must be lowercase letters, digits and '-', "
             "starting and ending with a letter or digit (an RFC 1123 label)",
+            "fieldPath": ".metadata.name",
             "reason": "FieldValueInvalid",
         },
     ]
@@ -448,9 +475,12 @@ def build_crd() -> dict:
         "description": _docstring(IterativeDPORun),
         "type": "object",
         "properties": {
-            "apiVersion": {"description": f"{API_VERSION}", "type": "string"},
-            "kind": {"description": KIND, "type": "string"},
-            "metadata": {"type": "object"},
+            "apiVersion": {"description": f"Versioned schema of this object: {API_VERSION}.", "type": "string"},
+            "kind": {"description": f"Kind of this object: {KIND}.", "type": "string"},
+            "metadata": {  # a CRD may declare name and generateName only; name is here for fieldPath
+                "type": "object",
+                "properties": {"name": {"description": ObjectMeta.model_fields["name"].description, "type": "string"}},
+            },
             "spec": spec_schema(),
             "status": status_schema(),
         },

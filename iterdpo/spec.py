@@ -14,7 +14,7 @@ import re
 import typing
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "iterdpo.io/v1alpha1"
@@ -31,8 +31,9 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 TOLERATION_OPERATORS = ("Exists", "Equal")
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
-# RFC 1123 label: what Kubernetes accepts as a name that becomes part of child names.
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# RFC 1035 label: what Kubernetes accepts as a Service name (the reward Service and
+# Kubeflow's per-replica Services are named after the run), so it starts with a letter.
+_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 40  # leaves room for child suffixes such as "-i03-generate" within 63
 
 
@@ -53,14 +54,15 @@ class ObjectMeta(BaseModel):
     name: str = Field(description="Name of the run; names its artifacts and children.")
     namespace: str | None = Field(default=None, description="Kubernetes namespace (ignored by the local runner).")
 
-    @model_validator(mode="after")
-    def _check_name(self) -> ObjectMeta:
-        if len(self.name) > MAX_NAME_LENGTH or not _NAME_RE.match(self.name):
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
             raise ValueError(
-                f"must be lowercase letters, digits and '-', start and end with a letter or digit, "
-                f"at most {MAX_NAME_LENGTH} characters (got {self.name!r})"
+                f"must be lowercase letters, digits and '-', start with a letter and end with a letter or digit, "
+                f"at most {MAX_NAME_LENGTH} characters (got {name!r})"
             )
-        return self
+        return name
 
 
 class PolicySpec(_Model):

@@ -39,9 +39,9 @@ class GenerationFigures(_Model):
 
 
 class ScoringFigures(_Model):
-    mean_reward: float | None  # None when no response was scored (every prompt left out)
-    min_reward: float | None
-    max_reward: float | None
+    mean_reward: float | None = None  # None when no response was scored (every prompt left out)
+    min_reward: float | None = None
+    max_reward: float | None = None
     pairs: int
     ties_dropped: int
     prompts_left_out: int

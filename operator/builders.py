@@ -135,7 +135,9 @@ def container(run: IterativeDPORun, name: str, argv: tuple[str, ...] | list[str]
     }
 
 
-def pod_spec(run: IterativeDPORun, containers: list[dict], restart_policy: str = "Never") -> dict:
+def pod_spec(run: IterativeDPORun, containers: list[dict], restart_policy: str = "Never", *, shm: bool = False) -> dict:
+    """`shm`: a memory-backed /dev/shm (containers get 64 MB by default; vLLM's workers,
+    NCCL and DeepSpeed's CPU communication need more)."""
     k = run.spec.kubernetes
     spec: dict = {
         "restartPolicy": restart_policy,
@@ -145,6 +147,10 @@ def pod_spec(run: IterativeDPORun, containers: list[dict], restart_policy: str =
             {"name": "run-spec", "configMap": {"name": spec_config_map_name(run)}},
         ],
     }
+    if shm:
+        spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        for c in containers:
+            c["volumeMounts"] = [*c["volumeMounts"], {"name": "dshm", "mountPath": "/dev/shm"}]
     if k.service_account_name:
         spec["serviceAccountName"] = k.service_account_name
     if k.node_selector:
@@ -178,7 +184,7 @@ def generate_job(run: IterativeDPORun, iteration: int, attempt: int, owner_uid: 
             "completionMode": "Indexed", "completions": shards, "parallelism": shards,
             "backoffLimitPerIndex": run.spec.kubernetes.shard_retries,
             "template": {"metadata": {"labels": template_labels},
-                         "spec": pod_spec(run, [container(run, "generate", argv, "generate")])},
+                         "spec": pod_spec(run, [container(run, "generate", argv, "generate")], shm=True)},
         },
     }  # fmt: skip
 

@@ -17,7 +17,7 @@ from iterdpo.spec import API_VERSION
 from iterdpo.status import RunStatus
 from iterdpo_operator.builders import RUN_LABEL
 from iterdpo_operator.kube import PLURAL, Conflict, Kube, load_config
-from iterdpo_operator.reconcile import Decision, Event, Observed, current_target, decide, invalid
+from iterdpo_operator.reconcile import RESUME_ANNOTATION, Decision, Event, Observed, current_target, decide, invalid
 from iterdpo_operator.validation import InvalidRun, validate_resource
 
 log = logging.getLogger("iterdpo.operator")
@@ -65,6 +65,33 @@ def _decide_once(k: Kube, body: dict, status: RunStatus, now: datetime) -> Decis
     return decision
 
 
+def _same_basis(read: dict, fresh: dict) -> bool:
+    """Whether what a decision was based on (spec, status, generation, the resume
+    annotation) is unchanged in `fresh`, though its resourceVersion moved on."""
+    def basis(body: dict) -> tuple:
+        meta = body["metadata"]
+        return (body.get("spec"), body.get("status"), meta.get("generation"),
+                (meta.get("annotations") or {}).get(RESUME_ANNOTATION))  # fmt: skip
+    return basis(read) == basis(fresh)
+
+
+def _write_status(k: Kube, body: dict, status: RunStatus) -> bool:
+    """Write the status under optimistic concurrency. A conflict caused by an unrelated
+    change (an annotation, a label) is retried on the fresh resourceVersion; a conflict on
+    anything the decision read returns False, and the caller decides again."""
+    meta = body["metadata"]
+    for _ in range(MAX_PASSES):
+        try:
+            k.write_status(body, status.to_json())
+            return True
+        except Conflict:
+            fresh = k.read_run(meta["namespace"], meta["name"])
+            if fresh is None or not _same_basis(body, fresh):
+                return False
+            body = fresh
+    return False
+
+
 def reconcile(namespace: str, name: str) -> float | None:
     """Bring the run one or more steps forward; returns seconds until it wants a look again."""
     k = kube()
@@ -75,12 +102,9 @@ def reconcile(namespace: str, name: str) -> float | None:
                 return None  # deleted: its children go with it (ownerReferences)
             status = status_of(body)
             decision = _decide_once(k, body, status, datetime.now(timezone.utc))
-            if decision.status != status:
-                try:
-                    k.write_status(body, decision.status.to_json())
-                except Conflict:
-                    log.info("run %s/%s changed while reconciling; reading it again", namespace, name)
-                    continue
+            if decision.status != status and not _write_status(k, body, decision.status):
+                log.info("run %s/%s changed while reconciling; deciding again", namespace, name)
+                continue
             for e in decision.events:
                 k.event(body, e.type, e.reason, e.message)
             if not decision.again:

@@ -10,6 +10,7 @@ conditions; the reconciler needs no change.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from iterdpo.spec import IterativeDPORun
@@ -77,7 +78,7 @@ class JobLauncher:
             "metadata": b._meta(run, name, "train", owner_uid, iteration=iteration, attempt=attempt),
             "spec": {"backoffLimit": 0,
                      "template": {"metadata": {"labels": b.labels(run, "train", iteration=iteration, attempt=attempt)},
-                                  "spec": b.pod_spec(run, [main])}},
+                                  "spec": b.pod_spec(run, [main], shm=True)}},
         }  # fmt: skip
 
     def outcome(self, obj: dict) -> Outcome:
@@ -105,10 +106,10 @@ class PyTorchJobLauncher:
         # Kubeflow requires the container to be named "pytorch".
         main = b.container(run, "pytorch", b.train_argv(run, iteration), "train")
         template = {"metadata": {"labels": b.labels(run, "train", iteration=iteration, attempt=attempt)},
-                    "spec": b.pod_spec(run, [main])}  # fmt: skip
+                    "spec": b.pod_spec(run, [main], shm=True)}  # fmt: skip
         replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
-        if t.nodes > 1:
-            replicas["Worker"] = {"replicas": t.nodes - 1, "restartPolicy": "Never", "template": template}
+        if t.nodes > 1:  # its own copy: one shared dict would print as YAML anchors
+            replicas["Worker"] = {"replicas": t.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
         return {
             "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
             "metadata": b._meta(run, name, "train", owner_uid, iteration=iteration, attempt=attempt),

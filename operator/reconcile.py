@@ -123,7 +123,10 @@ def invalid(status: RunStatus, message: str, generation: int | None, now: dateti
     """A spec that cannot run: Valid=False naming the fields; nothing is created."""
     conditions = set_condition(status.conditions, "Valid", "False", "InvalidSpec", message, rfc3339(now))
     conditions = set_condition(conditions, "Progressing", "False", "InvalidSpec", "fix the spec to continue", rfc3339(now))
-    phase = status.phase if status.phase in ("Succeeded",) else "Failed"
+    if status.phase == "Succeeded":
+        return status.model_copy(update={"conditions": conditions, "observed_generation": generation})
+    conditions = set_condition(conditions, "Failed", "True", "InvalidSpec", "the spec is invalid: see the Valid condition", rfc3339(now))
+    phase = "Failed"
     return status.model_copy(update={"conditions": conditions, "phase": phase, "observed_generation": generation})
 
 
@@ -159,6 +162,10 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         conditions = set_condition(st.conditions, "Valid", "False", "SpecChanged", message, t)
         return Decision(st.model_copy(update={"conditions": conditions}))
     st = accepted(st, spec_hash, t)
+    failed = st.condition("Failed")
+    if failed is not None and failed.status == "True" and failed.reason == "InvalidSpec":  # the spec was fixed
+        conditions = set_condition(st.conditions, "Failed", "False", "SpecFixed", "", t)
+        st = st.model_copy(update={"conditions": conditions, "phase": "Running" if st.current_stage else "Pending"})
 
     resume = annotations.get(RESUME_ANNOTATION)
     if st.phase == "Failed" and resume and resume != st.resume_token and st.current_attempt:

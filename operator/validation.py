@@ -46,6 +46,21 @@ def path_problems(run: IterativeDPORun) -> list[str]:
     return problems
 
 
+def resource_problems(run: IterativeDPORun) -> list[str]:
+    """GPU counts that cannot work with the recipe."""
+    spec, res = run.spec, run.spec.kubernetes.resources
+    problems = []
+    n = spec.training.nproc_per_node
+    if res.train.gpus and res.train.gpus != n:
+        problems.append(f"spec.kubernetes.resources.train.gpus: torchrun starts training.nprocPerNode = {n} processes per pod, "
+                        f"one per GPU: set it to {n}, or 0 to train on CPUs (got {res.train.gpus})")  # fmt: skip
+    tp = spec.generation.tensor_parallel_size
+    if res.generate.gpus and res.generate.gpus < tp:
+        problems.append(f"spec.kubernetes.resources.generate.gpus: one vLLM engine spans generation.tensorParallelSize = {tp} "
+                        f"GPUs: set at least {tp} (got {res.generate.gpus})")  # fmt: skip
+    return problems
+
+
 def validate_resource(body: dict) -> IterativeDPORun:
     """The typed run of a custom resource, or InvalidRun naming each bad field."""
     manifest = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
@@ -54,7 +69,7 @@ def validate_resource(body: dict) -> IterativeDPORun:
         run = parse_run(manifest, source=f"IterativeDPORun {manifest['metadata'].get('name')}")
     except SpecError as exc:
         raise InvalidRun("\n".join(exc.problems)) from None
-    problems = path_problems(run)
+    problems = path_problems(run) + resource_problems(run)
     if problems:
         raise InvalidRun("\n".join(problems))
     return run

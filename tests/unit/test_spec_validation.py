@@ -110,7 +110,7 @@ def test_missing_required_fields_and_wrong_kind_are_all_reported():
 
 def test_bad_name_is_rejected():
     found = problems(with_change("metadata.name", "My_Run"))
-    assert len(found) == 1 and found[0].startswith("metadata: must be lowercase letters")
+    assert len(found) == 1 and found[0].startswith("metadata.name: must be lowercase letters")
 
 
 def test_relative_paths_resolve_against_the_run_file(tmp_path: Path):
