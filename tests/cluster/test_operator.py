@@ -1,0 +1,301 @@
+"""The real kopf operator (`iterdpo operator`, as a subprocess, as it runs in a cluster)
+against the real control plane: Jobs, the reward Deployment and PyTorchJobs go through the
+real Job/Deployment controllers and Kubeflow's training operator; the instant kubelet
+plays the pods, each leaving a stage summary as its termination message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from clusterutil import bound_claim, wait_for
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from iterdpo.local.processes import resolve_executable, start, stop, tail
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "iterativedporuns.iterdpo.io.yaml"
+GROUP, VERSION, PLURAL = "iterdpo.io", "v1alpha1", "iterativedporuns"
+
+
+class Operator:
+    """`iterdpo operator -n NS` as a process; `kill()` is SIGKILL, as a node loss would be."""
+
+    def __init__(self, cluster, namespace: str, log_path: Path):
+        self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Operator":
+        env = {"KUBECONFIG": str(self.cluster.kubeconfig), "ITERDPO_RECONCILE_INTERVAL": "1"}
+        self.proc = start((resolve_executable("iterdpo"), "operator", "-n", self.namespace), env=env, log_path=self.log_path)
+        return self
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, grace_seconds=10)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{tail(self.log_path, 40)}")
+
+
+@pytest.fixture(scope="module")
+def crd(control_plane):
+    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    ext = client.ApiextensionsV1Api(control_plane.api_client)
+    wait_for("our CRD Established", lambda: any(
+        c.type == "Established" and c.status == "True"
+        for c in ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []), control_plane)  # fmt: skip
+    return CRD
+
+
+@pytest.fixture()
+def operator(control_plane, crd, ns, tmp_path):
+    bound_claim(control_plane, ns, tmp_path / "pv", name="iterdpo-data")
+    op = Operator(control_plane, ns, tmp_path / "operator.log").start()
+    yield op
+    op.stop()
+    if os.environ.get("ITERDPO_SHOW_OPERATOR_LOG"):
+        print(tail(op.log_path, 200))
+
+
+# -- the pods' side: each stage leaves the summary its program would ----------------------
+def summaries(fail: dict[str, str] | None = None, hold: set[str] = frozenset()):
+    """An instant-kubelet rule: per component, a plausible summary; `fail` maps a component
+    to the message its pod dies with; `hold` keeps those components' pods running."""
+    fail = fail or {}
+
+    def rule(pod: client.V1Pod):
+        labels = pod.metadata.labels or {}
+        component = labels.get("app.kubernetes.io/component") or labels.get("training.kubeflow.org/replica-type")
+        if component in hold:
+            return None
+        if component in fail:
+            return 1, fail[component]
+        it = int(labels.get("iterdpo.io/iteration", "1"))
+        if component == "generate":
+            return 0, json.dumps({"stage": "generate", "prompts": 10, "samples": 80, "promptsLeftOut": 1})
+        if component == "annotate":
+            return 0, json.dumps({"stage": "annotate", "meanReward": 0.5 * it, "minReward": -1.0, "maxReward": 2.0,
+                                  "pairs": 9, "tiesDropped": 1, "promptsLeftOut": 0})  # fmt: skip
+        if component == "train":
+            return 0, json.dumps({"stage": "train", "loss": 0.5 / it, "rewardAccuracy": 0.75, "rewardMargin": 0.3 * it,
+                                  "checkpoint": f"/iterdpo/runs/r/iter-{it:02d}/train/policy"})  # fmt: skip
+        return 0, ""
+
+    return rule
+
+
+def run_body(name: str, **spec_overrides) -> dict:
+    spec = {
+        "iterations": 2,
+        "policy": {"model": "/iterdpo/models/policy"},
+        "prompts": {"dataset": "/iterdpo/prompts.jsonl"},
+        "reward": {"model": "/iterdpo/models/reward", "maxLength": 256, "batchTokens": 4096},
+        "generation": {"shards": 2},
+        "training": {"nodes": 1, "nprocPerNode": 2, "globalBatchSize": 8, "maxLength": 128, "maxPromptLength": 48},
+        "kubernetes": {"volume": {"claimName": "iterdpo-data"}, "retryBackoffSeconds": 1},
+    }
+    for key, value in spec_overrides.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "IterativeDPORun", "metadata": {"name": name}, "spec": spec}
+
+
+def custom(cluster) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(cluster.api_client)
+
+
+def get_run(cluster, ns: str, name: str) -> dict:
+    return custom(cluster).get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+
+
+def phase_is(cluster, ns, name, operator, *phases):
+    def check():
+        operator.check_alive()
+        return (get_run(cluster, ns, name).get("status") or {}).get("phase") in phases
+    return check
+
+
+def children(cluster, ns: str, run: str) -> dict[str, list[str]]:
+    selector = f"iterdpo.io/run={run}"
+    batch, apps, core = client.BatchV1Api(cluster.api_client), client.AppsV1Api(cluster.api_client), client.CoreV1Api(cluster.api_client)
+    pt = custom(cluster).list_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", label_selector=selector)
+    return {
+        "jobs": sorted(j.metadata.name for j in batch.list_namespaced_job(ns, label_selector=selector).items),
+        "pytorchjobs": sorted(p["metadata"]["name"] for p in pt["items"]),
+        "deployments": sorted(d.metadata.name for d in apps.list_namespaced_deployment(ns, label_selector=selector).items),
+        "services": sorted(s.metadata.name for s in core.list_namespaced_service(ns, label_selector=selector).items),
+        "configmaps": sorted(c.metadata.name for c in core.list_namespaced_config_map(ns, label_selector=selector).items),
+    }
+
+
+def condition(run: dict, type_: str) -> dict:
+    return next(c for c in run["status"]["conditions"] if c["type"] == type_)
+
+
+def events(cluster, ns: str, name: str) -> list[str]:
+    items = client.CoreV1Api(cluster.api_client).list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+    return [e.reason for e in sorted(items, key=lambda e: e.metadata.creation_timestamp)]
+
+
+# -- tests --------------------------------------------------------------------------------
+def test_two_round_run_succeeds_with_figures(control_plane, operator, ns):
+    control_plane.kubelet.rule = summaries()
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body("r"))
+    wait_for("run r Succeeded", phase_is(control_plane, ns, "r", operator, "Succeeded", "Failed"), control_plane, timeout=120)
+    run = get_run(control_plane, ns, "r")
+    status = run["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["observedGeneration"] == run["metadata"]["generation"]
+    assert [it["iteration"] for it in status["iterations"]] == [1, 2]
+    first, second = status["iterations"]
+    assert first["generation"]["prompts"] == 20 and first["generation"]["promptsLeftOut"] == 2  # 2 shards
+    assert (first["scoring"]["meanReward"], second["scoring"]["meanReward"]) == (0.5, 1.0)
+    assert second["training"]["rewardMargin"] == pytest.approx(0.6)
+    assert second["policy"] == "/iterdpo/runs/r/iter-01/train/policy"
+    assert condition(run, "Succeeded")["status"] == "True" and condition(run, "Valid")["status"] == "True"
+
+    kids = children(control_plane, ns, "r")
+    assert kids["jobs"] == ["r-i01-annotate-a1", "r-i01-generate-a1", "r-i02-annotate-a1", "r-i02-generate-a1"]
+    assert kids["pytorchjobs"] == ["r-i01-train-a1", "r-i02-train-a1"]
+    assert kids["deployments"] == kids["services"] == ["r-reward"]
+    dep = client.AppsV1Api(control_plane.api_client).read_namespaced_deployment("r-reward", ns)
+    assert dep.spec.replicas == 0  # scaled to zero outside scoring
+    gen = client.BatchV1Api(control_plane.api_client).read_namespaced_job("r-i01-generate-a1", ns)
+    assert gen.spec.completion_mode == "Indexed" and gen.status.succeeded == 2
+    assert [o.kind for o in gen.metadata.owner_references] == ["IterativeDPORun"]
+    assert {"StageStarted", "StageSucceeded", "Succeeded"} <= set(events(control_plane, ns, "r"))
+
+
+def test_invalid_spec_past_the_schema_is_reported_not_crashed(control_plane, operator, ns):
+    body = run_body("bad", policy={"model": "/elsewhere/policy"})
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    wait_for("run bad Failed", phase_is(control_plane, ns, "bad", operator, "Failed"), control_plane, timeout=60)
+    run = get_run(control_plane, ns, "bad")
+    valid = condition(run, "Valid")
+    assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+    assert "spec.policy.model" in valid["message"] and "/iterdpo" in valid["message"]
+    assert children(control_plane, ns, "bad")["jobs"] == []
+    # fixing the spec lets the run go on
+    control_plane.kubelet.rule = summaries()
+    custom(control_plane).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "bad", {"spec": {"policy": {"model": "/iterdpo/p"}}})
+    wait_for("run bad Succeeded", phase_is(control_plane, ns, "bad", operator, "Succeeded"), control_plane, timeout=120)
+
+
+def test_failed_stage_is_retried_then_fails_the_run_then_resumes(control_plane, operator, ns):
+    control_plane.kubelet.rule = summaries(fail={"annotate": "reward server unreachable: connection refused"})
+    body = run_body("flaky", iterations=1, kubernetes={"volume": {"claimName": "iterdpo-data"}, "stageRetries": 1,
+                                                       "retryBackoffSeconds": 1})  # fmt: skip
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    wait_for("run flaky Failed", phase_is(control_plane, ns, "flaky", operator, "Failed"), control_plane, timeout=120)
+    run = get_run(control_plane, ns, "flaky")
+    failed = condition(run, "Failed")
+    assert failed["status"] == "True"
+    assert "reward server unreachable" in failed["message"] and "attempt 2 of 2" in failed["message"]
+    assert children(control_plane, ns, "flaky")["jobs"] == ["flaky-i01-annotate-a1", "flaky-i01-annotate-a2", "flaky-i01-generate-a1"]
+    reasons = events(control_plane, ns, "flaky")
+    assert "StageRetrying" in reasons and "StageFailed" in reasons
+
+    control_plane.kubelet.rule = summaries()  # the cause is fixed: resume from the failed stage
+    out = subprocess.run([resolve_executable("iterdpo"), "resume", "flaky", "-n", ns], capture_output=True, text=True,
+                         env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    wait_for("run flaky Succeeded", phase_is(control_plane, ns, "flaky", operator, "Succeeded"), control_plane, timeout=120)
+    assert "flaky-i01-annotate-a3" in children(control_plane, ns, "flaky")["jobs"]
+
+
+def test_operator_killed_mid_stage_creates_no_duplicates(control_plane, operator, ns):
+    control_plane.kubelet.rule = summaries(hold={"generate"})
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body("crash", iterations=1))
+    batch = client.BatchV1Api(control_plane.api_client)
+    wait_for("generate Job", lambda: batch.list_namespaced_job(ns, label_selector="iterdpo.io/run=crash").items, control_plane)
+    operator.kill()
+    operator.start()
+    time.sleep(4)  # several reconcile periods of the new operator while the stage still runs
+    assert children(control_plane, ns, "crash")["jobs"] == ["crash-i01-generate-a1"]
+    control_plane.kubelet.rule = summaries()
+    control_plane.kubelet.release()
+    wait_for("run crash Succeeded", phase_is(control_plane, ns, "crash", operator, "Succeeded"), control_plane, timeout=120)
+    kids = children(control_plane, ns, "crash")
+    assert kids["jobs"] == ["crash-i01-annotate-a1", "crash-i01-generate-a1"] and kids["pytorchjobs"] == ["crash-i01-train-a1"]
+
+
+def test_suspend_and_resume(control_plane, operator, ns):
+    control_plane.kubelet.rule = summaries(hold={"generate"})
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body("pause", iterations=1))
+    batch = client.BatchV1Api(control_plane.api_client)
+    wait_for("generate running", lambda: (get_run(control_plane, ns, "pause").get("status") or {}).get("currentChild"), control_plane)
+    custom(control_plane).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": True}})
+    wait_for("run Suspended", phase_is(control_plane, ns, "pause", operator, "Suspended"), control_plane, timeout=60)
+    wait_for("generate Job suspended", lambda: batch.read_namespaced_job("pause-i01-generate-a1", ns).spec.suspend, control_plane)
+    assert condition(get_run(control_plane, ns, "pause"), "Suspended")["status"] == "True"
+
+    control_plane.kubelet.rule = summaries()
+    control_plane.kubelet.release()
+    custom(control_plane).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": False}})
+    wait_for("run pause Succeeded", phase_is(control_plane, ns, "pause", operator, "Succeeded"), control_plane, timeout=120)
+    assert condition(get_run(control_plane, ns, "pause"), "Suspended")["status"] == "False"
+    assert children(control_plane, ns, "pause")["jobs"] == ["pause-i01-annotate-a1", "pause-i01-generate-a1"]
+
+
+def test_deleting_the_run_collects_every_child(control_plane, operator, ns):
+    control_plane.kubelet.rule = summaries(hold={"train", "master"})
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body("gone", iterations=1))
+    wait_for("training started", lambda: children(control_plane, ns, "gone")["pytorchjobs"], control_plane, timeout=90)
+    assert children(control_plane, ns, "gone")["configmaps"] == ["gone-spec"]
+    custom(control_plane).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "gone")
+    empty = {"jobs": [], "pytorchjobs": [], "deployments": [], "services": [], "configmaps": []}
+    wait_for("children garbage-collected", lambda: children(control_plane, ns, "gone") == empty, control_plane, timeout=60)
+
+
+def test_status_survives_resource_version_conflicts(control_plane, operator, ns):
+    """Another writer keeps bumping the run's resourceVersion (as kubectl annotate or
+    another controller would): every status write still lands, none is lost."""
+    control_plane.kubelet.rule = summaries()
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body("busy"))
+    stop_writer = threading.Event()
+
+    def writer():
+        api = client.CustomObjectsApi(control_plane.api_client)
+        i = 0
+        while not stop_writer.is_set():
+            i += 1
+            try:
+                api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "busy", {"metadata": {"annotations": {"test/bump": str(i)}}})
+            except ApiException:
+                pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        wait_for("run busy done", phase_is(control_plane, ns, "busy", operator, "Succeeded", "Failed"), control_plane, timeout=150)
+    finally:
+        stop_writer.set()
+        thread.join()
+    status = get_run(control_plane, ns, "busy")["status"]
+    assert status["phase"] == "Succeeded"
+    assert all(it.get("generation") and it.get("scoring") and it.get("training") for it in status["iterations"])
+
+
+def test_kubectl_get_shows_printer_columns(control_plane, operator, ns):
+    control_plane.kubelet.rule = summaries()
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body("cols", iterations=1))
+    wait_for("run cols Succeeded", phase_is(control_plane, ns, "cols", operator, "Succeeded"), control_plane, timeout=120)
+    out = control_plane.kubectl("get", "idr", "-n", ns).stdout
+    header, row = out.splitlines()[:2]
+    assert header.split()[:5] == ["NAME", "ROUND", "STAGE", "PHASE", "REWARD"]
+    assert row.split()[0] == "cols" and "Succeeded" in row and "0.5" in row
+    assert yaml.safe_load(control_plane.kubectl("get", "idr", "cols", "-n", ns, "-o", "yaml").stdout)["status"]["finalPolicy"]
