@@ -84,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, SpecError) as exc:
         log.error("%s", exc)
         return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down ourselves (NCCL warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: float) -> int:

@@ -24,11 +24,13 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # also under --import-mode=importlib
 
-from clusterutil import exists, wait_for  # noqa: E402
+from clusterutil import bound_claim, exists, wait_for  # noqa: E402
 from controlplane import ControlPlane  # noqa: E402
 from kubelet import InstantKubelet  # noqa: E402
 from kubeflow_operator import TrainingOperator  # noqa: E402
 from localexec import LocalExecKubelet, PodSetupError  # noqa: E402
+
+from iterdpo.local.processes import resolve_executable, start, stop, tail  # noqa: E402
 
 BINS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd")
 _KEPT = pytest.StashKey[Path]()
@@ -99,6 +101,7 @@ def _shared_dir() -> Path:
 
 
 LOCAL_NODE = "iterdpo-node-local"
+CRD = HERE.parents[1] / "crds" / "iterativedporuns.iterdpo.io.yaml"
 
 
 def pod_base_env() -> dict[str, str]:
@@ -202,3 +205,53 @@ def ns(control_plane):
     control_plane.kubelet.rule = lambda pod: (0, "")
     control_plane.kubelet.release()
     core.delete_namespace(name)
+
+
+# -- the iterdpo operator ------------------------------------------------------------------
+class Operator:
+    """`iterdpo operator -n NS` as a process; `kill()` is SIGKILL, as a node loss would be."""
+
+    def __init__(self, cluster, namespace: str, log_path: Path):
+        self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Operator":
+        env = {"KUBECONFIG": str(self.cluster.kubeconfig), "ITERDPO_RECONCILE_INTERVAL": "1"}
+        self.proc = start((resolve_executable("iterdpo"), "operator", "-n", self.namespace), env=env, log_path=self.log_path)
+        return self
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, grace_seconds=10)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{tail(self.log_path, 40)}")
+
+
+@pytest.fixture(scope="module")
+def crd(control_plane):
+    from kubernetes import client
+
+    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    ext = client.ApiextensionsV1Api(control_plane.api_client)
+    wait_for("our CRD Established", lambda: any(
+        c.type == "Established" and c.status == "True"
+        for c in ext.read_custom_resource_definition("iterativedporuns.iterdpo.io").status.conditions or []), control_plane)  # fmt: skip
+    return CRD
+
+
+@pytest.fixture()
+def operator(control_plane, crd, ns, tmp_path):
+    bound_claim(control_plane, ns, tmp_path / "pv", name="iterdpo-data")
+    op = Operator(control_plane, ns, tmp_path / "operator.log").start()
+    yield op
+    op.stop()
+    if os.environ.get("ITERDPO_SHOW_OPERATOR_LOG"):
+        print(tail(op.log_path, 200))
+
+

@@ -24,7 +24,6 @@ failurePolicy Fail a dangling one would block every create of those kinds.
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
 import time
 import urllib.error

@@ -12,7 +12,8 @@ What a pod gets, and how it differs from a real node (docs: tests/cluster/README
   hostPath/local path, so pods share it), hostPath, configMap, secret, downwardAPI,
   projected (incl. the service-account token). The termination message file is bound the
   same way. Mount points are created on the host if missing and removed at stop if empty.
-- **Network**: every pod gets its own address from a /24 that is made local with an AnyIP
+- **Network**: a per-pod /etc/hosts maps the pod's hostname to its IP (as a kubelet's
+  does; torch's C++ rendezvous resolves the master pod's own name that way). Every pod gets its own address from a /24 that is made local with an AnyIP
   route on `lo` (`ip route add local <cidr> dev lo table local`): a process can bind its
   pod IP, any other reaches it, and the real EndpointSlice controller publishes it (it
   rejects 127.0.0.0/8). Service names resolve for Python processes through
@@ -31,7 +32,6 @@ import logging
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -293,10 +293,22 @@ class PodWorker(threading.Thread):
         argv = [_expand(a, env) for a in [*spec.command, *(spec.args or [])]]
         return Container(spec, env, argv, self.dir / f"{spec.name}.log", self.dir / f"{spec.name}.termination-log")
 
+    def _hosts_file(self) -> Path:
+        """The pod's /etc/hosts, as a kubelet writes it: its own hostname -> its pod IP, plus hostAliases."""
+        spec, ns = self.pod.spec, self.pod.metadata.namespace
+        hostname = spec.hostname or self.pod.metadata.name
+        names = [hostname] + ([f"{hostname}.{spec.subdomain}.{ns}.svc.cluster.local"] if spec.subdomain else [])
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{self.ip}\t{' '.join(names)}"]
+        lines += [f"{a.ip}\t{' '.join(a.hostnames or [])}" for a in spec.host_aliases or []]
+        path = self.dir / "hosts"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
     def setup(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ip = self.kubelet.addresses.acquire()
         self.pod.status.pod_ip = self.ip  # for status.podIP fieldRefs
+        self.hosts = self._hosts_file()
         self.mounts = {v.name: self._volume(v) for v in self.pod.spec.volumes or []}
         self.containers = [self._container(c) for c in self.pod.spec.containers]
 
@@ -310,6 +322,7 @@ class PodWorker(threading.Thread):
             source.mkdir(parents=True, exist_ok=True) if not source.exists() else None
             self.kubelet.mount_point(m.mount_path, is_file=source.is_file())
             binds.append([str(source), m.mount_path, bool(m.read_only)])
+        binds.append([str(self.hosts), "/etc/hosts", True])
         c.message_path.write_text("")
         message_target = c.spec.termination_message_path or "/dev/termination-log"
         self.kubelet.mount_point(message_target, is_file=True)

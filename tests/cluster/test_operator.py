@@ -10,65 +10,17 @@ import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-from clusterutil import bound_claim, wait_for
+from clusterutil import wait_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from iterdpo.local.processes import resolve_executable, start, stop, tail
+from iterdpo.local.processes import resolve_executable
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "iterativedporuns.iterdpo.io.yaml"
 GROUP, VERSION, PLURAL = "iterdpo.io", "v1alpha1", "iterativedporuns"
-
-
-class Operator:
-    """`iterdpo operator -n NS` as a process; `kill()` is SIGKILL, as a node loss would be."""
-
-    def __init__(self, cluster, namespace: str, log_path: Path):
-        self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Operator":
-        env = {"KUBECONFIG": str(self.cluster.kubeconfig), "ITERDPO_RECONCILE_INTERVAL": "1"}
-        self.proc = start((resolve_executable("iterdpo"), "operator", "-n", self.namespace), env=env, log_path=self.log_path)
-        return self
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc, grace_seconds=10)
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{tail(self.log_path, 40)}")
-
-
-@pytest.fixture(scope="module")
-def crd(control_plane):
-    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    ext = client.ApiextensionsV1Api(control_plane.api_client)
-    wait_for("our CRD Established", lambda: any(
-        c.type == "Established" and c.status == "True"
-        for c in ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []), control_plane)  # fmt: skip
-    return CRD
-
-
-@pytest.fixture()
-def operator(control_plane, crd, ns, tmp_path):
-    bound_claim(control_plane, ns, tmp_path / "pv", name="iterdpo-data")
-    op = Operator(control_plane, ns, tmp_path / "operator.log").start()
-    yield op
-    op.stop()
-    if os.environ.get("ITERDPO_SHOW_OPERATOR_LOG"):
-        print(tail(op.log_path, 200))
 
 
 # -- the pods' side: each stage leaves the summary its program would ----------------------
@@ -177,6 +129,10 @@ def test_two_round_run_succeeds_with_figures(control_plane, operator, ns):
     assert gen.spec.completion_mode == "Indexed" and gen.status.succeeded == 2
     assert [o.kind for o in gen.metadata.owner_references] == ["IterativeDPORun"]
     assert {"StageStarted", "StageSucceeded", "Succeeded"} <= set(events(control_plane, ns, "r"))
+    table = subprocess.run([resolve_executable("iterdpo"), "status", "r", "--cluster", "-n", ns], capture_output=True, text=True,
+                           env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)})  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "Succeeded" in table.stdout and "0.500" in table.stdout, table.stdout
 
 
 def test_invalid_spec_past_the_schema_is_reported_not_crashed(control_plane, operator, ns):

@@ -6,7 +6,9 @@ resolves Service names (`svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local
 ready endpoints the real EndpointSlice controller published, and swaps the Service port
 for the endpoint's target port, as kube-proxy would for a ClusterIP. The table is a JSON
 file the kubelet rewrites as Services and EndpointSlices change ($LOCALEXEC_SERVICES).
-Other names resolve as usual.
+Other names resolve as usual. The port swap reaches clients that connect to the returned
+address (socket.create_connection, urllib, requests); anyio-based ones (httpx async) keep
+the port they asked for, so Services used by those should have port == targetPort.
 """
 
 import json
@@ -42,7 +44,8 @@ def _lookup(host: str) -> dict | None:
 
 
 def getaddrinfo(host, port, *args, **kwargs):
-    entry = _lookup(host) if _TABLE and isinstance(host, str) else None
+    name = host.decode("idna") if isinstance(host, bytes) else host  # anyio (httpx async) passes IDNA bytes
+    entry = _lookup(name) if _TABLE and isinstance(name, str) else None
     if entry is None:
         return _getaddrinfo(host, port, *args, **kwargs)
     if not entry["ips"]:
