@@ -37,14 +37,23 @@ def _run(args) -> int:
     return 0
 
 
-def _cluster_status(name: str, namespace: str | None):
-    """The status of the IterativeDPORun `name` in the cluster of the current kubeconfig."""
+def _current_namespace() -> str:
+    """The kubeconfig context's namespace; in a pod, the service account's; else 'default'."""
     from kubernetes import config
 
+    try:
+        return config.list_kube_config_contexts()[1].get("context", {}).get("namespace") or "default"
+    except (config.ConfigException, OSError):
+        in_pod = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        return in_pod.read_text().strip() if in_pod.exists() else "default"
+
+
+def _cluster_status(name: str, namespace: str | None):
+    """The status of the IterativeDPORun `name` in the cluster of the current kubeconfig."""
     from iterdpo_operator.handlers import status_of
     from iterdpo_operator.kube import Kube, load_config
 
-    namespace = namespace or config.list_kube_config_contexts()[1].get("context", {}).get("namespace") or "default"
+    namespace = namespace or _current_namespace()
     body = Kube(load_config()).read_run(namespace, name)
     if body is None:
         raise LookupError(f"no IterativeDPORun {name!r} in namespace {namespace!r}")
@@ -114,10 +123,15 @@ def _resume(args) -> int:
 
     group, version = API_VERSION.split("/")
     token = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    namespace = args.namespace or _current_namespace()
     api = client.CustomObjectsApi(load_config())
-    api.patch_namespaced_custom_object(group, version, args.namespace, PLURAL, args.name,
+    phase = (api.get_namespaced_custom_object(group, version, namespace, PLURAL, args.name).get("status") or {}).get("phase")
+    if phase != "Failed":
+        print(f"iterdpo resume: {namespace}/{args.name} is {phase or 'Pending'}, not Failed: nothing to resume", file=sys.stderr)
+        return 1
+    api.patch_namespaced_custom_object(group, version, namespace, PLURAL, args.name,
                                        {"metadata": {"annotations": {RESUME_ANNOTATION: token}}})  # fmt: skip
-    print(f"asked {args.namespace}/{args.name} to resume its failed stage ({RESUME_ANNOTATION}={token})")
+    print(f"asked {namespace}/{args.name} to resume its failed stage ({RESUME_ANNOTATION}={token})")
     return 0
 
 
@@ -208,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="resume a failed IterativeDPORun in the cluster from its failed stage")
     p.add_argument("name")
-    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("-n", "--namespace", help="default: the kubeconfig's")
     p.set_defaults(func=_resume)
 
     p = sub.add_parser("operator", help="run the Kubernetes operator (kopf) against the current kubeconfig")

@@ -462,7 +462,7 @@ def _name_rules() -> list[dict]:
         {
             "rule": f"self.metadata.name.matches('{_NAME_RE.pattern}')",
             "message": "metadata.name must be lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit (an RFC 1123 label)",
+            "starting with a letter and ending with a letter or digit (an RFC 1035 label)",
             "fieldPath": ".metadata.name",
             "reason": "FieldValueInvalid",
         },

@@ -409,6 +409,12 @@ class IterativeDPORunSpec(_Model):
         return self.generation.max_model_len or self.training.max_length
 
 
+# spec.kubernetes fields that may change while a run is in progress.
+MUTABLE_KUBERNETES_FIELDS = {"image", "image_pull_policy", "service_account_name", "hub_token_secret", "node_selector",
+                             "tolerations", "resources", "keep_reward_warm", "stage_retries", "retry_backoff_seconds",
+                             "shard_retries"}  # fmt: skip
+
+
 class IterativeDPORun(BaseModel):
     """The whole resource, as a user writes it for `kubectl apply` or `iterdpo run`."""
 
@@ -426,9 +432,10 @@ class IterativeDPORun(BaseModel):
 
     def spec_hash(self) -> str:
         """Stable digest of the recipe: a resumed run must be the run that was started.
-        `suspend` and the `kubernetes` section (image, resources, retries) may change
-        mid-run: they change how stages run, not what they compute."""
-        recipe = self.spec.model_dump(mode="json", by_alias=True, exclude={"suspend", "kubernetes"})
+        `suspend` and most of the `kubernetes` section (image, resources, scheduling,
+        retries) may change mid-run: they change how stages run, not what they compute.
+        The volume and the launcher may not: artifacts and children are found through them."""
+        recipe = self.spec.model_dump(mode="json", by_alias=True, exclude={"suspend": True, "kubernetes": MUTABLE_KUBERNETES_FIELDS})
         blob = json.dumps(recipe, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

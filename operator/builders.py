@@ -17,6 +17,13 @@ from iterdpo.spec import API_VERSION, KIND, IterativeDPORun, Resources
 SPEC_DIR = "/etc/iterdpo"
 SPEC_FILE = f"{SPEC_DIR}/run.yaml"
 GPU = "nvidia.com/gpu"
+RUN_AS = 1000  # the runtime image's user (Dockerfile)
+# Pod Security Standard "restricted": non-root, no escalation, no capabilities, RuntimeDefault
+# seccomp, read-only root filesystem; /tmp (also HOME, for caches) is a writable emptyDir.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
 STAGE_WORDS = {"Generate": "generate", "Score": "annotate", "Train": "train"}
 RUN_LABEL = "iterdpo.io/run"
 
@@ -114,7 +121,7 @@ def stage_gpus(run: IterativeDPORun, stage: str) -> int:
 def container(run: IterativeDPORun, name: str, argv: tuple[str, ...] | list[str], stage: str,
               extra_env: list[dict] | None = None) -> dict:  # fmt: skip
     k = run.spec.kubernetes
-    env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": "/tmp"},
            {"name": "HF_HOME", "value": str(PurePosixPath(k.volume.mount_path) / ".cache" / "huggingface")}]  # fmt: skip
     if k.hub_token_secret is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": k.hub_token_secret.name, "key": k.hub_token_secret.key}}})
@@ -129,9 +136,11 @@ def container(run: IterativeDPORun, name: str, argv: tuple[str, ...] | list[str]
         "env": env,
         "resources": _resources(getattr(k.resources, stage), stage_gpus(run, stage)),
         "volumeMounts": [{"name": "run-volume", "mountPath": k.volume.mount_path},
-                         {"name": "run-spec", "mountPath": SPEC_DIR, "readOnly": True}],  # fmt: skip
+                         {"name": "run-spec", "mountPath": SPEC_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],  # fmt: skip
         # The stage's JSON summary is its termination message; on a crash, the log tail.
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": CONTAINER_SECURITY,
     }
 
 
@@ -141,10 +150,13 @@ def pod_spec(run: IterativeDPORun, containers: list[dict], restart_policy: str =
     k = run.spec.kubernetes
     spec: dict = {
         "restartPolicy": restart_policy,
+        "securityContext": POD_SECURITY,
+        "automountServiceAccountToken": False,  # stage programs never call the API
         "containers": containers,
         "volumes": [
             {"name": "run-volume", "persistentVolumeClaim": {"claimName": k.volume.claim_name}},
             {"name": "run-spec", "configMap": {"name": spec_config_map_name(run)}},
+            {"name": "tmp", "emptyDir": {}},
         ],
     }
     if shm:

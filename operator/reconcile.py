@@ -157,10 +157,13 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
 
     spec_hash = run.spec_hash()
     if st.spec_hash is not None and st.spec_hash != spec_hash:
-        message = ("the recipe changed after the run started (only spec.suspend and spec.kubernetes may change); "
-                   "revert the change, or delete the run and create a new one")  # fmt: skip
+        message = ("the recipe changed after the run started (only spec.suspend and spec.kubernetes, except its "
+                   "volume and launcher, may change); revert the change, or delete the run and create a new one")  # fmt: skip
+        if st.condition("Valid") is not None and st.condition("Valid").reason != "SpecChanged":
+            events.append(Event("Warning", "SpecChanged", message))
         conditions = set_condition(st.conditions, "Valid", "False", "SpecChanged", message, t)
-        return Decision(st.model_copy(update={"conditions": conditions}))
+        conditions = set_condition(conditions, "Progressing", "False", "SpecChanged", "stopped: the recipe changed", t)
+        return Decision(st.model_copy(update={"conditions": conditions}), events=events)
     st = accepted(st, spec_hash, t)
     failed = st.condition("Failed")
     if failed is not None and failed.status == "True" and failed.reason == "InvalidSpec":  # the spec was fixed
@@ -176,6 +179,8 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
                                    "retry_after": None, "conditions": conditions})  # fmt: skip
         events.append(Event("Normal", "Resumed", f"round {st.current_iteration}: {st.current_stage} resumes as attempt {attempt}"))
         return Decision(st, events=events, again=True)
+    if resume and resume != st.resume_token:  # asked while nothing had failed: noted, not kept for later
+        st = st.model_copy(update={"resume_token": resume})
     if st.phase == "Failed":
         return Decision(st, actions=[] if keep_warm else [Scale(b.reward_name(run), 0)])
 

@@ -107,8 +107,12 @@ CRD = HERE.parents[1] / "crds" / "iterativedporuns.iterdpo.io.yaml"
 def pod_base_env() -> dict[str, str]:
     """What the local-exec kubelet's "image" provides: this venv first on PATH, offline HF."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
-    return {"PATH": path, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    home = os.environ.get("HOME", "/root")
+    # TORCH_EXTENSIONS_DIR: DeepSpeed's JIT-built CPU ops, as an image would ship them prebuilt
+    # (pods get HOME=/tmp, an emptyDir, so they would rebuild them every round otherwise).
+    return {"PATH": path, "HOME": home, "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", f"{home}/.cache/torch_extensions")}  # fmt: skip
 
 
 @dataclass

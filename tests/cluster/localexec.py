@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 MAX_TERMINATION_MESSAGE = 4096
 PROBE_PERIOD_CAP = 1.0
+# Every pod sees the Service table here (a bind of its folder: the table is replaced by
+# rename, and a pod may mount an emptyDir over /tmp, where the kubelet's files live).
+DNS_MOUNT = "/run/iterdpo-localexec"
 
 
 class PodSetupError(Exception):
@@ -323,6 +326,8 @@ class PodWorker(threading.Thread):
             self.kubelet.mount_point(m.mount_path, is_file=source.is_file())
             binds.append([str(source), m.mount_path, bool(m.read_only)])
         binds.append([str(self.hosts), "/etc/hosts", True])
+        self.kubelet.mount_point(DNS_MOUNT, is_file=False)
+        binds.append([str(self.kubelet.services.path.parent), DNS_MOUNT, True])
         c.message_path.write_text("")
         message_target = c.spec.termination_message_path or "/dev/termination-log"
         self.kubelet.mount_point(message_target, is_file=True)
@@ -500,10 +505,10 @@ class LocalExecKubelet(TestKubelet):
         self.root = Path(root)
         self.base_env = dict(base_env)
         self.addresses = PodAddresses()
-        self.services = ServiceTable(api_client, self.root / "services.json")
+        self.services = ServiceTable(api_client, self.root / "dns" / "services.json")
         self.base_env.update(
             PYTHONPATH=os.pathsep.join(filter(None, [str(HERE / "podresolver"), base_env.get("PYTHONPATH")])),
-            LOCALEXEC_SERVICES=str(self.services.path),
+            LOCALEXEC_SERVICES=f"{DNS_MOUNT}/services.json",
         )
         self.workers: dict[str, PodWorker] = {}
         self._mount_points: list[Path] = []

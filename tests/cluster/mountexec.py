@@ -18,10 +18,14 @@ import sys
 def main() -> None:
     with open(sys.argv[1]) as f:
         plan = json.load(f)
-    for source, target, read_only in plan["mounts"]:
-        subprocess.run(["mount", "--bind", source, target], check=True)
+    # Open every source before mounting anything: a bind at /tmp would hide sources under it.
+    fds = [os.open(source, os.O_PATH) for source, _, _ in plan["mounts"]]
+    for fd, (_, target, read_only) in zip(fds, plan["mounts"]):
+        subprocess.run(["mount", "--bind", f"/proc/self/fd/{fd}", target], check=True, pass_fds=(fd,))
         if read_only:
             subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
+    for fd in fds:
+        os.close(fd)
     if plan.get("workingDir"):
         os.chdir(plan["workingDir"])
     argv, env = plan["argv"], plan["env"]

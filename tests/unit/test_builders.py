@@ -628,3 +628,28 @@ def test_example_run_is_the_reports_recipe():
     k = s.kubernetes
     assert k.launcher == "pytorchjob" and k.volume.claim_name and k.hub_token_secret is not None
     assert b.stage_gpus(run, "reward") == 1 and b.stage_gpus(run, "train") == 8
+
+
+# -- Pod Security Standard "restricted" ---------------------------------------------------
+ALLOWED_VOLUMES = {"configMap", "emptyDir", "persistentVolumeClaim", "secret", "projected", "downwardAPI"}
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(run):
+    """What the restricted profile requires (kubernetes.io/docs/concepts/security/pod-security-standards),
+    plus a read-only root filesystem with /tmp as the one writable emptyDir."""
+    for manifest in children(run):
+        for where, template in pod_templates(manifest):
+            spec = template["spec"]
+            pod_sc = spec.get("securityContext", {})
+            assert pod_sc.get("runAsNonRoot") is True and pod_sc.get("runAsUser", 0) != 0, where
+            assert pod_sc.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+            assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), where
+            assert {k for v in spec["volumes"] for k in v if k != "name"} <= ALLOWED_VOLUMES, where
+            assert spec.get("automountServiceAccountToken") is False, where
+            for c in spec["containers"] + spec.get("initContainers", []):
+                sc = c.get("securityContext", {})
+                assert sc.get("allowPrivilegeEscalation") is False and not sc.get("privileged"), (where, c["name"])
+                assert sc.get("capabilities") == {"drop": ["ALL"]}, (where, c["name"])
+                assert sc.get("readOnlyRootFilesystem") is True and sc.get("runAsNonRoot") is True, (where, c["name"])
+                writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+                assert "/tmp" in writable and {"name": "HOME", "value": "/tmp"} in c["env"], (where, c["name"])

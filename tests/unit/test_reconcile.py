@@ -143,3 +143,22 @@ def test_changed_recipe_stops_the_run():
     st = step(run, RunStatus()).status.model_copy(update={"spec_hash": "something-else"})
     d = step(run, st)
     assert d.status.condition("Valid").reason == "SpecChanged" and not d.actions
+
+
+def test_a_resume_asked_before_any_failure_is_not_kept_for_later():
+    run = make_run(stageRetries=0)
+    st = step(run, RunStatus(), annotations={RESUME_ANNOTATION: "early"}).status
+    assert st.resume_token == "early"
+    failed = step(run, st, Observed(True, Outcome(True, False, "BackoffLimitExceeded")), annotations={RESUME_ANNOTATION: "early"})
+    assert failed.status.phase == "Failed"
+    assert step(run, failed.status, annotations={RESUME_ANNOTATION: "early"}).status.phase == "Failed"
+
+
+def test_volume_change_mid_run_is_a_recipe_change_but_image_is_not():
+    run = make_run()
+    st = step(run, RunStatus()).status
+    new_image = make_run(image="registry.example/iterdpo:0.2")
+    assert step(new_image, st).status.condition("Valid").status == "True"
+    moved = make_run(volume={"claimName": "other"})
+    d = step(moved, st)
+    assert d.status.condition("Valid").reason == "SpecChanged" and [e.reason for e in d.events] == ["SpecChanged"]
