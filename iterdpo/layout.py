@@ -1,6 +1,7 @@
 """Where every artifact of a run lives: pure path arithmetic, shared by all stages.
 
     <storage root>/<run name>/
+      recipe.json                  the spec hash of the run that owns the folder
       iter-01/generate/shard-00000-of-00002.jsonl   responses of shard 0
       iter-01/generate/shard-00000-of-00002.done.json   its success marker (counts)
       iter-01/score/scored.jsonl  pairs.jsonl  stats.json (written last: the marker)
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,10 @@ class RunLayout:
                 "the operator fill it in before they start a stage)"
             )
         return cls(Path(run.spec.storage.root) / run.name)
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.root / "recipe.json"
 
     def iteration_dir(self, iteration: int) -> Path:
         return self.root / f"iter-{iteration:02d}"
@@ -78,3 +84,29 @@ def reference_for(run: IterativeDPORun, iteration: int) -> str:
     if run.spec.reference == "initial":
         return run.spec.policy.model
     return policy_for(run, iteration)
+
+
+def claim_run_folder(run: IterativeDPORun) -> None:
+    """Refuse to add to a run folder that holds another recipe's artifacts.
+
+    Stage programs skip work whose outputs exist, so a run re-created under the same name
+    and storage root with a different recipe would silently reuse the old round's files.
+    The first stage to run marks the folder with the spec hash; every stage checks it.
+    """
+    from iterdpo.atomic import write_json
+    from iterdpo.errors import StageError
+
+    layout = RunLayout.of(run)
+    want = run.spec_hash()
+    try:
+        have = json.loads(layout.recipe_file.read_text())["specHash"]
+    except FileNotFoundError:
+        write_json(layout.recipe_file, {"name": run.name, "specHash": want})
+        return
+    except (ValueError, KeyError, TypeError):
+        raise StageError(f"{layout.recipe_file} is not a recipe marker; remove it if the folder is yours") from None
+    if have != want:
+        raise StageError(
+            f"{layout.root} holds the artifacts of another recipe (spec hash {have}; this run's is {want}): "
+            "give the run another metadata.name or spec.storage.root, or remove that folder"
+        )

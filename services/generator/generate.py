@@ -20,7 +20,7 @@ from pathlib import Path
 
 from iterdpo.atomic import read_json, write_json, write_jsonl
 from iterdpo.errors import StageError
-from iterdpo.layout import RunLayout, policy_for
+from iterdpo.layout import RunLayout, claim_run_folder, policy_for
 from iterdpo.prompts import Prompt, PromptDataError, load_prompt_set
 from iterdpo.runfile import SpecError, load_run
 from iterdpo.sharding import shard_range
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         shard = shard_index(args.shard)
         if not 0 <= shard < run.spec.generation.shards:
             parser.error(f"the shard must be in 0..{run.spec.generation.shards - 1} (spec.generation.shards); got {shard}")
+        claim_run_folder(run)
         result = run_shard(run, args.iteration, shard)
     except (StageError, SpecError, PromptDataError, OSError) as exc:
         print(f"iterdpo generate: error: {exc}", file=sys.stderr)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import httpx
 
 from iterdpo.atomic import read_json, write_json, write_jsonl
-from iterdpo.layout import RunLayout
+from iterdpo.errors import StageError
+from iterdpo.layout import RunLayout, claim_run_folder
 from iterdpo.pairing import Pair, TIE, choose_pair, prompt_rng
 from iterdpo.runfile import SpecError, load_run
 from iterdpo.spec import IterativeDPORun
@@ -211,8 +212,10 @@ def annotate_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     try:
-        annotate(load_run(args.spec), args.iteration, args.reward_url)
-    except (AnnotateError, RewardClientError, SpecError, OSError, ValueError) as exc:
+        run = load_run(args.spec)
+        claim_run_folder(run)
+        annotate(run, args.iteration, args.reward_url)
+    except (StageError, AnnotateError, RewardClientError, SpecError, OSError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -16,6 +16,8 @@ import sys
 import time
 import warnings
 
+from iterdpo.errors import StageError
+from iterdpo.layout import claim_run_folder
 from iterdpo.runfile import SpecError, load_run
 from iterdpo.summary import emit_summary
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(rank)
     try:
         return _main(args, rank=rank, world_size=world_size, started=started)
-    except (TrainError, SpecError) as exc:
+    except (TrainError, SpecError, StageError) as exc:
         log.error("%s", exc)
         return 1
     finally:
@@ -100,6 +102,7 @@ def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: floa
     from iterdpo_trainer import train
 
     run = load_run(args.spec)
+    claim_run_folder(run)
     done = train.finished_metrics(run, args.iteration)
     if done is not None:
         log.info("round %d is already trained (%s): nothing to do", args.iteration, done["checkpoint"])

@@ -1,1 +1,0 @@
-"""The iterdpo operator: reconciles IterativeDPORun resources on Kubernetes (kopf)."""
