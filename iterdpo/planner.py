@@ -15,6 +15,9 @@ from iterdpo.spec import IterativeDPORun
 from iterdpo.status import STAGES, RunStatus, Stage
 
 REWARD_PORT = 8000
+# The reward server's bearer token travels in this variable (never a flag: argv shows in
+# process lists and pod specs). The server requires it on /v1/score when set; the annotator sends it.
+REWARD_TOKEN_ENV = "ITERDPO_REWARD_TOKEN"
 
 
 @dataclass(frozen=True)

@@ -306,6 +306,16 @@ class KubernetesSpec(_Model):
         description="How training runs: pytorchjob (Kubeflow PyTorchJob, Master + Workers) or "
         "job (one batch Job, single node, for clusters without Kubeflow).",
     )
+    reward_token_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret holding the reward server's bearer token. Unset: the operator creates "
+        "<name>-reward-token with a random token, owned by the run.",
+    )
+    reward_network_policy: bool = Field(
+        default=False,
+        description="Create a NetworkPolicy that lets only the run's annotate pods reach its reward server "
+        "(enforced where the cluster's network plugin supports NetworkPolicy).",
+    )
     keep_reward_warm: bool = Field(
         default=False,
         description="Keep the reward server running between scoring stages. Default: scaled to zero "

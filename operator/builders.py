@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from iterdpo.planner import REWARD_PORT, generate_argv, stage_step
+from iterdpo.planner import REWARD_PORT, REWARD_TOKEN_ENV, generate_argv, stage_step
 from iterdpo.spec import API_VERSION, KIND, IterativeDPORun, Resources
 
 SPEC_DIR = "/etc/iterdpo"
@@ -36,6 +36,12 @@ def child_name(run: IterativeDPORun, iteration: int, stage: str, attempt: int) -
 
 def reward_name(run: IterativeDPORun) -> str:
     return f"{run.name}-reward"
+
+
+def reward_token_ref(run: IterativeDPORun) -> tuple[str, str]:
+    """(Secret name, key) of the reward server's bearer token: the user's, or the one the operator makes."""
+    named = run.spec.kubernetes.reward_token_secret
+    return (named.name, named.key) if named is not None else (f"{run.name}-reward-token", "token")
 
 
 def spec_config_map_name(run: IterativeDPORun) -> str:
@@ -211,15 +217,39 @@ def annotate_job(run: IterativeDPORun, iteration: int, attempt: int, owner_uid: 
         "spec": {
             "backoffLimit": 0,  # the operator retries a stage as a new attempt
             "template": {"metadata": {"labels": labels(run, "annotate", iteration=iteration, attempt=attempt)},
-                         "spec": pod_spec(run, [container(run, "annotate", command.argv, "annotate")])},
+                         "spec": pod_spec(run, [container(run, "annotate", command.argv, "annotate", extra_env=_token_env(run))])},
         },
+    }  # fmt: skip
+
+
+def _token_env(run: IterativeDPORun) -> list[dict]:
+    name, key = reward_token_ref(run)
+    return [{"name": REWARD_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]
+
+
+def reward_token_secret(run: IterativeDPORun, token: str, owner_uid: str | None = None) -> dict:
+    """The generated bearer token of the run's reward server (only without spec.kubernetes.rewardTokenSecret)."""
+    name, key = reward_token_ref(run)
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(run, name, "reward", owner_uid),
+            "stringData": {key: token}}  # fmt: skip
+
+
+def reward_network_policy(run: IterativeDPORun, owner_uid: str | None = None) -> dict:
+    """Only the run's annotate pods may reach its reward server (spec.kubernetes.rewardNetworkPolicy)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(run, reward_name(run), "reward", owner_uid),
+        "spec": {"podSelector": {"matchLabels": {RUN_LABEL: run.name, "app.kubernetes.io/component": "reward"}},
+                 "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {RUN_LABEL: run.name, "app.kubernetes.io/component": "annotate"}}}],
+                              "ports": [{"protocol": "TCP", "port": REWARD_PORT}]}]},
     }  # fmt: skip
 
 
 def reward_deployment(run: IterativeDPORun, replicas: int, owner_uid: str | None = None) -> dict:
     """The reward server; Recreate, so a new pod never waits for the old one's GPUs."""
     service = _step(run, 1, "Score").service
-    main = container(run, "reward-server", service.argv, "reward")
+    main = container(run, "reward-server", service.argv, "reward", extra_env=_token_env(run))
     main["ports"] = [{"name": "http", "containerPort": REWARD_PORT}]
     main["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 1}
     main["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6}
@@ -263,14 +293,17 @@ def to_yaml(manifests: list[dict]) -> str:
 
 
 def render_round(run: IterativeDPORun, iteration: int = 1) -> list[dict]:
-    """Every manifest of one round, in the order the operator creates them."""
+    """Every manifest of one round, in the order the operator creates them, except the
+    generated token Secret (its value is random: the operator makes it)."""
     from iterdpo_operator.launchers import launcher_for
 
+    reward = [reward_service(run), reward_deployment(run, 1)]
+    if run.spec.kubernetes.reward_network_policy:
+        reward.append(reward_network_policy(run))
     return [
         spec_config_map(run),
         generate_job(run, iteration, 1),
-        reward_service(run),
-        reward_deployment(run, 1),
+        *reward,
         annotate_job(run, iteration, 1),
         launcher_for(run).build(run, iteration, 1),
     ]

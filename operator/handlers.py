@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from datetime import datetime, timezone
 
@@ -60,7 +61,8 @@ def _decide_once(k: Kube, body: dict, status: RunStatus, now: datetime) -> Decis
     target = current_target(run, status)
     observed = Observed() if isinstance(target, Finished) else k.observe(run, target)
     decision = decide(run, status, owner_uid=meta["uid"], generation=meta.get("generation"),
-                      annotations=meta.get("annotations") or {}, target=target, observed=observed, now=now)  # fmt: skip
+                      annotations=meta.get("annotations") or {}, target=target, observed=observed, now=now,
+                      new_token=secrets.token_urlsafe(32))  # fmt: skip
     k.apply(run, decision.actions)
     return decision
 

@@ -130,9 +130,15 @@ def invalid(status: RunStatus, message: str, generation: int | None, now: dateti
     return status.model_copy(update={"conditions": conditions, "phase": phase, "observed_generation": generation})
 
 
-def _reward_actions(run: IterativeDPORun, owner_uid: str, replicas: int) -> list:
-    return [Create(b.reward_service(run, owner_uid)), Create(b.reward_deployment(run, replicas, owner_uid)),
-            Scale(b.reward_name(run), replicas)]  # fmt: skip
+def _reward_actions(run: IterativeDPORun, owner_uid: str, replicas: int, new_token: str) -> list:
+    """The reward server's objects, created if absent, and its scale."""
+    actions = []
+    if run.spec.kubernetes.reward_token_secret is None:
+        actions.append(Create(b.reward_token_secret(run, new_token, owner_uid)))  # if absent: the first token stays
+    if run.spec.kubernetes.reward_network_policy:
+        actions.append(Create(b.reward_network_policy(run, owner_uid)))
+    return actions + [Create(b.reward_service(run, owner_uid)), Create(b.reward_deployment(run, replicas, owner_uid)),
+                      Scale(b.reward_name(run), replicas)]  # fmt: skip
 
 
 def _seconds(outcome: Outcome) -> float:
@@ -149,7 +155,9 @@ def _figures(run: IterativeDPORun, target: Target, observed: Observed):
 
 
 def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generation: int | None,
-           annotations: dict[str, str], target: Target | Finished, observed: Observed, now: datetime) -> Decision:  # fmt: skip
+           annotations: dict[str, str], target: Target | Finished, observed: Observed, now: datetime,
+           new_token: str = "unset") -> Decision:  # fmt: skip
+    """`new_token`: a fresh random token, used only if the run's token Secret does not exist yet."""
     t = rfc3339(now)
     keep_warm = run.spec.kubernetes.keep_reward_warm
     st = status.model_copy(update={"observed_generation": generation})
@@ -212,7 +220,7 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         actions.append(Patch(ref, _suspend_patch(run, target, False)))
 
     want_reward = target.stage == "Score" or keep_warm
-    actions += _reward_actions(run, owner_uid, 1 if want_reward else 0)
+    actions += _reward_actions(run, owner_uid, 1 if want_reward else 0, new_token)
     same_attempt = st.current_attempt == target.attempt and st.attempt_limit
     limit = st.attempt_limit if same_attempt else target.attempt + run.spec.kubernetes.stage_retries
     bookkeeping = {"current_attempt": target.attempt, "attempt_limit": limit, "current_child": ref.name}

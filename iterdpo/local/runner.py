@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from iterdpo.atomic import read_json, write_json
 from iterdpo.figures import MissingSummary, stage_figures
 from iterdpo.local import processes
 from iterdpo.local.report import stage_line
-from iterdpo.planner import Command, Finished, StageStep, next_step
+from iterdpo.planner import REWARD_TOKEN_ENV, Command, Finished, StageStep, next_step
 from iterdpo.runfile import dump_run
 from iterdpo.spec import IterativeDPORun, StorageSpec
 from iterdpo.status import (
@@ -93,6 +94,7 @@ def with_storage_root(run: IterativeDPORun, workdir: Path) -> IterativeDPORun:
 
 class LocalRunner:
     def __init__(self, run: IterativeDPORun, workdir: Path, *, out=sys.stdout):
+        self._reward_token = secrets.token_urlsafe(32)
         self.run = with_storage_root(run, workdir)
         self.paths = RunPaths(Path(workdir).resolve() / run.name)
         self.out = out
@@ -204,6 +206,8 @@ class LocalRunner:
         summary = self.paths.summary(step.iteration, command)
         summary.unlink(missing_ok=True)  # a stale summary must not pass for this attempt's
         env = {**command.env, TERMINATION_LOG_ENV: str(summary)}
+        if step.stage == "Score":
+            env[REWARD_TOKEN_ENV] = self._reward_token  # the server on loopback still wants a caller
         if step.stage == "Train" and not _has_cuda():
             env.setdefault("DS_ACCELERATOR", "cpu")
         proc = processes.start(command.argv, env=env, log_path=self.paths.log(step.iteration, command))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import math
 import sys
 import time
@@ -25,6 +26,7 @@ from iterdpo.atomic import read_json, write_json, write_jsonl
 from iterdpo.errors import StageError
 from iterdpo.layout import RunLayout, claim_run_folder
 from iterdpo.pairing import Pair, TIE, choose_pair, prompt_rng
+from iterdpo.planner import REWARD_TOKEN_ENV
 from iterdpo.runfile import SpecError, load_run
 from iterdpo.spec import IterativeDPORun
 from iterdpo.summary import emit_summary
@@ -183,7 +185,8 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
 
 async def _score(reward, url: str, items: list[dict], transport) -> Batch:
     client = RewardClient(
-        url, timeout_seconds=reward.timeout_seconds, retry=RetryPolicy(max_retries=reward.max_retries), transport=transport
+        url, timeout_seconds=reward.timeout_seconds, retry=RetryPolicy(max_retries=reward.max_retries), transport=transport,
+        token=os.environ.get(REWARD_TOKEN_ENV) or None,
     )
     ready = await client.wait_ready(reward.startup_timeout_seconds)
     log.info("reward server ready: %s", ready)

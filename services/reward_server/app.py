@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 from contextlib import asynccontextmanager
 from typing import Callable
@@ -88,8 +89,19 @@ async def readyz(request: Request, scorer: Scorer = Depends(ready_scorer)) -> Re
     return Readiness(model=settings.model, kind=settings.kind)
 
 
-@router.post("/v1/score", response_model=ScoreResponse, responses={503: {"model": Problem}, 500: {"model": Problem}})
-async def score(body: ScoreRequest, request: Request, scorer: Scorer = Depends(ready_scorer)):
+def authorized(request: Request) -> None:
+    """With a token configured, /v1/score needs `Authorization: Bearer <token>` (probes stay open)."""
+    token = request.app.state.settings.token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(status_code=401, detail="a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+@router.post("/v1/score", response_model=ScoreResponse,
+             responses={401: {"model": Problem}, 503: {"model": Problem}, 500: {"model": Problem}})  # fmt: skip
+async def score(body: ScoreRequest, request: Request, _: None = Depends(authorized), scorer: Scorer = Depends(ready_scorer)):
     items = [([m.model_dump() for m in item.messages], item.response) for item in body.items]
     async with request.app.state.forward_lock:
         try:

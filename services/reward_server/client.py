@@ -17,6 +17,8 @@ from typing import Awaitable, Callable, Sequence
 
 import httpx
 
+from iterdpo.planner import REWARD_TOKEN_ENV
+
 log = logging.getLogger("iterdpo.annotate")
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -61,10 +63,12 @@ class RewardClient:
     transport: httpx.AsyncBaseTransport | None = None  # tests pass a MockTransport
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rng: random.Random = field(default_factory=random.Random)
+    token: str | None = field(default=None, repr=False)  # sent as a bearer token
 
     def _client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=self.base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {self.token}"} if self.token else None,
             timeout=self.timeout_seconds,
             transport=self.transport,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
@@ -132,6 +136,10 @@ class RewardClient:
                 if r.status_code == 200:
                     return _parse(r, len(items))
                 problem = f"HTTP {r.status_code}: {_server_message(r)}"
+                if r.status_code == 401:
+                    raise RewardClientError(
+                        f"the reward server refused the token ({problem}): {REWARD_TOKEN_ENV} must hold the server's token"
+                    )
                 if r.status_code not in RETRY_STATUSES:
                     raise RewardClientError(f"the reward server refused a scoring request ({problem})")
                 retry_after = _retry_after(r)

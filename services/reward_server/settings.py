@@ -5,11 +5,13 @@ validated before anything is loaded, so a bad flag fails fast and names itself.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from iterdpo.planner import REWARD_TOKEN_ENV
 from iterdpo.spec import SCORER_KINDS
 
 MAX_ITEMS_PER_REQUEST = 4096
@@ -35,6 +37,7 @@ class Settings(BaseModel):
         default=None, description="None: float32 on the CPU, bfloat16 on CUDA."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    token: str | None = Field(default=None, repr=False, description="Bearer token /v1/score requires ($ITERDPO_REWARD_TOKEN).")
 
     @model_validator(mode="after")
     def _batch_fits_one_item(self) -> Settings:
@@ -108,8 +111,9 @@ def settings_from_args(argv: list[str] | None) -> Settings:
             raise SettingsError("--chat-template-text: is empty")
         template = args.chat_template_text
     values = {k: v for k, v in vars(args).items() if k not in ("chat_template", "chat_template_text")}
+    token = os.environ.get(REWARD_TOKEN_ENV) or None
     try:
-        return Settings(**values, chat_template=template)
+        return Settings(**values, chat_template=template, token=token)
     except ValidationError as exc:
         raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
 

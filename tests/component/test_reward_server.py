@@ -304,3 +304,33 @@ def test_forward_batched_equals_unbatched_on_a_position_sensitive_model(tiny):
     batched = forward(model, sequences, groups, pad_id=tok.pad_token_id, device="cpu")
     singles = [forward(model, [s], [[0]], pad_id=tok.pad_token_id, device="cpu")[0] for s in sequences]
     assert batched == pytest.approx(singles, abs=1e-5)
+
+
+# --- the bearer token ---------------------------------------------------------------------------
+def test_with_a_token_score_needs_it_and_probes_stay_open(tiny):
+    item = _items(1)[0]
+    with TestClient(create_app(_settings(tiny, token="s3cret-token"))) as client:
+        _wait_ready(client)
+        assert client.get("/healthz").status_code == 200  # kubelet probes carry no token
+        missing = client.post("/v1/score", json={"items": [item]})
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        wrong = client.post("/v1/score", json={"items": [item]}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = client.post("/v1/score", json={"items": [item]}, headers={"Authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200 and len(ok.json()["scores"]) == 1
+
+
+def test_the_server_reads_its_token_from_the_environment_only(tiny):
+    """Over real HTTP: the token comes from ITERDPO_REWARD_TOKEN (never argv), and the
+    annotator's client sends it; a client with another token gets a clear, final error."""
+    from iterdpo_reward_server.client import RewardClient, RewardClientError
+
+    args = ["--model", str(tiny.reward), "--max-length", str(MAX_LENGTH), "--batch-tokens", str(BATCH_TOKENS)]
+    with RewardServerProcess(args, env={"ITERDPO_REWARD_TOKEN": "env-token"}) as server:
+        assert "env-token" not in " ".join(server.proc.args)
+        item = _items(1)[0]
+        assert httpx.post(f"{server.url}/v1/score", json={"items": [item]}).status_code == 401
+        good = asyncio.run(RewardClient(server.url, token="env-token").score([item]))
+        assert len(good.scores) == 1
+        with pytest.raises(RewardClientError, match="refused the token.*ITERDPO_REWARD_TOKEN"):
+            asyncio.run(RewardClient(server.url, token="other").score([item]))

@@ -653,3 +653,30 @@ def test_every_pod_meets_the_restricted_pod_security_standard(run):
                 assert sc.get("readOnlyRootFilesystem") is True and sc.get("runAsNonRoot") is True, (where, c["name"])
                 writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
                 assert "/tmp" in writable and {"name": "HOME", "value": "/tmp"} in c["env"], (where, c["name"])
+
+
+# -- the reward server's token and network policy -------------------------------------------
+def test_reward_token_reaches_server_and_annotator_only_by_secret_ref():
+    run = load("small")
+    ref = {"secretKeyRef": {"name": f"{run.name}-reward-token", "key": "token"}}
+    for manifest in (b.reward_deployment(run, 1), b.annotate_job(run, 1, 1)):
+        (c,) = manifest["spec"]["template"]["spec"]["containers"]
+        assert {"name": "ITERDPO_REWARD_TOKEN", "valueFrom": ref} in c["env"]
+        assert not any(a.startswith(("--token", "--auth")) for a in c["command"])  # never on the command line
+    secret = b.reward_token_secret(run, "tok", OWNER_UID)
+    assert secret["stringData"] == {"token": "tok"} and secret["metadata"]["ownerReferences"][0]["uid"] == OWNER_UID
+    assert all(m["kind"] != "Secret" for m in b.render_round(run, 1))  # a random value is never rendered
+    named = variant("small", **{"spec.kubernetes.rewardTokenSecret": {"name": "mine", "key": "k"}})
+    assert b.reward_token_ref(named) == ("mine", "k")
+
+
+def test_reward_network_policy_admits_only_the_runs_annotate_pods():
+    run = variant("small", **{"spec.kubernetes.rewardNetworkPolicy": True})
+    (policy,) = [m for m in b.render_round(run, 1) if m["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == b.reward_deployment(run, 1)["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    source = rule["from"][0]["podSelector"]["matchLabels"]
+    annotate_labels = b.annotate_job(run, 1, 1)["spec"]["template"]["metadata"]["labels"]
+    assert source.items() <= annotate_labels.items() and rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert k8s_errors(policy) is None
+    assert all(m["kind"] != "NetworkPolicy" for m in b.render_round(load("small"), 1))

@@ -42,7 +42,7 @@ DONE = Outcome(True, True, "Complete", start_time="2026-11-27T11:59:00Z", comple
 
 def test_fresh_run_starts_generation_with_reward_server_scaled_down():
     d = step(make_run(), RunStatus())
-    assert created(d) == ["r-spec", "r-reward", "r-reward", "r-i01-generate-a1"]
+    assert created(d) == ["r-spec", "r-reward-token", "r-reward", "r-reward", "r-i01-generate-a1"]
     assert Scale("r-reward", 0) in d.actions
     assert (d.status.phase, d.status.current_stage, d.status.current_attempt, d.status.current_child) == (
         "Running", "Generate", 1, "r-i01-generate-a1")
