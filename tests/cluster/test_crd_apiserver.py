@@ -231,7 +231,7 @@ def test_rules_pass_when_satisfied(crd, ns):
 
 @pytest.mark.parametrize(
     "name, text",
-    [("a" * 41, "metadata.name must be at most 40 characters"), ("tiny.v2", "an RFC 1123 label")],
+    [("a" * 41, "metadata.name must be at most 40 characters"), ("tiny.v2", "an RFC 1035 label"), ("1st-run", "starting with a letter")],
 )
 def test_bad_name_is_rejected(crd, ns, name, text):
     status = rejection(crd, ns, tiny_run(name))
