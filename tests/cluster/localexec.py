@@ -7,6 +7,8 @@ What a pod gets, and how it differs from a real node (docs: tests/cluster/README
 - **Env**: Kubernetes semantics: `envFrom`, then `env` in order with `$(VAR)` expansion;
   `valueFrom` fieldRef (incl. the Job controller's JOB_COMPLETION_INDEX annotation),
   configMapKeyRef, secretKeyRef; `$(VAR)` in command/args; HOSTNAME, KUBERNETES_SERVICE_*.
+- **Image**: this checkout and its venv; kept visible even under a volume mounted above
+  them (an emptyDir at /tmp over a checkout in /tmp).
 - **Volumes**: each is a host folder, bound at its mountPath inside a private mount
   namespace (mountexec.py): emptyDir (per pod), persistentVolumeClaim (the bound PV's
   hostPath/local path, so pods share it), hostPath, configMap, secret, downwardAPI,
@@ -40,7 +42,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -325,6 +327,12 @@ class PodWorker(threading.Thread):
             source.mkdir(parents=True, exist_ok=True) if not source.exists() else None
             self.kubelet.mount_point(m.mount_path, is_file=source.is_file())
             binds.append([str(source), m.mount_path, bool(m.read_only)])
+        # The "image" (this checkout and its venv) must stay visible under a volume mounted
+        # above it, as an image's files would: e.g. an emptyDir at /tmp over a clone in /tmp.
+        targets = [PurePosixPath(m.mount_path) for m in c.spec.volume_mounts or []]
+        for path in self.kubelet.image_paths:
+            if any(PurePosixPath(path).is_relative_to(t) for t in targets):
+                binds.append([str(path), str(path), True])
         binds.append([str(self.hosts), "/etc/hosts", True])
         self.kubelet.mount_point(DNS_MOUNT, is_file=False)
         binds.append([str(self.kubelet.services.path.parent), DNS_MOUNT, True])
@@ -500,9 +508,12 @@ class LocalExecKubelet(TestKubelet):
 
     runtime = "local"
 
-    def __init__(self, api_client: client.ApiClient, node_name: str, root: Path, *, base_env: dict[str, str], **kwargs):
+    def __init__(self, api_client: client.ApiClient, node_name: str, root: Path, *, base_env: dict[str, str],
+                 image_paths: tuple[Path, ...] = (HERE.parents[1], Path(sys.prefix)), **kwargs):  # fmt: skip
+        """`image_paths`: what stands in for the container image (this checkout, its venv)."""
         super().__init__(api_client, node_name, **kwargs)
         self.root = Path(root)
+        self.image_paths = tuple(Path(p).resolve() for p in image_paths)
         self.base_env = dict(base_env)
         self.addresses = PodAddresses()
         self.services = ServiceTable(api_client, self.root / "dns" / "services.json")

@@ -149,3 +149,23 @@ def test_deleting_a_pod_stops_its_process(control_plane, local_exec, ns, tmp_pat
     wait_for("sleeper deleted", lambda: not core.list_namespaced_pod(ns, field_selector="metadata.name=sleeper").items, control_plane)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_image_stays_visible_under_a_volume_mounted_above_it(control_plane, local_exec, ns):
+    """An emptyDir mounted above this checkout (as /tmp is above a clone in /tmp) must not hide
+    the "image": the venv and the package still run, while the rest of that folder is the emptyDir."""
+    from pathlib import Path
+
+    above = Path(__file__).resolve().parents[3]  # the folder holding the checkout
+    marker = above / f"written-in-pod-{ns}"
+    script = f"""
+        import pathlib, iterdpo
+        pathlib.Path({str(marker)!r}).write_text("in the emptyDir")
+        pathlib.Path("/dev/termination-log").write_text("imported " + iterdpo.__name__)
+    """
+    job = _job("image", script, volumes=[{"name": "scratch", "emptyDir": {}}], mounts=[{"name": "scratch", "mountPath": str(above)}])
+    client.BatchV1Api(control_plane.api_client).create_namespaced_job(ns, job)
+    assert wait_for("Job image done", lambda: _job_state(control_plane, ns, "image"), control_plane, timeout=60) == "Complete"
+    (pod,) = _pods(control_plane, ns, "job-name=image")
+    assert pod.status.container_statuses[0].state.terminated.message == "imported iterdpo"
+    assert not marker.exists()  # it went to the emptyDir, not to the host folder
