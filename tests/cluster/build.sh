@@ -34,6 +34,7 @@ have_all() {
 if [ "${FORCE:-0}" != 1 ] && have_all; then
   log "cached: $bin (k8s $K8S_VERSION, etcd $ETCD_VERSION)"
   NICE="$NICE" ./kubeflow/build.sh >/dev/null  # the Kubeflow training operator (own cache, ~80 s cold)
+  NICE="$NICE" ./helm/build.sh >/dev/null  # helm for the chart tests (own cache, ~1.5-3 min cold)
   echo "$bin"
   exit 0
 fi
@@ -70,5 +71,6 @@ mv "$tmp" "$bin"
 trap - EXIT
 echo "$stamp" > "$dest/stamp"
 NICE="$NICE" ./kubeflow/build.sh >/dev/null  # the Kubeflow training operator (own cache, ~80 s cold)
+NICE="$NICE" ./helm/build.sh >/dev/null  # helm for the chart tests (own cache, ~1.5-3 min cold)
 log "built k8s $K8S_VERSION + etcd $ETCD_VERSION in $(( $(date +%s) - total_start ))s -> $bin"
 echo "$bin"
