@@ -49,17 +49,23 @@ def _conditions(obj: dict) -> dict[str, dict]:
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
 
 
-def job_outcome(obj: dict) -> Outcome:
-    """A batch/v1 Job's outcome from its terminal conditions."""
+def conditions_outcome(obj: dict, success: str) -> Outcome:
+    """A child's outcome from its terminal conditions: `success` (Complete for a Job,
+    Succeeded for Kubeflow's jobs) or Failed, with the start and completion times."""
     status = obj.get("status") or {}
     true = _conditions(obj)
     times = {"start_time": status.get("startTime"), "completion_time": status.get("completionTime")}
-    if "Complete" in true:
-        return Outcome(True, True, "Complete", true["Complete"].get("message", ""), **times)
+    if success in true:
+        return Outcome(True, True, success, true[success].get("message", ""), **times)
     if "Failed" in true:
         c = true["Failed"]
         return Outcome(True, False, c.get("reason") or "Failed", c.get("message", ""), **times)
     return Outcome(False, **times)
+
+
+def job_outcome(obj: dict) -> Outcome:
+    """A batch/v1 Job's outcome."""
+    return conditions_outcome(obj, "Complete")
 
 
 class JobLauncher:
@@ -119,15 +125,7 @@ class PyTorchJobLauncher:
         }  # fmt: skip
 
     def outcome(self, obj: dict) -> Outcome:
-        status = obj.get("status") or {}
-        true = _conditions(obj)
-        times = {"start_time": status.get("startTime"), "completion_time": status.get("completionTime")}
-        if "Succeeded" in true:
-            return Outcome(True, True, "Succeeded", true["Succeeded"].get("message", ""), **times)
-        if "Failed" in true:
-            c = true["Failed"]
-            return Outcome(True, False, c.get("reason") or "Failed", c.get("message", ""), **times)
-        return Outcome(False, **times)
+        return conditions_outcome(obj, "Succeeded")
 
     def summary_pods_selector(self, name: str) -> str:
         return f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master"

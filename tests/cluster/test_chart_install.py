@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from clusterutil import bound_claim, exists, wait_for
+from scenarios import GROUP, PLURAL, VERSION, run_body, summaries
 from kubernetes import client
 
 from iterdpo.local.processes import resolve_executable, start, stop, tail
@@ -29,7 +30,6 @@ sys.path.insert(0, str(HERE / "helm"))
 import helmbin  # noqa: E402
 
 pytestmark = pytest.mark.cluster
-GROUP, VERSION, PLURAL = "iterdpo.io", "v1alpha1", "iterativedporuns"
 CRD_NAME = "iterativedporuns.iterdpo.io"
 
 
@@ -128,40 +128,9 @@ def test_wrong_value_fails_the_install(control_plane, helm, ns, release):
 
 
 # -- least privilege: the operator with the chart's ServiceAccount token -------------------
-def summaries(hold: set[str] = frozenset()):
-    """An instant-kubelet rule: each stage's pod leaves the summary its program would
-    (as in test_operator.py); `hold` keeps those components' pods running."""
-
-    def rule(pod: client.V1Pod):
-        labels = pod.metadata.labels or {}
-        component = labels.get("app.kubernetes.io/component") or labels.get("training.kubeflow.org/replica-type")
-        if component in hold:
-            return None
-        if component == "generate":
-            return 0, json.dumps({"stage": "generate", "prompts": 10, "samples": 80, "promptsLeftOut": 1})
-        if component == "annotate":
-            return 0, json.dumps({"stage": "annotate", "meanReward": 0.5, "minReward": -1.0, "maxReward": 2.0,
-                                  "pairs": 9, "tiesDropped": 1, "promptsLeftOut": 0})  # fmt: skip
-        if component == "train":
-            return 0, json.dumps({"stage": "train", "loss": 0.5, "rewardAccuracy": 0.75, "rewardMargin": 0.3,
-                                  "checkpoint": "/iterdpo/runs/r/iter-01/train/policy"})  # fmt: skip
-        return 0, ""
-
-    return rule
-
-
-def run_body(name: str) -> dict:
-    spec = {
-        "iterations": 1,
-        "policy": {"model": "/iterdpo/models/policy"},
-        "prompts": {"dataset": "/iterdpo/prompts.jsonl"},
-        "reward": {"model": "/iterdpo/models/reward", "maxLength": 256, "batchTokens": 4096},
-        "generation": {"shards": 2},
-        "training": {"nodes": 1, "nprocPerNode": 2, "globalBatchSize": 8, "maxLength": 128, "maxPromptLength": 48},
-        # rewardNetworkPolicy: the operator then creates a NetworkPolicy too (one more rule to prove)
-        "kubernetes": {"volume": {"claimName": "iterdpo-data"}, "retryBackoffSeconds": 1, "rewardNetworkPolicy": True},
-    }
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "IterativeDPORun", "metadata": {"name": name}, "spec": spec}
+def chart_run(name: str) -> dict:
+    """One round; rewardNetworkPolicy: the operator then creates a NetworkPolicy too (one more rule to prove)."""
+    return run_body(name, iterations=1, kubernetes={"rewardNetworkPolicy": True})
 
 
 def service_account_kubeconfig(cluster, ns: str, sa: str, path: Path) -> Path:
@@ -214,7 +183,7 @@ def phase(cluster, ns: str, name: str) -> str | None:
 
 def run_to_succeeded(cluster, ns: str, op: SAOperator, name: str = "r", timeout: float = 90) -> None:
     cluster.kubelet.rule = summaries()
-    custom(cluster).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body(name))
+    custom(cluster).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, chart_run(name))
 
     def done():
         op.check_alive()
@@ -365,13 +334,13 @@ def test_each_rule_is_needed(control_plane, chart_operator, ns, role, group, res
     name = "r"
     if scenario == "suspend":
         control_plane.kubelet.rule = summaries(hold={"generate"})
-        custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body(name))
+        custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, chart_run(name))
         batch = client.BatchV1Api(control_plane.api_client)
         wait_for("the generate Job", lambda: exists(batch.read_namespaced_job, f"{name}-i01-generate-a1", ns), control_plane)
         custom(control_plane).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"suspend": True}})
     else:
         control_plane.kubelet.rule = summaries()
-        custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body(name))
+        custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, chart_run(name))
 
     if resource == "events":  # Kube.event: best effort, the refusal is logged as a warning
         refused, expected = "could not post event", set()
