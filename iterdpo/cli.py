@@ -87,6 +87,7 @@ def _render(args) -> int:
     import yaml
 
     from iterdpo_operator.builders import render_round, to_yaml
+    from iterdpo_operator.defaults import defaults_from_env, with_defaults
     from iterdpo_operator.validation import InvalidRun, validate_resource
 
     try:
@@ -94,7 +95,7 @@ def _render(args) -> int:
         if args.namespace:
             body.setdefault("metadata", {})["namespace"] = args.namespace
         body.setdefault("metadata", {}).setdefault("namespace", "default")
-        run = validate_resource(body)
+        run = with_defaults(validate_resource(body), defaults_from_env())
     except (OSError, yaml.YAMLError, AttributeError) as exc:
         print(f"iterdpo render: cannot read {args.run_file}: {exc}", file=sys.stderr)
         return 2

@@ -287,8 +287,10 @@ class Toleration(_Model):
 class KubernetesSpec(_Model):
     """How the operator runs the stages on Kubernetes. `iterdpo run` ignores this section."""
 
-    image: str = Field(
-        default="iterdpo:latest", description="Container image of every stage (the project's Dockerfile builds it)."
+    image: str | None = Field(
+        default=None,
+        description="Container image of every stage (the Dockerfile's runtime target). Unset: the "
+        "operator's default (Helm value stageDefaults.image), else iterdpo:0.1.0.",
     )
     image_pull_policy: Literal[PULL_POLICIES] = Field(  # type: ignore[valid-type]
         default="IfNotPresent", description="Image pull policy of every container."

@@ -13,6 +13,7 @@ import yaml
 
 from iterdpo.planner import REWARD_PORT, REWARD_TOKEN_ENV, generate_argv, stage_step
 from iterdpo.spec import API_VERSION, KIND, IterativeDPORun, Resources
+from iterdpo_operator.defaults import FALLBACK_IMAGE
 
 SPEC_DIR = "/etc/iterdpo"
 SPEC_FILE = f"{SPEC_DIR}/run.yaml"
@@ -136,7 +137,7 @@ def container(run: IterativeDPORun, name: str, argv: tuple[str, ...] | list[str]
     env += extra_env or []
     return {
         "name": name,
-        "image": k.image,
+        "image": k.image or FALLBACK_IMAGE,
         "imagePullPolicy": k.image_pull_policy,
         "command": list(argv),
         "env": env,

@@ -17,6 +17,7 @@ from iterdpo.planner import Finished
 from iterdpo.spec import API_VERSION
 from iterdpo.status import RunStatus
 from iterdpo_operator.builders import RUN_LABEL
+from iterdpo_operator.defaults import defaults_from_env, with_defaults
 from iterdpo_operator.kube import PLURAL, Conflict, Kube, load_config
 from iterdpo_operator.reconcile import RESUME_ANNOTATION, Decision, Event, Observed, current_target, decide, invalid
 from iterdpo_operator.validation import InvalidRun, validate_resource
@@ -24,6 +25,7 @@ from iterdpo_operator.validation import InvalidRun, validate_resource
 log = logging.getLogger("iterdpo.operator")
 GROUP, VERSION = API_VERSION.split("/")
 TIMER_INTERVAL = float(os.environ.get("ITERDPO_RECONCILE_INTERVAL", "5"))  # seconds: the level-based safety net
+DEFAULTS = defaults_from_env()  # read once, at start: a bad value stops the operator, naming it
 MAX_PASSES = 12  # per reconcile: status conflicts and stage transitions taken at once
 
 _kube: Kube | None = None
@@ -53,7 +55,7 @@ def status_of(body: dict) -> RunStatus:
 def _decide_once(k: Kube, body: dict, status: RunStatus, now: datetime) -> Decision:
     meta = body["metadata"]
     try:
-        run = validate_resource(body)
+        run = with_defaults(validate_resource(body), DEFAULTS)
     except InvalidRun as exc:
         new = invalid(status, str(exc), meta.get("generation"), now)
         events = [] if new.condition("Valid") == status.condition("Valid") else [Event("Warning", "InvalidSpec", str(exc))]

@@ -4,6 +4,7 @@ against the current kubeconfig)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -15,7 +16,11 @@ def run_operator(*, namespaces: list[str], all_namespaces: bool, liveness: str |
     if not namespaces and not all_namespaces:
         print("iterdpo operator: say which namespaces to watch: -n NAMESPACE (repeatable) or -A", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("ITERDPO_LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        print(f"iterdpo operator: ITERDPO_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR (got {level!r})", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # standalone: one operator per cluster (the Helm chart runs one replica); no peering CRD needed.
     kopf.run(standalone=True, clusterwide=all_namespaces, namespaces=[] if all_namespaces else namespaces,
              liveness_endpoint=liveness)  # fmt: skip

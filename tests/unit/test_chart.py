@@ -279,7 +279,23 @@ WRONG = [
     pytest.param({"operator": {"replicas": 2}}, ["/operator", "'replicas' not allowed"], id="replicas"),
     pytest.param({"serviceAccount": {"create": False}}, ["/serviceAccount/name"], id="sa-name-needed"),
     pytest.param({"serviceMonitor": {"enabled": True, "port": 8080}}, ["serviceMonitor.port"], id="port-clash"),
+    pytest.param({"operator": {"logLevel": "chatty"}}, ["/operator/logLevel", "INFO"], id="log-level"),
+    pytest.param({"stageDefaults": {"resources": {"trian": {"cpu": "8"}}}}, ["/stageDefaults/resources", "'trian' not allowed"], id="stage-typo"),
 ]
+
+
+def test_stage_defaults_and_log_level_reach_the_operator(helm, tmp_path):
+    """The values the operator reads at start: what it gives runs that leave image or cpu/memory unset."""
+    from iterdpo_operator.defaults import StageDefaults
+
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"operator": {"logLevel": "DEBUG"}, "stageDefaults": {
+        "image": {"repository": "registry.example/iterdpo", "tag": "0.1.0"},
+        "resources": {"train": {"cpu": "32", "memory": "400Gi"}}}}))  # fmt: skip
+    env = {e["name"]: e.get("value") for e in operator_container(render(helm, path))["env"]}
+    assert env["ITERDPO_LOG_LEVEL"] == "DEBUG"
+    defaults = StageDefaults.model_validate_json(env["ITERDPO_STAGE_DEFAULTS"])
+    assert defaults.image == "registry.example/iterdpo:0.1.0" and defaults.resources["train"].memory == "400Gi"
 
 
 @pytest.mark.parametrize(("values", "expected"), WRONG)
