@@ -20,31 +20,25 @@ NICE="${NICE-nice -n 19}"
 
 root="${ITERDPO_CLUSTER_CACHE:-$HOME/.cache/iterdpo-cluster}"
 dest="$root/${K8S_VERSION}-${ETCD_VERSION}"
-bin="$dest/bin"
 bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
 stamp="$(cat go.mod go.sum etcd/go.mod etcd/go.sum etcd/main.go | sha256sum | cut -c1-16)"
 
-log() { echo "[cluster-build] $*" >&2; }
-
-have_all() {
-  [ "$(cat "$dest/stamp" 2>/dev/null)" = "$stamp" ] || return 1
-  for b in "${bins[@]}"; do [ -x "$bin/$b" ] || return 1; done
+# shellcheck source=cache.sh
+source ./cache.sh
+cache_init cluster-build "$dest" "$stamp" "${bins[@]}"
+others() {  # the Kubeflow training operator (~80 s cold) and helm (~1.5-3 min cold), own caches
+  NICE="$NICE" ./kubeflow/build.sh >/dev/null
+  NICE="$NICE" ./helm/build.sh >/dev/null
 }
 
-if [ "${FORCE:-0}" != 1 ] && have_all; then
+if cache_hit; then
   log "cached: $bin (k8s $K8S_VERSION, etcd $ETCD_VERSION)"
-  NICE="$NICE" ./kubeflow/build.sh >/dev/null  # the Kubeflow training operator (own cache, ~80 s cold)
-  NICE="$NICE" ./helm/build.sh >/dev/null  # helm for the chart tests (own cache, ~1.5-3 min cold)
+  others
   echo "$bin"
   exit 0
 fi
 
-command -v go >/dev/null || { log "go not found"; exit 1; }
-mkdir -p "$dest"
-tmp="$(mktemp -d "$dest/.build.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
-
-export CGO_ENABLED=0
+cache_begin
 # Same version stamping as kubernetes' hack/lib/version.sh, so the binaries
 # report v1.Y.Z instead of v0.0.0-master.
 minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
@@ -66,11 +60,7 @@ for b in "${bins[@]}"; do
   log "$b: $(( $(date +%s) - t0 ))s, $(du -h "$tmp/$b" | cut -f1)"
 done
 
-rm -rf "$bin"
-mv "$tmp" "$bin"
-trap - EXIT
-echo "$stamp" > "$dest/stamp"
-NICE="$NICE" ./kubeflow/build.sh >/dev/null  # the Kubeflow training operator (own cache, ~80 s cold)
-NICE="$NICE" ./helm/build.sh >/dev/null  # helm for the chart tests (own cache, ~1.5-3 min cold)
+cache_commit
+others
 log "built k8s $K8S_VERSION + etcd $ETCD_VERSION in $(( $(date +%s) - total_start ))s -> $bin"
 echo "$bin"

@@ -20,21 +20,19 @@ version="$(awk -v m="$pkg" '$1 == m && $2 ~ /^v/ {print $2; exit}' go.mod)"
 
 root="${ITERDPO_CLUSTER_CACHE:-$HOME/.cache/iterdpo-cluster}"
 dest="$root/helm-${version}"
-bin="$dest/bin"
 stamp="$(cat go.mod go.sum | sha256sum | cut -c1-16)"
 
-log() { echo "[helm-build] $*" >&2; }
+# shellcheck source=../cache.sh
+source ../cache.sh
+cache_init helm-build "$dest" "$stamp" helm
 
-if [ "${FORCE:-0}" != 1 ] && [ "$(cat "$dest/stamp" 2>/dev/null)" = "$stamp" ] && [ -x "$bin/helm" ]; then
+if cache_hit; then
   log "cached: $bin (helm $version)"
   echo "$bin"
   exit 0
 fi
 
-command -v go >/dev/null || { log "go not found"; exit 1; }
-mkdir -p "$dest"
-tmp="$(mktemp -d "$dest/.build.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
+cache_begin
 
 # The same -X stamping as helm's Makefile: `helm version` reports the release, and the
 # default .Capabilities.KubeVersion (helm template, helm lint) follows the client-go it
@@ -46,14 +44,10 @@ for p in lint/rules chartutil; do
   ldflags+=" -X $pkg/pkg/$p.k8sVersionMajor=1 -X $pkg/pkg/$p.k8sVersionMinor=$k8s_minor"
 done
 
-export CGO_ENABLED=0
 t0=$(date +%s)
 # -mod=readonly (the default) against the committed go.sum: a build never rewrites go.mod.
 $NICE go build -trimpath -buildvcs=false "-ldflags=$ldflags" -o "$tmp/helm" "$pkg/cmd/helm"
 log "helm $version: $(( $(date +%s) - t0 ))s, $(du -h "$tmp/helm" | cut -f1)"
 
-rm -rf "$bin"
-mv "$tmp" "$bin"
-trap - EXIT
-echo "$stamp" > "$dest/stamp"
+cache_commit
 echo "$bin"

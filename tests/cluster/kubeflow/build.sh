@@ -21,30 +21,24 @@ version="$(awk -v m="$pkg" '$1 == m && $2 ~ /^v/ {print $2; exit}' go.mod)"
 
 root="${ITERDPO_CLUSTER_CACHE:-$HOME/.cache/iterdpo-cluster}"
 dest="$root/kubeflow-${version}"
-bin="$dest/bin"
 stamp="$(cat go.mod go.sum | sha256sum | cut -c1-16)"
 
-log() { echo "[kubeflow-build] $*" >&2; }
+# shellcheck source=../cache.sh
+source ../cache.sh
+cache_init kubeflow-build "$dest" "$stamp" training-operator
 
-if [ "${FORCE:-0}" != 1 ] && [ "$(cat "$dest/stamp" 2>/dev/null)" = "$stamp" ] && [ -x "$bin/training-operator" ]; then
+if cache_hit; then
   log "cached: $bin (training-operator $version)"
   echo "$bin"
   exit 0
 fi
 
-command -v go >/dev/null || { log "go not found"; exit 1; }
-mkdir -p "$dest"
-tmp="$(mktemp -d "$dest/.build.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
+cache_begin
 
-export CGO_ENABLED=0
 t0=$(date +%s)
 # -mod=readonly (the default) against the committed go.sum: a build never rewrites go.mod.
 $NICE go build -trimpath -buildvcs=false "-ldflags=-s -w" -o "$tmp/training-operator" "$pkg/cmd/training-operator.v1"
 log "training-operator $version: $(( $(date +%s) - t0 ))s, $(du -h "$tmp/training-operator" | cut -f1)"
 
-rm -rf "$bin"
-mv "$tmp" "$bin"
-trap - EXIT
-echo "$stamp" > "$dest/stamp"
+cache_commit
 echo "$bin"
