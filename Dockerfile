@@ -61,7 +61,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt \
     --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
     pip install --no-cache-dir -c /tmp/constraints.txt \
-        kopf==1.45.2 kubernetes==37.0.2 pydantic==2.14.4 PyYAML==6.0.4 \
+        kopf==1.45.2 kubernetes==37.0.2 pydantic==2.14.4 PyYAML==6.0.4 prometheus-client==0.26.0 \
  && pip install --no-cache-dir --no-deps /tmp/dist/iterdpo-0.1.0-py3-none-any.whl \
  && python -c "import importlib.util as u, iterdpo.cli, iterdpo_operator.main, iterdpo_operator.handlers; assert u.find_spec('torch') is None" \
  && iterdpo operator --help > /dev/null \

@@ -139,7 +139,8 @@ def _resume(args) -> int:
 def _operator(args) -> int:
     from iterdpo_operator.main import run_operator
 
-    return run_operator(namespaces=args.namespace, all_namespaces=args.all_namespaces, liveness=args.liveness)
+    return run_operator(namespaces=args.namespace, all_namespaces=args.all_namespaces, liveness=args.liveness,
+                        metrics_port=args.metrics_port)  # fmt: skip
 
 
 def _validate(args) -> int:
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     p.add_argument("--liveness", help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
     p.set_defaults(func=_operator)
 
     p = sub.add_parser("validate", help="check a run file without running anything")

@@ -17,6 +17,7 @@ from iterdpo.planner import Finished
 from iterdpo.spec import API_VERSION
 from iterdpo.status import RunStatus
 from iterdpo_operator.builders import RUN_LABEL
+from iterdpo_operator import metrics
 from iterdpo_operator.defaults import defaults_from_env, with_defaults
 from iterdpo_operator.kube import PLURAL, Conflict, Kube, load_config
 from iterdpo_operator.reconcile import RESUME_ANNOTATION, Decision, Event, Observed, current_target, decide, invalid
@@ -103,14 +104,18 @@ def reconcile(namespace: str, name: str) -> float | None:
         for _ in range(MAX_PASSES):
             body = k.read_run(namespace, name)
             if body is None:
+                metrics.forget(namespace, name)
                 return None  # deleted: its children go with it (ownerReferences)
             status = status_of(body)
             decision = _decide_once(k, body, status, datetime.now(timezone.utc))
             if decision.status != status and not _write_status(k, body, decision.status):
                 log.info("run %s/%s changed while reconciling; deciding again", namespace, name)
+                metrics.RECONCILES.labels("conflict").inc()
                 continue
+            metrics.RECONCILES.labels("ok").inc()
             for e in decision.events:
                 k.event(body, e.type, e.reason, e.message)
+            metrics.record(namespace, name, status, decision.status, [e.reason for e in decision.events])
             if not decision.again:
                 return decision.requeue_after
     return 0.0

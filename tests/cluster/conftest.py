@@ -216,13 +216,24 @@ class Operator:
     """`iterdpo operator -n NS` as a process; `kill()` is SIGKILL, as a node loss would be."""
 
     def __init__(self, cluster, namespace: str, log_path: Path):
+        from iterdpo.local.processes import free_port
+
         self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Operator":
         env = {"KUBECONFIG": str(self.cluster.kubeconfig), "ITERDPO_RECONCILE_INTERVAL": "1"}
-        self.proc = start((resolve_executable("iterdpo"), "operator", "-n", self.namespace), env=env, log_path=self.log_path)
+        argv = (resolve_executable("iterdpo"), "operator", "-n", self.namespace, "--metrics-port", str(self.metrics_port))
+        self.proc = start(argv, env=env, log_path=self.log_path)
         return self
+
+    def metrics(self) -> str:
+        """The Prometheus text the operator serves."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
 
     def kill(self) -> None:
         self.proc.kill()

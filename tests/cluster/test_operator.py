@@ -91,6 +91,10 @@ def test_two_round_run_succeeds_with_figures(control_plane, operator, ns):
                            env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)})  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "Succeeded" in table.stdout and "0.500" in table.stdout, table.stdout
+    scraped = operator.metrics()
+    assert f'iterdpo_run_phase{{namespace="{ns}",phase="Succeeded",run="r"}} 1.0' in scraped
+    assert f'iterdpo_run_mean_reward{{namespace="{ns}",round="2",run="r"}} 1.0' in scraped
+    assert 'iterdpo_events_total{reason="StageSucceeded"}' in scraped and "iterdpo_stage_seconds_count" in scraped
 
 
 def test_invalid_spec_past_the_schema_is_reported_not_crashed(control_plane, operator, ns):

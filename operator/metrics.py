@@ -1,0 +1,57 @@
+"""The operator's Prometheus metrics (`iterdpo operator --metrics-port N`; the chart's
+ServiceMonitor scrapes them). Fed only from what a reconcile wrote and posted."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from iterdpo.status import RunStatus
+
+RECONCILES = Counter("iterdpo_reconciles_total", "Reconcile passes of a run, by result.", ["result"])
+EVENTS = Counter("iterdpo_events_total", "Events posted on runs, by reason (StageStarted, StageRetrying, ...).", ["reason"])
+STAGE_SECONDS = Histogram(
+    "iterdpo_stage_seconds", "Wall time of a finished stage (start-up included).", ["stage"],
+    buckets=(10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400),
+)  # fmt: skip
+RUN_PHASE = Gauge("iterdpo_run_phase", "1 for the phase each run is in.", ["namespace", "run", "phase"])
+MEAN_REWARD = Gauge("iterdpo_run_mean_reward", "Mean reward of each scored round.", ["namespace", "run", "round"])
+
+_phases: dict[tuple[str, str], str] = {}
+_lock = threading.Lock()
+
+
+def serve(port: int) -> None:
+    start_http_server(port)
+
+
+def record(namespace: str, name: str, before: RunStatus, after: RunStatus, event_reasons: list[str]) -> None:
+    """What changed between the status read and the status written."""
+    for reason in event_reasons:
+        EVENTS.labels(reason).inc()
+    with _lock:
+        old = _phases.get((namespace, name))
+        if old != after.phase:
+            if old is not None:
+                RUN_PHASE.remove(namespace, name, old)
+            RUN_PHASE.labels(namespace, name, after.phase).set(1)
+            _phases[(namespace, name)] = after.phase
+    for it in after.iterations:
+        done = before.iteration(it.iteration)
+        for stage, figures in (("Generate", it.generation), ("Score", it.scoring), ("Train", it.training)):
+            if figures is not None and (done is None or not done.stage_done(stage)):
+                STAGE_SECONDS.labels(stage).observe(figures.seconds)
+        if it.scoring is not None and it.scoring.mean_reward is not None:
+            MEAN_REWARD.labels(namespace, name, str(it.iteration)).set(it.scoring.mean_reward)
+
+
+def forget(namespace: str, name: str) -> None:
+    """A deleted run leaves no series behind."""
+    with _lock:
+        phase = _phases.pop((namespace, name), None)
+    if phase is not None:
+        RUN_PHASE.remove(namespace, name, phase)
+    for labels in [s.labels for m in MEAN_REWARD.collect() for s in m.samples]:
+        if labels.get("namespace") == namespace and labels.get("run") == name:
+            MEAN_REWARD.remove(namespace, name, labels["round"])
