@@ -554,3 +554,24 @@ def test_operator_modules_import_with_only_the_operator_stage_packages(tmp_path)
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+# -- what the chart and the operator expect of the images ----------------------------------------
+def test_images_are_what_the_chart_and_the_operator_expect():
+    import yaml
+
+    from iterdpo_operator import builders
+    from iterdpo_operator.defaults import FALLBACK_IMAGE
+
+    values = yaml.safe_load((REPO / "charts" / "iterdpo" / "values.yaml").read_text())
+    deployment = (REPO / "charts" / "iterdpo" / "templates" / "deployment.yaml").read_text()
+    operator_uid = BY_NAME["operator"].all("USER")[-1].args.split(":")[0]
+    runtime_uid = BY_NAME["runtime"].all("USER")[-1].args.split(":")[0]
+    # the chart's operator pod runs the operator target's user and entrypoint
+    assert int(operator_uid) == values["operator"]["runAsUser"]
+    assert re.search(r"command:\s*\n\s*- iterdpo\s*\n\s*- operator", deployment), "chart command is not `iterdpo operator`"
+    assert values["operator"]["image"]["repository"].endswith("iterdpo-operator")
+    # the stage pods the operator builds run the runtime target's user and tag
+    assert int(runtime_uid) == builders.RUN_AS == builders.POD_SECURITY["runAsUser"]
+    tag = values["stageDefaults"]["image"]["tag"]
+    assert FALLBACK_IMAGE == f"iterdpo:{tag}" and values["stageDefaults"]["image"]["repository"] == "iterdpo"
