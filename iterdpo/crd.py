@@ -193,6 +193,7 @@ STATUS_DESCRIPTIONS: dict[str, str] = {
     "attemptLimit": "The last attempt allowed before the run fails.",
     "currentChild": "The Job or PyTorchJob running the current stage attempt.",
     "retryAfter": "RFC 3339 time before which the next attempt does not start.",
+    "waitingSince": "RFC 3339 time since which the Score stage waits for the reward server to be Available.",
     "resumeToken": "The iterdpo.io/resume annotation value the operator last acted on.",
 }
 

@@ -81,6 +81,7 @@ class RunStatus(_Model):
     attempt_limit: int | None = None  # the last attempt allowed before the run fails
     current_child: str | None = None  # the Job/PyTorchJob running the current stage attempt
     retry_after: str | None = None  # RFC 3339: the next attempt starts no earlier
+    waiting_since: str | None = None  # RFC 3339: since when Score waits for the reward server
     resume_token: str | None = None  # the iterdpo.io/resume annotation value last acted on
 
     def iteration(self, number: int) -> IterationStatus | None:

@@ -230,11 +230,20 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         if retry_after and now < retry_after:
             return Decision(st, actions, events, requeue_after=(retry_after - now).total_seconds())
         if target.stage == "Score" and not observed.reward_available:
-            conditions = set_condition(st.conditions, "Progressing", "True", "WaitingForRewardServer",
-                                       f"round {target.iteration}: waiting for Deployment {b.reward_name(run)} to be available", t)  # fmt: skip
-            return Decision(st.model_copy(update={"conditions": conditions}), actions, events, requeue_after=2.0)
+            since = parse_time(st.waiting_since) or now
+            deadline = run.spec.reward.startup_timeout_seconds
+            if (now - since).total_seconds() <= deadline:
+                conditions = set_condition(st.conditions, "Progressing", "True", "WaitingForRewardServer",
+                                           f"round {target.iteration}: waiting for Deployment {b.reward_name(run)} to be available", t)  # fmt: skip
+                st = st.model_copy(update={"conditions": conditions, "waiting_since": rfc3339(since)})
+                return Decision(st, actions, events, requeue_after=2.0)
+            failure = (f"Deployment {b.reward_name(run)} was not Available within {deadline:g} s "
+                       "(spec.reward.startupTimeoutSeconds): see its pods' events and logs")  # fmt: skip
+            st = st.model_copy(update={**bookkeeping, "waiting_since": None})
+            return _failed_attempt(run, st, target, limit, failure, actions, events, now)
         actions.append(Create(child_manifest(run, target, owner_uid)))
-        st = stage_started(st, target.iteration, target.stage, target.policy, t).model_copy(update={**bookkeeping, "retry_after": None})
+        st = stage_started(st, target.iteration, target.stage, target.policy, t).model_copy(
+            update={**bookkeeping, "retry_after": None, "waiting_since": None})
         events.append(Event("Normal", "StageStarted", f"round {target.iteration}: {target.stage} attempt {target.attempt}: {ref.kind} {ref.name}"))
         return Decision(st, actions, events)
 
@@ -260,6 +269,14 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
     if observed.failure_detail:
         failure += f"; {observed.failure_detail}"
 
+    return _failed_attempt(run, st, target, limit, failure, actions, events, now)
+
+
+def _failed_attempt(run: IterativeDPORun, st: RunStatus, target: Target, limit: int, failure: str,
+                    actions: list, events: list[Event], now: datetime) -> Decision:  # fmt: skip
+    """Attempt `target.attempt` failed: schedule the next one after a back-off, or fail the run."""
+    t = rfc3339(now)
+    keep_warm = run.spec.kubernetes.keep_reward_warm
     if target.attempt < limit:
         tries = max(1, target.attempt - (limit - run.spec.kubernetes.stage_retries) + 1)  # since the budget began
         backoff = run.spec.kubernetes.retry_backoff_seconds * 2 ** (tries - 1)
@@ -272,7 +289,7 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         events.append(Event("Warning", "StageRetrying", f"round {target.iteration}: {target.stage} attempt {target.attempt} failed: {failure}"))
         return Decision(st, actions, events, requeue_after=backoff)
     st = stage_failed(st, target.iteration, target.stage, "StageFailed", f"{failure} (attempt {target.attempt} of {limit})", t)
-    st = st.model_copy(update=bookkeeping)
+    st = st.model_copy(update={"current_attempt": target.attempt, "attempt_limit": limit, "current_child": child_ref(run, target).name})
     events.append(Event("Warning", "StageFailed", f"round {target.iteration}: {target.stage} failed after {target.attempt} attempts: {failure}"))
     return Decision(st, [a for a in actions if not isinstance(a, (Create, Scale))] + ([] if keep_warm else [Scale(b.reward_name(run), 0)]), events)
 

@@ -162,3 +162,18 @@ def test_volume_change_mid_run_is_a_recipe_change_but_image_is_not():
     moved = make_run(volume={"claimName": "other"})
     d = step(moved, st)
     assert d.status.condition("Valid").reason == "SpecChanged" and [e.reason for e in d.events] == ["SpecChanged"]
+
+
+def test_a_reward_server_that_never_becomes_available_fails_the_attempt():
+    run = make_run(stageRetries=0)
+    st = step(run, RunStatus()).status
+    st = step(run, st, Observed(True, DONE, summaries=GEN)).status  # Generate done
+    waiting = step(run, st, Observed(reward_available=False))
+    assert waiting.status.waiting_since == "2026-11-27T12:00:00Z" and waiting.status.phase == "Running"
+    limit = run.spec.reward.startup_timeout_seconds
+    still = step(run, waiting.status, Observed(reward_available=False), now=NOW + timedelta(seconds=limit - 1))
+    assert still.status.phase == "Running" and still.status.waiting_since == waiting.status.waiting_since
+    late = step(run, still.status, Observed(reward_available=False), now=NOW + timedelta(seconds=limit + 1))
+    assert late.status.phase == "Failed"
+    assert "r-reward was not Available within" in late.status.condition("Failed").message
+    assert [e.reason for e in late.events] == ["StageFailed"]
