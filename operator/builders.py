@@ -7,6 +7,8 @@ comes from `iterdpo.planner`, the same argv the local runner starts as a process
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import PurePosixPath
 
 import yaml
@@ -27,6 +29,7 @@ CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem
                       "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
 STAGE_WORDS = {"Generate": "generate", "Score": "annotate", "Train": "train"}
 RUN_LABEL = "iterdpo.io/run"
+TEMPLATE_HASH = "iterdpo.io/template-hash"  # on long-lived children: the pod template they were built with
 
 
 # -- names and labels ----------------------------------------------------------------
@@ -62,6 +65,10 @@ def labels(run: IterativeDPORun, component: str, iteration: int | None = None, a
     if attempt is not None:
         out["iterdpo.io/attempt"] = str(attempt)
     return out
+
+
+def template_hash(template: dict) -> str:
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def owner_reference(run: IterativeDPORun, uid: str) -> dict:
@@ -255,14 +262,16 @@ def reward_deployment(run: IterativeDPORun, replicas: int, owner_uid: str | None
     main["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 1}
     main["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6}
     selector = {RUN_LABEL: run.name, "app.kubernetes.io/component": "reward"}
+    template = {"metadata": {"labels": labels(run, "reward")}, "spec": pod_spec(run, [main], restart_policy="Always")}
+    meta = _meta(run, reward_name(run), "reward", owner_uid)
+    meta["annotations"] = {TEMPLATE_HASH: template_hash(template)}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": _meta(run, reward_name(run), "reward", owner_uid),
+        "metadata": meta,
         "spec": {
             "replicas": replicas, "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": labels(run, "reward")},
-                         "spec": pod_spec(run, [main], restart_policy="Always")},
+            "template": template,
         },
     }  # fmt: skip
 

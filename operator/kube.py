@@ -13,7 +13,7 @@ from kubernetes.client.rest import ApiException
 from iterdpo.spec import API_VERSION, IterativeDPORun
 from iterdpo_operator import builders as b
 from iterdpo_operator.launchers import ChildRef, job_outcome, launcher_for
-from iterdpo_operator.reconcile import Create, Observed, Patch, Scale, Target, child_ref
+from iterdpo_operator.reconcile import Create, Ensure, Observed, Patch, Scale, Target, child_ref
 
 log = logging.getLogger(__name__)
 PLURAL = "iterativedporuns"
@@ -151,6 +151,8 @@ class Kube:
         for action in actions:
             if isinstance(action, Create):
                 self.create(action.manifest, ns)
+            elif isinstance(action, Ensure):
+                self.ensure(action.manifest, ns)
             elif isinstance(action, Scale):
                 self.scale(action.name, ns, action.replicas)
             elif isinstance(action, Patch):
@@ -166,6 +168,22 @@ class Kube:
             return True
         except dynamic.exceptions.ConflictError:
             return False
+
+    def ensure(self, manifest: dict, namespace: str) -> None:
+        """Create if absent; if the existing object was built from another pod template, replace
+        its template (a Deployment then rolls its pods). Replicas are Scale's business."""
+        if self.create(manifest, namespace):
+            return
+        resource = self._resource(manifest["apiVersion"], manifest["kind"])
+        name = manifest["metadata"]["name"]
+        want = manifest["metadata"]["annotations"][b.TEMPLATE_HASH]
+        have = ((resource.get(name=name, namespace=namespace).to_dict().get("metadata") or {}).get("annotations") or {}).get(b.TEMPLATE_HASH)
+        if have != want:
+            log.info("%s %s/%s: pod template changed (%s -> %s); updating it", manifest["kind"], namespace, name, have, want)
+            key = b.TEMPLATE_HASH.replace("~", "~0").replace("/", "~1")
+            patch = [{"op": "replace", "path": "/spec/template", "value": manifest["spec"]["template"]},  # whole: keys go too
+                     {"op": "add", "path": f"/metadata/annotations/{key}", "value": want}]  # fmt: skip
+            resource.patch(name=name, namespace=namespace, body=patch, content_type="application/json-patch+json")
 
     def scale(self, name: str, namespace: str, replicas: int) -> None:
         try:

@@ -91,6 +91,11 @@ class Create:
 
 
 @dataclass(frozen=True)
+class Ensure:
+    manifest: dict  # created if absent; its pod template replaced if it differs (by the template-hash annotation)
+
+
+@dataclass(frozen=True)
 class Scale:
     name: str  # the reward Deployment
     replicas: int
@@ -137,7 +142,8 @@ def _reward_actions(run: IterativeDPORun, owner_uid: str, replicas: int, new_tok
         actions.append(Create(b.reward_token_secret(run, new_token, owner_uid)))  # if absent: the first token stays
     if run.spec.kubernetes.reward_network_policy:
         actions.append(Create(b.reward_network_policy(run, owner_uid)))
-    return actions + [Create(b.reward_service(run, owner_uid)), Create(b.reward_deployment(run, replicas, owner_uid)),
+    # Ensure: a changed image or resources (spec.kubernetes may change mid-run) rolls the server.
+    return actions + [Create(b.reward_service(run, owner_uid)), Ensure(b.reward_deployment(run, replicas, owner_uid)),
                       Scale(b.reward_name(run), replicas)]  # fmt: skip
 
 
@@ -291,7 +297,8 @@ def _failed_attempt(run: IterativeDPORun, st: RunStatus, target: Target, limit: 
     st = stage_failed(st, target.iteration, target.stage, "StageFailed", f"{failure} (attempt {target.attempt} of {limit})", t)
     st = st.model_copy(update={"current_attempt": target.attempt, "attempt_limit": limit, "current_child": child_ref(run, target).name})
     events.append(Event("Warning", "StageFailed", f"round {target.iteration}: {target.stage} failed after {target.attempt} attempts: {failure}"))
-    return Decision(st, [a for a in actions if not isinstance(a, (Create, Scale))] + ([] if keep_warm else [Scale(b.reward_name(run), 0)]), events)
+    kept = [a for a in actions if not isinstance(a, (Create, Ensure, Scale))]
+    return Decision(st, kept + ([] if keep_warm else [Scale(b.reward_name(run), 0)]), events)
 
 
 def _suspend_patch(run: IterativeDPORun, target: Target, suspend: bool) -> dict:

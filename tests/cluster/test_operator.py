@@ -217,3 +217,21 @@ def test_kubectl_get_shows_printer_columns(control_plane, operator, ns):
     assert header.split()[:5] == ["NAME", "ROUND", "STAGE", "PHASE", "REWARD"]
     assert row.split()[0] == "cols" and "Succeeded" in row and "0.5" in row
     assert yaml.safe_load(control_plane.kubectl("get", "idr", "cols", "-n", ns, "-o", "yaml").stdout)["status"]["finalPolicy"]
+
+
+def test_a_new_image_mid_run_rolls_the_reward_server(control_plane, operator, ns):
+    """spec.kubernetes may change mid-run: the long-lived reward Deployment follows it."""
+    control_plane.kubelet.rule = summaries(hold={"generate"})
+    body = run_body("roll", iterations=1, kubernetes={"keepRewardWarm": True, "image": "registry.example/iterdpo:1"})
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    apps = client.AppsV1Api(control_plane.api_client)
+
+    def reward_image():
+        deps = apps.list_namespaced_deployment(ns, field_selector="metadata.name=roll-reward").items
+        return deps and deps[0].spec.template.spec.containers[0].image
+
+    assert wait_for("reward Deployment", reward_image, control_plane) == "registry.example/iterdpo:1"
+    custom(control_plane).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "roll",
+                                                         {"spec": {"kubernetes": {"image": "registry.example/iterdpo:2"}}})  # fmt: skip
+    wait_for("reward Deployment on the new image", lambda: reward_image() == "registry.example/iterdpo:2", control_plane)
+    assert condition(get_run(control_plane, ns, "roll"), "Valid")["status"] == "True"

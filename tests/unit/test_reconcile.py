@@ -10,7 +10,7 @@ import pytest
 from iterdpo.planner import Finished
 from iterdpo.status import RunStatus
 from iterdpo_operator.launchers import Outcome
-from iterdpo_operator.reconcile import RESUME_ANNOTATION, Create, Observed, Patch, Scale, Target, current_target, decide
+from iterdpo_operator.reconcile import RESUME_ANNOTATION, Create, Ensure, Observed, Patch, Scale, Target, current_target, decide
 from iterdpo_operator.validation import validate_resource
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
@@ -33,7 +33,7 @@ def step(run, status, observed=Observed(), annotations=None, now=NOW):
 
 
 def created(decision) -> list[str]:
-    return [a.manifest["metadata"]["name"] for a in decision.actions if isinstance(a, Create)]
+    return [a.manifest["metadata"]["name"] for a in decision.actions if isinstance(a, (Create, Ensure))]
 
 
 GEN = [{"prompts": 5, "samples": 40, "promptsLeftOut": 0}] * 2
