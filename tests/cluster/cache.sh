@@ -37,3 +37,19 @@ cache_commit() {
   trap - EXIT
   echo "$_cache_stamp" > "$_cache_dest/stamp"
 }
+
+# A tool built from one Go module pinned in ./go.mod: sets $version, and exits printing the
+# bin folder when the cache already holds it. The cache folder is <root>/NAME-<version>.
+#   cache_tool PREFIX MODULE NAME BINARY
+cache_tool() {
+  local prefix="$1" module="$2" name="$3" binary="$4"
+  version="$(awk -v m="$module" '$1 == m && $2 ~ /^v/ {print $2; exit}' go.mod)"
+  [ -n "$version" ] || { echo "[$prefix] no $module version in go.mod" >&2; exit 1; }
+  local root="${ITERDPO_CLUSTER_CACHE:-$HOME/.cache/iterdpo-cluster}"
+  cache_init "$prefix" "$root/$name-$version" "$(cat go.mod go.sum | sha256sum | cut -c1-16)" "$binary"
+  if cache_hit; then
+    log "cached: $bin ($binary $version)"
+    echo "$bin"
+    exit 0
+  fi
+}

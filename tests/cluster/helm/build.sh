@@ -15,22 +15,9 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
 NICE="${NICE-nice -n 19}"
 pkg=helm.sh/helm/v3
-version="$(awk -v m="$pkg" '$1 == m && $2 ~ /^v/ {print $2; exit}' go.mod)"
-[ -n "$version" ] || { echo "[helm-build] no $pkg version in go.mod" >&2; exit 1; }
-
-root="${ITERDPO_CLUSTER_CACHE:-$HOME/.cache/iterdpo-cluster}"
-dest="$root/helm-${version}"
-stamp="$(cat go.mod go.sum | sha256sum | cut -c1-16)"
-
 # shellcheck source=../cache.sh
 source ../cache.sh
-cache_init helm-build "$dest" "$stamp" helm
-
-if cache_hit; then
-  log "cached: $bin (helm $version)"
-  echo "$bin"
-  exit 0
-fi
+cache_tool helm-build "$pkg" helm helm
 
 cache_begin
 

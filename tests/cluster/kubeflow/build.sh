@@ -16,22 +16,9 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
 NICE="${NICE-nice -n 19}"
 pkg=github.com/kubeflow/training-operator
-version="$(awk -v m="$pkg" '$1 == m && $2 ~ /^v/ {print $2; exit}' go.mod)"
-[ -n "$version" ] || { echo "[kubeflow-build] no $pkg version in go.mod" >&2; exit 1; }
-
-root="${ITERDPO_CLUSTER_CACHE:-$HOME/.cache/iterdpo-cluster}"
-dest="$root/kubeflow-${version}"
-stamp="$(cat go.mod go.sum | sha256sum | cut -c1-16)"
-
 # shellcheck source=../cache.sh
 source ../cache.sh
-cache_init kubeflow-build "$dest" "$stamp" training-operator
-
-if cache_hit; then
-  log "cached: $bin (training-operator $version)"
-  echo "$bin"
-  exit 0
-fi
+cache_tool kubeflow-build "$pkg" kubeflow training-operator
 
 cache_begin
 
