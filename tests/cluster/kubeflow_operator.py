@@ -26,11 +26,9 @@ from __future__ import annotations
 import base64
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from iterdpo.local.processes import free_port, start, stop, tail
+from iterdpo.local.processes import free_port, start, stop, tail, wait_ready
 
 OPERATOR_VERSION = "v1.8.1"
 WEBHOOK_SECRET = "training-operator-webhook-cert"
@@ -176,20 +174,10 @@ class TrainingOperator:
             pass
 
     def _wait_ready(self) -> None:
-        url = f"http://127.0.0.1:{self.health_port}/readyz"
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise self._fail(f"exited with code {self.proc.returncode} before {url} was ready")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise self._fail(f"{url} not ready after {self.ready_timeout:.0f}s")
-            time.sleep(0.2)
+        try:
+            wait_ready(f"http://127.0.0.1:{self.health_port}/readyz", self.proc, timeout=self.ready_timeout, interval=0.2)
+        except (RuntimeError, TimeoutError) as exc:
+            raise self._fail(str(exc)) from None
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> "TrainingOperator":
