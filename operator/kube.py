@@ -12,7 +12,7 @@ from kubernetes.client.rest import ApiException
 
 from iterdpo.spec import API_VERSION, IterativeDPORun
 from iterdpo_operator import builders as b
-from iterdpo_operator.launchers import ChildRef, job_outcome, launcher_for
+from iterdpo_operator.launchers import ChildRef, controller_for
 from iterdpo_operator.reconcile import Create, Ensure, Observed, Patch, Scale, Target, child_ref
 
 log = logging.getLogger(__name__)
@@ -133,14 +133,8 @@ class Kube:
         reward = self.reward_available(run) if target.stage == "Score" else False
         if obj is None:
             return Observed(child_exists=False, reward_available=reward)
-        if target.stage == "Train":
-            launcher = launcher_for(run)
-            outcome, selector = launcher.outcome(obj), launcher.summary_pods_selector(ref.name)
-            suspended = bool(((obj.get("spec") or {}).get("runPolicy") or {}).get("suspend")) if launcher.name == "pytorchjob" \
-                else bool((obj.get("spec") or {}).get("suspend"))  # fmt: skip
-        else:
-            outcome, selector = job_outcome(obj), f"job-name={ref.name}"
-            suspended = bool((obj.get("spec") or {}).get("suspend"))
+        controller = controller_for(run, target.stage)
+        outcome, selector, suspended = controller.outcome(obj), controller.summary_pods_selector(ref.name), controller.suspended(obj)
         summaries = self._summaries(ns, selector) if outcome.done and outcome.succeeded else []
         detail = self._failure_detail(ns, selector) if outcome.done and not outcome.succeeded else ""
         return Observed(True, outcome, summaries, detail, suspended, reward)

@@ -96,6 +96,9 @@ class JobLauncher:
     def suspend_patch(self, suspend: bool) -> dict:
         return {"spec": {"suspend": suspend}}
 
+    def suspended(self, obj: dict) -> bool:
+        return bool((obj.get("spec") or {}).get("suspend"))
+
 
 class PyTorchJobLauncher:
     """Kubeflow Training Operator v1: Master + (nodes - 1) Workers, torchrun in each; the
@@ -133,9 +136,18 @@ class PyTorchJobLauncher:
     def suspend_patch(self, suspend: bool) -> dict:
         return {"spec": {"runPolicy": {"suspend": suspend}}}
 
+    def suspended(self, obj: dict) -> bool:
+        return bool(((obj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+
 
 LAUNCHERS = {launcher.name: launcher for launcher in (JobLauncher(), PyTorchJobLauncher())}
 
 
 def launcher_for(run: IterativeDPORun):
     return LAUNCHERS[run.spec.kubernetes.launcher]
+
+
+def controller_for(run: IterativeDPORun, stage: str):
+    """What reads and steers a stage's child (outcome, summary pods, suspension): the
+    launcher for Train; for Generate and Score, whose children are batch Jobs, the Job one."""
+    return launcher_for(run) if stage == "Train" else LAUNCHERS["job"]

@@ -25,7 +25,7 @@ from iterdpo.status import (
     succeeded,
 )
 from iterdpo_operator import builders as b
-from iterdpo_operator.launchers import ChildRef, Outcome, launcher_for
+from iterdpo_operator.launchers import ChildRef, Outcome, controller_for, launcher_for
 
 RESUME_ANNOTATION = "iterdpo.io/resume"
 
@@ -58,10 +58,9 @@ def current_target(run: IterativeDPORun, status: RunStatus) -> Target | Finished
 
 
 def child_ref(run: IterativeDPORun, target: Target) -> ChildRef:
-    name = b.child_name(run, target.iteration, target.stage, target.attempt)
     if target.stage == "Train":
         return launcher_for(run).ref(run, target.iteration, target.attempt)
-    return ChildRef("batch/v1", "Job", "jobs", name)
+    return ChildRef("batch/v1", "Job", "jobs", b.child_name(run, target.iteration, target.stage, target.attempt))
 
 
 def child_manifest(run: IterativeDPORun, target: Target, owner_uid: str) -> dict:
@@ -162,7 +161,7 @@ def _figures(run: IterativeDPORun, target: Target, observed: Observed):
 
 def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generation: int | None,
            annotations: dict[str, str], target: Target | Finished, observed: Observed, now: datetime,
-           new_token: str = "unset") -> Decision:  # fmt: skip
+           new_token: str) -> Decision:  # fmt: skip
     """`new_token`: a fresh random token, used only if the run's token Secret does not exist yet."""
     t = rfc3339(now)
     keep_warm = run.spec.kubernetes.keep_reward_warm
@@ -210,7 +209,7 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
 
     if run.spec.suspend:
         if observed.child_exists and not observed.child_suspended and not (observed.outcome and observed.outcome.done):
-            actions.append(Patch(ref, _suspend_patch(run, target, True)))
+            actions.append(Patch(ref, controller_for(run, target.stage).suspend_patch(True)))
         actions.append(Scale(b.reward_name(run), 0))
         if st.phase != "Suspended":
             conditions = set_condition(st.conditions, "Suspended", "True", "SpecSuspend", "spec.suspend is true", t)
@@ -223,7 +222,7 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         st = st.model_copy(update={"conditions": conditions, "phase": "Running" if st.current_stage else "Pending"})
         events.append(Event("Normal", "Unsuspended", f"round {target.iteration}: {target.stage} continues"))
     if observed.child_suspended:
-        actions.append(Patch(ref, _suspend_patch(run, target, False)))
+        actions.append(Patch(ref, controller_for(run, target.stage).suspend_patch(False)))
 
     want_reward = target.stage == "Score" or keep_warm
     actions += _reward_actions(run, owner_uid, 1 if want_reward else 0, new_token)
@@ -299,9 +298,3 @@ def _failed_attempt(run: IterativeDPORun, st: RunStatus, target: Target, limit: 
     events.append(Event("Warning", "StageFailed", f"round {target.iteration}: {target.stage} failed after {target.attempt} attempts: {failure}"))
     kept = [a for a in actions if not isinstance(a, (Create, Ensure, Scale))]
     return Decision(st, kept + ([] if keep_warm else [Scale(b.reward_name(run), 0)]), events)
-
-
-def _suspend_patch(run: IterativeDPORun, target: Target, suspend: bool) -> dict:
-    if target.stage == "Train":
-        return launcher_for(run).suspend_patch(suspend)
-    return {"spec": {"suspend": suspend}}

@@ -29,7 +29,7 @@ def make_run(**kubernetes):
 def step(run, status, observed=Observed(), annotations=None, now=NOW):
     target = current_target(run, status)
     return decide(run, status, owner_uid="uid-1", generation=3, annotations=annotations or {}, target=target,
-                  observed=observed, now=now)  # fmt: skip
+                  observed=observed, now=now, new_token="tok")  # fmt: skip
 
 
 def created(decision) -> list[str]:
@@ -131,10 +131,10 @@ def test_train_uses_the_launcher_and_finish_scales_reward_down():
     run = make_run(launcher="job")
     st = RunStatus()
     target = Target(1, "Train", "/iterdpo/p", 1)
-    d = decide(run, st, owner_uid="u", generation=1, annotations={}, target=target, observed=Observed(), now=NOW)
+    d = decide(run, st, owner_uid="u", generation=1, annotations={}, target=target, observed=Observed(), now=NOW, new_token="tok")
     (train,) = [a.manifest for a in d.actions if isinstance(a, Create) and a.manifest["kind"] == "Job"]
     assert train["metadata"]["name"] == "r-i01-train-a1"
-    done = decide(run, st, owner_uid="u", generation=1, annotations={}, target=Finished("/x"), observed=Observed(), now=NOW)
+    done = decide(run, st, owner_uid="u", generation=1, annotations={}, target=Finished("/x"), observed=Observed(), now=NOW, new_token="tok")
     assert done.status.phase == "Succeeded" and Scale("r-reward", 0) in done.actions
 
 
