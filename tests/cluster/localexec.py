@@ -286,7 +286,12 @@ class PodWorker(threading.Thread):
                 elif not ref.optional:
                     raise PodSetupError(f"env {var.name}: key {ref.key!r} not in {kind} {ref.name!r}")
             elif vf.resource_field_ref is not None:
-                env[var.name] = "1"
+                kind, _, name = vf.resource_field_ref.resource.partition(".")  # e.g. limits.cpu
+                value = (getattr(spec.resources, kind, None) or {}).get(name) if spec.resources else None
+                if value is None:
+                    raise PodSetupError(f"env {var.name}: resourceFieldRef {vf.resource_field_ref.resource!r} is not set in "
+                                        "the container's resources (this kubelet has no node allocatable to fall back on)")  # fmt: skip
+                env[var.name] = str(value)
             else:
                 raise PodSetupError(f"env {var.name}: valueFrom source not supported")
         return env
@@ -526,8 +531,7 @@ class LocalExecKubelet(TestKubelet):
         self._mp_lock = threading.Lock()
 
     def service_env(self, namespace: str) -> dict[str, str]:
-        api = client.Configuration.get_default_copy() if self.api_client is None else self.api_client.configuration
-        host, _, port = api.host.removeprefix("https://").partition(":")
+        host, _, port = self.api_client.configuration.host.removeprefix("https://").partition(":")
         return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port or "443", "LOCALEXEC_NAMESPACE": namespace}
 
     def claim_path(self, namespace: str, claim: str) -> Path:

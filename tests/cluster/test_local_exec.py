@@ -169,3 +169,21 @@ def test_the_image_stays_visible_under_a_volume_mounted_above_it(control_plane, 
     (pod,) = _pods(control_plane, ns, "job-name=image")
     assert pod.status.container_statuses[0].state.terminated.message == "imported iterdpo"
     assert not marker.exists()  # it went to the emptyDir, not to the host folder
+
+
+def test_resource_field_refs_come_from_the_containers_resources(control_plane, local_exec, ns):
+    core = client.CoreV1Api(control_plane.api_client)
+    script = "import os, pathlib; pathlib.Path('/dev/termination-log').write_text(os.environ['CPUS'])"
+
+    def pod(name: str, resources: dict) -> dict:
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"restartPolicy": "Never", "containers": [{
+            "name": "main", "image": "python:3.11", "command": [PY, "-c", script], "resources": resources,
+            "env": [{"name": "CPUS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}}]}]}}  # fmt: skip
+
+    core.create_namespaced_pod(ns, pod("limited", {"limits": {"cpu": "2"}}))
+    core.create_namespaced_pod(ns, pod("unlimited", {}))
+    phase = lambda n: core.read_namespaced_pod(n, ns).status.phase  # noqa: E731
+    wait_for("both pods done", lambda: phase("limited") in ("Succeeded", "Failed") and phase("unlimited") == "Failed", control_plane)
+    assert core.read_namespaced_pod("limited", ns).status.container_statuses[0].state.terminated.message == "2"
+    unlimited = core.read_namespaced_pod("unlimited", ns).status
+    assert unlimited.reason == "LocalExecSetupFailed" and "limits.cpu" in unlimited.message  # never a made-up value
