@@ -34,7 +34,7 @@ COPY operator ./operator
 # a newer setuptools cannot change the wheel).
 RUN pip install --no-cache-dir setuptools==78.1.1 \
  && pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /dist . \
- && python -m zipfile -l /dist/iterdpo-0.1.0-py3-none-any.whl | grep -q 'iterdpo_trainer/__main__.py'
+ && python -m zipfile -l /dist/iterdpo-*-py3-none-any.whl | grep -q 'iterdpo_trainer/__main__.py'
 
 # ---------------------------------------------------------------------------------------
 # operator: `iterdpo operator` (kopf). Only what the operator imports: kopf, kubernetes,
@@ -62,7 +62,7 @@ RUN --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraint
     --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
     pip install --no-cache-dir -c /tmp/constraints.txt \
         kopf==1.45.2 kubernetes==37.0.2 pydantic==2.14.4 PyYAML==6.0.4 prometheus-client==0.26.0 \
- && pip install --no-cache-dir --no-deps /tmp/dist/iterdpo-0.1.0-py3-none-any.whl \
+ && pip install --no-cache-dir --no-deps /tmp/dist/iterdpo-*-py3-none-any.whl \
  && python -c "import importlib.util as u, iterdpo.cli, iterdpo_operator.main, iterdpo_operator.handlers; assert u.find_spec('torch') is None" \
  && iterdpo operator --help > /dev/null \
  && groupadd --gid 65532 iterdpo \
@@ -123,7 +123,7 @@ RUN --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraint
 #    then a consistency check and an import of every stage program.
 RUN --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt \
     --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
-    pip install --no-cache-dir -c /tmp/constraints.txt /tmp/dist/iterdpo-0.1.0-py3-none-any.whl \
+    pip install --no-cache-dir -c /tmp/constraints.txt /tmp/dist/iterdpo-*-py3-none-any.whl \
  && pip check \
  && python -c "import torch, vllm, deepspeed, transformers, iterdpo.cli, iterdpo_generator.generate, iterdpo_reward_server.cli, iterdpo_reward_server.annotate, iterdpo_trainer.cli" \
  && iterdpo --help > /dev/null \

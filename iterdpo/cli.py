@@ -37,27 +37,16 @@ def _run(args) -> int:
     return 0
 
 
-def _current_namespace() -> str:
-    """The kubeconfig context's namespace; in a pod, the service account's; else 'default'."""
-    from kubernetes import config
-
-    try:
-        return config.list_kube_config_contexts()[1].get("context", {}).get("namespace") or "default"
-    except (config.ConfigException, OSError):
-        in_pod = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-        return in_pod.read_text().strip() if in_pod.exists() else "default"
-
-
 def _cluster_status(name: str, namespace: str | None):
     """The status of the IterativeDPORun `name` in the cluster of the current kubeconfig."""
-    from iterdpo_operator.handlers import status_of
-    from iterdpo_operator.kube import Kube, load_config
+    from iterdpo.status import RunStatus
+    from iterdpo_operator.kube import Kube, current_namespace, load_config
 
-    namespace = namespace or _current_namespace()
+    namespace = namespace or current_namespace()
     body = Kube(load_config()).read_run(namespace, name)
     if body is None:
         raise LookupError(f"no IterativeDPORun {name!r} in namespace {namespace!r}")
-    return status_of(body), (body.get("spec") or {}).get("iterations")
+    return RunStatus.of_resource(body), (body.get("spec") or {}).get("iterations")
 
 
 def _status(args) -> int:
@@ -86,7 +75,8 @@ def _status(args) -> int:
 def _render(args) -> int:
     import yaml
 
-    from iterdpo_operator.builders import render_round, to_yaml
+    from iterdpo_operator.builders import to_yaml
+    from iterdpo_operator.stage_children import render_round
     from iterdpo_operator.defaults import defaults_from_env, with_defaults
     from iterdpo_operator.validation import InvalidRun, validate_resource
 
@@ -116,22 +106,18 @@ def _render(args) -> int:
 def _resume(args) -> int:
     from datetime import datetime, timezone
 
-    from kubernetes import client
-
-    from iterdpo_operator.kube import PLURAL, load_config
+    from iterdpo_operator.kube import Kube, current_namespace, load_config
     from iterdpo_operator.reconcile import RESUME_ANNOTATION
-    from iterdpo.spec import API_VERSION
 
-    group, version = API_VERSION.split("/")
     token = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    namespace = args.namespace or _current_namespace()
-    api = client.CustomObjectsApi(load_config())
-    phase = (api.get_namespaced_custom_object(group, version, namespace, PLURAL, args.name).get("status") or {}).get("phase")
-    if phase != "Failed":
-        print(f"iterdpo resume: {namespace}/{args.name} is {phase or 'Pending'}, not Failed: nothing to resume", file=sys.stderr)
+    namespace = args.namespace or current_namespace()
+    phase = Kube(load_config()).ask_resume(namespace, args.name, token)
+    if phase is None:
+        print(f"iterdpo resume: no IterativeDPORun {args.name!r} in namespace {namespace!r}", file=sys.stderr)
         return 1
-    api.patch_namespaced_custom_object(group, version, namespace, PLURAL, args.name,
-                                       {"metadata": {"annotations": {RESUME_ANNOTATION: token}}})  # fmt: skip
+    if phase != "Failed":
+        print(f"iterdpo resume: {namespace}/{args.name} is {phase}, not Failed: nothing to resume", file=sys.stderr)
+        return 1
     print(f"asked {namespace}/{args.name} to resume its failed stage ({RESUME_ANNOTATION}={token})")
     return 0
 
@@ -183,18 +169,21 @@ def _make_tiny(args) -> int:
     return 0
 
 
-# Stage programs parse their own arguments (argparse's REMAINDER cannot pass "--flags" on).
-STAGE_PROGRAMS = {
-    "generate": ("iterdpo_generator.generate", "main", "stage: vLLM generation of one shard"),
-    "serve-reward": ("iterdpo_reward_server.cli", "main", "stage: the reward-model HTTP server"),
-    "annotate": ("iterdpo_reward_server.annotate", "annotate_main", "stage: score through the server, pair"),
-}
+# Stage programs parse their own arguments (argparse's REMAINDER cannot pass "--flags" on);
+# which exist is the stage table's business (iterdpo.stages.PROGRAMS).
+def _stage_programs() -> dict:
+    from iterdpo.stages import PROGRAMS
+
+    return {p.name: p for p in PROGRAMS}
+
+
+STAGE_PROGRAMS = _stage_programs()
 
 
 def _stage_program(name: str, argv: list[str]) -> int:
     import importlib
 
-    module, function, _ = STAGE_PROGRAMS[name]
+    module, _, function = STAGE_PROGRAMS[name].target.partition(":")
     return getattr(importlib.import_module(module), function)(argv)
 
 
@@ -247,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.set_defaults(func=_make_tiny)
 
-    for name, (_, _, help_) in STAGE_PROGRAMS.items():
-        sub.add_parser(name, help=f"{help_} (see: iterdpo {name} --help)", add_help=False)
+    for name, program in STAGE_PROGRAMS.items():
+        sub.add_parser(name, help=f"{program.help} (see: iterdpo {name} --help)", add_help=False)
     return parser
 
 

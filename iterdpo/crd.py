@@ -5,8 +5,9 @@ models (camelCase aliases) into a structural OpenAPI v3 schema, with every field
 description, default, enum and bounds, and mirrors the model's cross-field rules
 (`IterativeDPORunSpec._cross_field`) as CEL `x-kubernetes-validations`, so the API
 server rejects what `iterdpo validate` rejects. The status schema comes from
-`iterdpo/status.py` the same way. A type the walker does not know raises, so a new
-field is never silently wrong. Regenerate the committed file with:
+`iterdpo/status.py` (and each stage's figures, `iterdpo/stages.py`) the same way. A type
+the walker does not know raises, so a new field is never silently wrong. The cross-field
+rules are `iterdpo.spec.RULES`, each declared once with its CEL. Regenerate the committed file with:
 
     python -m iterdpo.crd > crds/iterativedporuns.iterdpo.io.yaml
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import enum
 import inspect
 import types
 import typing
@@ -27,7 +29,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from iterdpo.spec import _NAME_RE, API_VERSION, KIND, MAX_NAME_LENGTH, IterativeDPORun, IterativeDPORunSpec, ObjectMeta
+from iterdpo.spec import _NAME_RE, API_VERSION, KIND, MAX_NAME_LENGTH, RULES, IterativeDPORun, IterativeDPORunSpec, ObjectMeta, Rule
+from iterdpo.stages import HEADLINE
 from iterdpo.status import RunStatus
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -45,93 +48,16 @@ class SchemaError(TypeError):
     """The model uses something the generator cannot express (yet): extend iterdpo/crd.py."""
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One CEL rule on the object at `at` (a spec path, "" for spec itself).
-
-    `field_path` is relative to that object; `blames` (at + field_path) is the field
-    the model's CrossFieldError names for the same rule."""
-
-    at: str
-    rule: str
-    message: str
-    field_path: str
-    message_expression: str | None = None
-    reason: str = "FieldValueInvalid"
-
-    @property
-    def blames(self) -> str:
-        return f"{self.at}{self.field_path}".lstrip(".")
-
-    def schema(self) -> dict:
-        out = {"rule": self.rule, "message": self.message}
-        if self.message_expression:
-            out["messageExpression"] = self.message_expression
-        out["fieldPath"] = self.field_path
-        out["reason"] = self.reason
-        return out
-
-
-# IterativeDPORunSpec._cross_field, rule by rule (same order, same wording). Each sits on the
-# lowest object holding all its fields; objects with defaults are defaulted whole, so the API
-# server has filled every defaulted field before these run and no has() guard is needed.
-# Messages are static where the model's message shows numbers: the API server's cost estimate
-# of string(int) in a messageExpression is unbounded, and it refuses the CRD.
-SPEC_RULES: tuple[Rule, ...] = (
-    Rule(
-        "training",
-        "self.globalBatchSize % (self.microBatchSize * self.nprocPerNode * self.nodes) == 0",
-        "must be a multiple of microBatchSize x nprocPerNode x nodes",
-        ".globalBatchSize",
-    ),
-    Rule(
-        "training",
-        "self.zeroStage != 0 || self.precision == 'fp32'",
-        "0 keeps no readable fp32 master weights under precision bf16 or fp16: "
-        "use zeroStage 1, 2 or 3, or precision fp32",
-        ".zeroStage",
-        "\"0 keeps no readable fp32 master weights under precision '\" + self.precision + "
-        "\"': use zeroStage 1, 2 or 3, or precision fp32\"",
-    ),
-    Rule(
-        "training",
-        "self.maxPromptLength < self.maxLength",
-        "must be less than training.maxLength to leave room for the response",
-        ".maxPromptLength",
-    ),
-    Rule(
-        "reward",
-        "self.batchTokens >= self.maxLength",
-        "must be at least reward.maxLength so that the longest conversation fits in one forward pass",
-        ".batchTokens",
-    ),
-    Rule(
-        "prompts",
-        "has(self.dataset) || has(self.perIteration)",
-        "is required unless prompts.perIteration lists the prompt sets",
-        ".dataset",
-        reason="FieldValueRequired",
-    ),
-    Rule(
-        "",
-        "!has(self.prompts.perIteration) || size(self.prompts.perIteration) == self.iterations",
-        "must list one prompt set per round: as many as spec.iterations",
-        ".prompts.perIteration",
-    ),
-    Rule(
-        "",
-        "self.kubernetes.launcher != 'job' || self.training.nodes == 1",
-        "job runs training on one node: set training.nodes to 1 or use pytorchjob",
-        ".kubernetes.launcher",
-    ),
-    Rule(
-        "pairing",
-        "self.strategy == 'max_min_length_penalty' || self.lengthPenalty == 0.0",
-        "is only used by strategy max_min_length_penalty",
-        ".lengthPenalty",
-        "\"is only used by strategy max_min_length_penalty (strategy is '\" + self.strategy + \"')\"",
-    ),
-)
+def rule_schema(rule: Rule) -> dict:
+    """One x-kubernetes-validations entry. Messages are static where the model's message
+    shows numbers: the API server's cost estimate of string(int) in a messageExpression is
+    unbounded, and it refuses the CRD."""
+    out = {"rule": rule.cel, "message": rule.message}
+    if rule.message_expression:
+        out["messageExpression"] = rule.message_expression
+    out["fieldPath"] = f".{rule.field}"
+    out["reason"] = rule.reason
+    return out
 
 
 def _max_iterations() -> int:
@@ -155,7 +81,7 @@ STATUS_DESCRIPTIONS: dict[str, str] = {
     "": "Written by iterdpo (the operator, through the status subresource); ignored on input.",
     "phase": "Summary of the run: Pending, Running, Suspended, Succeeded or Failed.",
     "currentIteration": "The round being run (1-based), or the last one run.",
-    "currentStage": "The stage of currentIteration being run, or that failed: Generate, Score or Train.",
+    "currentStage": "The stage of currentIteration being run, or that failed.",
     "conditions": "Valid, Progressing, Suspended, Succeeded and Failed, per the Kubernetes API conventions.",
     "conditions[].type": "Type of the condition.",
     "conditions[].status": "True, False or Unknown.",
@@ -163,29 +89,8 @@ STATUS_DESCRIPTIONS: dict[str, str] = {
     "conditions[].message": "Human-readable details.",
     "conditions[].lastTransitionTime": "RFC 3339 time the status last changed.",
     "iterations": "The figures of each round started so far, in round order.",
-    "iterations[].iteration": "Round number (1-based).",
+    "iterations[].iteration": "Round number (1-based; 0 holds what runs once before round 1).",
     "iterations[].policy": "The policy checkpoint that generated the round's responses.",
-    "iterations[].generation": "Figures of the Generate stage, once it finished.",
-    "iterations[].generation.prompts": "Prompts given to the generator.",
-    "iterations[].generation.samples": "Responses sampled.",
-    "iterations[].generation.promptsLeftOut": "Prompts left out at generation (longer than training.maxPromptLength).",
-    "iterations[].generation.seconds": "Wall-clock seconds of the stage.",
-    "iterations[].scoring": "Figures of the Score stage (reward + pairing), once it finished.",
-    "iterations[].scoring.meanReward": "Mean reward of the round's responses (unset when none was scored).",
-    "iterations[].scoring.minReward": "Lowest reward (unset when no response was scored).",
-    "iterations[].scoring.maxReward": "Highest reward (unset when no response was scored).",
-    "iterations[].scoring.pairs": "DPO pairs made.",
-    "iterations[].scoring.tiesDropped": "Prompts without a pair because the candidates' rewards tied.",
-    "iterations[].scoring.promptsLeftOut": "Prompts without a pair for another reason (left out at generation, "
-    "or under 2 responses).",
-    "iterations[].scoring.seconds": "Wall-clock seconds of the stage.",
-    "iterations[].training": "Figures of the Train stage, once it finished.",
-    "iterations[].training.loss": "DPO loss at the end of the round's training.",
-    "iterations[].training.rewardAccuracy": "Share of pairs whose implicit DPO reward prefers the chosen response, "
-    "at the end of training.",
-    "iterations[].training.rewardMargin": "Mean implicit DPO reward of chosen minus rejected, at the end of training.",
-    "iterations[].training.checkpoint": "The checkpoint the round produced (the next round's policy).",
-    "iterations[].training.seconds": "Wall-clock seconds of the stage.",
     "finalPolicy": "The last round's checkpoint, once the run succeeded.",
     "specHash": "Digest of the recipe the run was started with; a resumed run must match it.",
     "observedGeneration": "The metadata.generation the operator last acted on.",
@@ -204,7 +109,7 @@ PRINTER_COLUMNS = [
     {
         "name": "Reward",
         "type": "number",
-        "jsonPath": ".status.iterations[-1:].scoring.meanReward",
+        "jsonPath": f".status.iterations[-1:].{HEADLINE.json_path}",
         "description": "Mean reward of the latest round's responses (empty until it is scored).",
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -249,7 +154,7 @@ class _Walker:
         out: dict = {"type": "object", "properties": properties}
         if required:
             out["required"] = required
-        rules = [r.schema() for r in self.rules if r.at == path]
+        rules = [rule_schema(r) for r in self.rules if r.at == path]
         if rules:
             out["x-kubernetes-validations"] = rules
         self.used.update(f"rule:{r.at}" for r in self.rules if r.at == path)
@@ -302,6 +207,10 @@ class _Walker:
             if all(isinstance(v, int) and not isinstance(v, bool) for v in args):
                 return {"type": "integer", "enum": list(args)}
             raise SchemaError(f"{self._where(path)}: Literal of mixed or unsupported values {args}")
+        if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            if not all(isinstance(m.value, str) for m in annotation):
+                raise SchemaError(f"{self._where(path)}: enum {annotation.__name__} has non-string values")
+            return {"type": "string", "enum": [m.value for m in annotation]}
         if annotation is bool:
             return {"type": "boolean"}
         if annotation is int:
@@ -436,7 +345,7 @@ def _model_of(annotation: object) -> type[BaseModel] | None:
 
 
 def spec_schema() -> dict:
-    walker = _Walker("spec", SPEC_RULES, SPEC_EXTRAS)
+    walker = _Walker("spec", RULES, SPEC_EXTRAS)
     schema = walker.model(IterativeDPORunSpec, "")
     walker.check_all_used()
     return {"description": SPEC_DESCRIPTION, **schema}

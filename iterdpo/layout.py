@@ -7,15 +7,18 @@
       iter-01/score/scored.jsonl  pairs.jsonl  stats.json (written last: the marker)
       iter-01/train/policy/       the round's Hugging Face checkpoint
       iter-01/train/metrics.json  (written last: the marker)
+
+Each stage's folder is the one its entry in the stage table names (`StageDef.folder`).
+What each file holds: `iterdpo.contracts`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from iterdpo.spec import IterativeDPORun
+from iterdpo.stages import STAGE_TABLE, Stage
 
 
 @dataclass(frozen=True)
@@ -38,43 +41,41 @@ class RunLayout:
     def iteration_dir(self, iteration: int) -> Path:
         return self.root / f"iter-{iteration:02d}"
 
-    # generate
-    def generate_dir(self, iteration: int) -> Path:
-        return self.iteration_dir(iteration) / "generate"
+    def stage_dir(self, iteration: int, stage: Stage) -> Path:
+        return self.iteration_dir(iteration) / STAGE_TABLE[stage].folder
 
+    # Generate
     def shard_file(self, iteration: int, index: int, count: int) -> Path:
-        return self.generate_dir(iteration) / f"shard-{index:05d}-of-{count:05d}.jsonl"
+        return self.stage_dir(iteration, Stage.GENERATE) / f"shard-{index:05d}-of-{count:05d}.jsonl"
 
     def shard_marker(self, iteration: int, index: int, count: int) -> Path:
-        return self.generate_dir(iteration) / f"shard-{index:05d}-of-{count:05d}.done.json"
+        return self.stage_dir(iteration, Stage.GENERATE) / f"shard-{index:05d}-of-{count:05d}.done.json"
 
-    # score
-    def score_dir(self, iteration: int) -> Path:
-        return self.iteration_dir(iteration) / "score"
-
+    # Score
     def scored_file(self, iteration: int) -> Path:
-        return self.score_dir(iteration) / "scored.jsonl"
+        return self.stage_dir(iteration, Stage.SCORE) / "scored.jsonl"
 
     def pairs_file(self, iteration: int) -> Path:
-        return self.score_dir(iteration) / "pairs.jsonl"
+        return self.stage_dir(iteration, Stage.SCORE) / "pairs.jsonl"
 
     def score_stats(self, iteration: int) -> Path:
-        return self.score_dir(iteration) / "stats.json"
+        return self.stage_dir(iteration, Stage.SCORE) / "stats.json"
 
-    # train
-    def train_dir(self, iteration: int) -> Path:
-        return self.iteration_dir(iteration) / "train"
-
+    # Train
     def checkpoint(self, iteration: int) -> Path:
-        return self.train_dir(iteration) / "policy"
+        return self.stage_dir(iteration, Stage.TRAIN) / "policy"
 
     def train_metrics(self, iteration: int) -> Path:
-        return self.train_dir(iteration) / "metrics.json"
+        return self.stage_dir(iteration, Stage.TRAIN) / "metrics.json"
+
+    def reference_cache(self, iteration: int) -> Path:
+        return self.stage_dir(iteration, Stage.TRAIN) / "ref_logps.pt"
 
 
 def policy_for(run: IterativeDPORun, iteration: int) -> str:
-    """The policy that generates round `iteration`: the SFT model, then each round's checkpoint."""
-    if iteration == 1:
+    """The policy that generates round `iteration`: the SFT model (also in round 0, before
+    round 1), then each round's checkpoint."""
+    if iteration <= 1:
         return run.spec.policy.model
     return str(RunLayout.of(run).checkpoint(iteration - 1))
 
@@ -93,17 +94,17 @@ def claim_run_folder(run: IterativeDPORun) -> None:
     and storage root with a different recipe would silently reuse the old round's files.
     The first stage to run marks the folder with the spec hash; every stage checks it.
     """
-    from iterdpo.atomic import write_json
+    from iterdpo.contracts import ContractError, RecipeMarker, read_model, write_model
     from iterdpo.errors import StageError
 
     layout = RunLayout.of(run)
     want = run.spec_hash()
-    try:
-        have = json.loads(layout.recipe_file.read_text())["specHash"]
-    except FileNotFoundError:
-        write_json(layout.recipe_file, {"name": run.name, "specHash": want})
+    if not layout.recipe_file.exists():
+        write_model(layout.recipe_file, RecipeMarker(name=run.name, spec_hash=want))
         return
-    except (ValueError, KeyError, TypeError):
+    try:
+        have = read_model(layout.recipe_file, RecipeMarker).spec_hash
+    except ContractError:
         raise StageError(f"{layout.recipe_file} is not a recipe marker; remove it if the folder is yours") from None
     if have != want:
         raise StageError(

@@ -1,32 +1,26 @@
 """Decide what runs next: a pure function of the spec and the status.
 
-The planner returns the next stage and the exact command lines of its
-processes: the same argv the local runner starts as a process and the operator
-puts in a container. Where a command runs (and with which extra environment,
-such as DS_ACCELERATOR=cpu) is the backend's business, not the planner's.
+The planner walks the stage table (`iterdpo.stages.STAGES`) round by round and returns
+the first stage the status does not record as finished, with the exact command lines
+of its processes: the same argv the local runner starts as a process and the operator
+puts in a container. Where a command runs (and with which extra environment, such as
+DS_ACCELERATOR=cpu for a `deepspeed` stage on CPUs) is the backend's business.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from iterdpo.layout import RunLayout, policy_for
 from iterdpo.spec import IterativeDPORun
-from iterdpo.status import STAGES, RunStatus, Stage
+from iterdpo.stages import STAGES, Command, JobContext, Stage, StageDef, stage_def
+from iterdpo.status import RunStatus
 
 REWARD_PORT = 8000
 # The reward server's bearer token travels in this variable (never a flag: argv shows in
 # process lists and pod specs). The server requires it on /v1/score when set; the annotator sends it.
 REWARD_TOKEN_ENV = "ITERDPO_REWARD_TOKEN"
-
-
-@dataclass(frozen=True)
-class Command:
-    """One process of a stage."""
-
-    name: str  # unique within the stage, e.g. "generate-shard-0"
-    argv: tuple[str, ...]
-    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -44,6 +38,14 @@ class Finished:
     final_policy: str
 
 
+def stage_order(run: IterativeDPORun, table: Sequence[StageDef] = STAGES) -> Iterator[tuple[int, StageDef]]:
+    """(round, stage) in the order a run goes through them; round 0 comes before round 1."""
+    for iteration in range(0, run.spec.iterations + 1):
+        for d in table:
+            if d.when.includes(iteration) and d.enabled(run):
+                yield iteration, d
+
+
 def next_step(
     run: IterativeDPORun,
     status: RunStatus,
@@ -52,87 +54,36 @@ def next_step(
     reward_host: str = "0.0.0.0",
     reward_port: int = REWARD_PORT,
     reward_url: str | None = None,
+    table: Sequence[StageDef] = STAGES,
 ) -> StageStep | Finished:
-    """The first stage, in round order, that the status does not record as finished."""
-    for iteration in range(1, run.spec.iterations + 1):
+    """The first stage, in run order, that the status does not record as finished."""
+    for iteration, d in stage_order(run, table):
         record = status.iteration(iteration)
-        for stage in STAGES:
-            if record is None or not record.stage_done(stage):
-                return stage_step(
-                    run,
-                    iteration,
-                    stage,
-                    spec_file=spec_file,
-                    reward_host=reward_host,
-                    reward_port=reward_port,
-                    reward_url=reward_url or f"http://127.0.0.1:{reward_port}",
-                )
+        if record is None or not record.stage_done(d.stage):
+            url = reward_url or f"http://127.0.0.1:{reward_port}"
+            return _step(run, iteration, d, spec_file=spec_file, reward_host=reward_host, reward_port=reward_port,
+                         reward_url=url)  # fmt: skip
     return Finished(final_policy=str(RunLayout.of(run).checkpoint(run.spec.iterations)))
 
 
 def stage_step(
-    run: IterativeDPORun,
-    iteration: int,
-    stage: Stage,
-    *,
-    spec_file: str,
-    reward_host: str,
-    reward_port: int,
+    run: IterativeDPORun, iteration: int, stage: str, *, spec_file: str, reward_host: str, reward_port: int,
     reward_url: str,
-) -> StageStep:
-    common = ("--spec", spec_file, "--iteration", str(iteration))
-    policy = policy_for(run, iteration)
-    if stage == "Generate":
-        jobs = tuple(
-            Command(f"generate-shard-{i}", generate_argv(run, iteration, spec_file=spec_file, shard=i))
-            for i in range(run.spec.generation.shards)
-        )
-        return StageStep(iteration, stage, policy, jobs)
-    if stage == "Score":
-        return StageStep(
-            iteration,
-            stage,
-            policy,
-            jobs=(Command("annotate", ("iterdpo", "annotate", *common, "--reward-url", reward_url)),),
-            service=Command("reward-server", reward_server_argv(run, host=reward_host, port=reward_port)),
-            service_url=reward_url,
-        )
-    t = run.spec.training
-    train = (
-        "torchrun",
-        f"--nnodes={t.nodes}",
-        f"--nproc-per-node={t.nproc_per_node}",
-        "-m",
-        "iterdpo_trainer",
-        *common,
-    )
-    return StageStep(iteration, stage, policy, (Command("train", train),))
+) -> StageStep:  # fmt: skip
+    """The step of `stage` in round `iteration`, whatever the status says (an unknown stage is an error)."""
+    return _step(run, iteration, stage_def(stage), spec_file=spec_file, reward_host=reward_host,
+                 reward_port=reward_port, reward_url=reward_url)  # fmt: skip
 
 
-def generate_argv(run: IterativeDPORun, iteration: int, *, spec_file: str, shard: int | None) -> tuple[str, ...]:
-    """One generation shard; without `shard` the program reads JOB_COMPLETION_INDEX (an Indexed Job)."""
-    argv = ("iterdpo", "generate", "--spec", spec_file, "--iteration", str(iteration))
-    return argv if shard is None else (*argv, "--shard", str(shard))
+def _step(run: IterativeDPORun, iteration: int, d: StageDef, *, spec_file: str, reward_host: str, reward_port: int,
+          reward_url: str) -> StageStep:  # fmt: skip
+    jobs = d.jobs(run, iteration, JobContext(spec_file=spec_file, reward_url=reward_url))
+    if not d.uses_reward_server:
+        return StageStep(iteration, d.stage, policy_for(run, iteration), jobs)
+    service = Command("reward-server", reward_server_argv(spec_file=spec_file, host=reward_host, port=reward_port))
+    return StageStep(iteration, d.stage, policy_for(run, iteration), jobs, service, reward_url)
 
 
-def reward_server_argv(run: IterativeDPORun, *, host: str, port: int) -> tuple[str, ...]:
-    reward = run.spec.reward
-    argv = [
-        "iterdpo",
-        "serve-reward",
-        "--model",
-        reward.model,
-        "--kind",
-        reward.kind,
-        "--max-length",
-        str(reward.max_length),
-        "--batch-tokens",
-        str(reward.batch_tokens),
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
-    if reward.chat_template:
-        argv += ["--chat-template-text", reward.chat_template]
-    return tuple(argv)
+def reward_server_argv(*, spec_file: str, host: str, port: int) -> tuple[str, ...]:
+    """The run's reward server: it reads spec.reward from the run file (one declaration of each option)."""
+    return ("iterdpo", "serve-reward", "--spec", spec_file, "--host", host, "--port", str(port))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from iterdpo.contracts import LeftOut
+from iterdpo.errors import UsageError
 from iterdpo.spec import PromptSource
 
 ROLES = ("system", "user", "assistant")
@@ -25,11 +27,11 @@ class Prompt:
 @dataclass(frozen=True)
 class PromptSet:
     prompts: list[Prompt | None]  # None where the row was left out (same index as the row)
-    left_out: list[dict]  # {"prompt_id", "reason"}
+    left_out: list[LeftOut]
 
 
-class PromptDataError(ValueError):
-    pass
+class PromptDataError(UsageError):
+    """The prompt data the run file names cannot be read as prompts (exit 2)."""
 
 
 def load_prompt_set(source: PromptSource, *, field_path: str = "spec.prompts") -> PromptSet:
@@ -41,7 +43,7 @@ def load_prompt_set(source: PromptSource, *, field_path: str = "spec.prompts") -
         messages, reason = to_messages(row.get(source.messages_field))
         if reason:
             prompts.append(None)
-            left_out.append({"prompt_id": prompt_id, "reason": reason})
+            left_out.append(LeftOut(prompt_id=prompt_id, reason=reason))
         else:
             prompts.append(Prompt(prompt_id, messages))
     return PromptSet(prompts, left_out)

@@ -13,10 +13,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from iterdpo.errors import UsageError
 from iterdpo.spec import CrossFieldError, IterativeDPORun, nested_model
 
 
-class SpecError(ValueError):
+class SpecError(UsageError):
     """The run file is not a valid IterativeDPORun; `problems` lists 'field: message' lines."""
 
     def __init__(self, source: str, problems: list[str]):
@@ -145,3 +146,19 @@ def _field_names_at(loc: list[str]) -> list[str]:
         return []
     return [f.alias or name for name, f in model.model_fields.items()]
 
+
+
+def load_for_stage(path: str | Path, iteration: int, stage: str) -> IterativeDPORun:
+    """The run file a stage program was given, checked before any work: the round must be
+    one the stage runs in (UsageError, exit 2, otherwise). The program then checks its own
+    flags and claims the run folder (`layout.claim_run_folder`) before writing anything."""
+    from iterdpo.stages import stage_def
+
+    run = load_run(path)
+    d = stage_def(stage)
+    rounds = [t for t in range(run.spec.iterations + 1) if d.when.includes(t)]
+    if iteration not in rounds:
+        span = f"{rounds[0]}..{rounds[-1]}" if rounds else "no round"
+        raise UsageError(f"--iteration: {d.stage} runs in rounds {span} (spec.iterations is "
+                         f"{run.spec.iterations}); got {iteration}")  # fmt: skip
+    return run

@@ -12,17 +12,30 @@ import hashlib
 import json
 import re
 import typing
-from typing import Annotated, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from iterdpo import __version__
+from iterdpo.stages import pods
 
 API_VERSION = "iterdpo.io/v1alpha1"
 KIND = "IterativeDPORun"
+DEFAULT_IMAGE = f"iterdpo:{__version__}"  # the Dockerfile's runtime target, as docs/image.md tags it
 
 PAIRING_STRATEGIES = ("max_min", "max_random", "max_max", "random", "max_min_length_penalty")
-SCORER_KINDS = ("bradley-terry",)
-LOSS_KINDS = ("sigmoid",)
+# Each reward-model kind and each DPO loss type, with what it means: the spec's enum and its
+# description come from here; the reward server's scorer registry and the trainer's loss
+# registry must have exactly these keys (a unit test checks).
+SCORER_KINDS = {
+    "bradley-terry": "a sequence classifier with one output label; the score is that logit at the last token",
+}
+LOSS_KINDS = {
+    "sigmoid": "the original DPO loss, -log sigmoid(beta x margin), with optional label smoothing (cDPO)",
+}
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp16", "fp32")
 REFERENCE_MODES = ("initial", "previous")
@@ -141,10 +154,9 @@ class GenerationSpec(_Model):
 
 class RewardSpec(_Model):
     model: str = Field(description="Reward model: local path or hub id.")
-    kind: Literal[SCORER_KINDS] = Field(  # type: ignore[valid-type]
+    kind: Literal[tuple(SCORER_KINDS)] = Field(  # type: ignore[valid-type]
         default="bradley-terry",
-        description="How to read a score from the model. bradley-terry: a sequence "
-        "classifier with one output label.",
+        description="How to read a score from the model. " + "; ".join(f"{k}: {v}" for k, v in SCORER_KINDS.items()) + ".",
     )
     chat_template: str | None = Field(
         default=None, description="Replaces the reward tokenizer's own chat template."
@@ -185,8 +197,8 @@ class PairingSpec(_Model):
 
 
 class LossSpec(_Model):
-    type: Literal[LOSS_KINDS] = Field(  # type: ignore[valid-type]
-        default="sigmoid", description="DPO loss. sigmoid: the original DPO loss."
+    type: Literal[tuple(LOSS_KINDS)] = Field(  # type: ignore[valid-type]
+        default="sigmoid", description="DPO loss. " + "; ".join(f"{k}: {v}" for k, v in LOSS_KINDS.items()) + "."
     )
     beta: Annotated[float, Field(gt=0.0)] = Field(
         default=0.1, description="Strength of the pull toward the reference model."
@@ -245,18 +257,23 @@ class Resources(_Model):
 
     gpus: Annotated[int, Field(ge=0)] | None = Field(
         default=None,
-        description="nvidia.com/gpu per pod. Unset: generate takes generation.tensorParallelSize, "
-        "reward 1, annotate 0, train training.nprocPerNode. 0 runs the stage on CPUs.",
+        description="nvidia.com/gpu per pod. Unset: the pod's default (each pod's field says which). "
+        "0 runs the stage on CPUs.",
     )
     cpu: str | None = Field(default=None, description="CPU request and limit, e.g. '8' or '500m'.")
     memory: str | None = Field(default=None, description="Memory request and limit, e.g. '64Gi'.")
 
 
-class StageResources(_Model):
-    generate: Resources = Field(default_factory=Resources, description="Each generation shard's pod.")
-    reward: Resources = Field(default_factory=Resources, description="The reward server's pod.")
-    annotate: Resources = Field(default_factory=Resources, description="The annotator's pod (calls the reward server).")
-    train: Resources = Field(default_factory=Resources, description="Each training node's pod.")
+# One field per kind of pod, as the stage table declares them (generate, reward, annotate, train).
+StageResources = create_model(
+    "StageResources",
+    __base__=_Model,
+    __module__=__name__,
+    **{
+        pod.key: (Resources, Field(default_factory=Resources, description=f"{pod.description} GPUs when unset: {pod.gpus_doc}."))
+        for pod in pods()
+    },
+)
 
 
 class VolumeSpec(_Model):
@@ -290,7 +307,7 @@ class KubernetesSpec(_Model):
     image: str | None = Field(
         default=None,
         description="Container image of every stage (the Dockerfile's runtime target). Unset: the "
-        "operator's default (Helm value stageDefaults.image), else iterdpo:0.1.0.",
+        f"operator's default (Helm value stageDefaults.image), else {DEFAULT_IMAGE}.",
     )
     image_pull_policy: Literal[PULL_POLICIES] = Field(  # type: ignore[valid-type]
         default="IfNotPresent", description="Image pull policy of every container."
@@ -362,52 +379,10 @@ class IterativeDPORunSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> IterativeDPORunSpec:
-        t = self.training
-        per_step = t.micro_batch_size * t.nproc_per_node * t.nodes
-        if t.global_batch_size % per_step:
-            raise CrossFieldError(
-                "training.globalBatchSize",
-                f"must be a multiple of microBatchSize x nprocPerNode x nodes = "
-                f"{t.micro_batch_size} x {t.nproc_per_node} x {t.nodes} = {per_step} "
-                f"(got {t.global_batch_size})",
-            )
-        if t.zero_stage == 0 and t.precision != "fp32":
-            raise CrossFieldError(
-                "training.zeroStage",
-                f"0 keeps no readable fp32 master weights under precision {t.precision!r}: "
-                "use zeroStage 1, 2 or 3, or precision fp32",
-            )
-        if t.max_prompt_length >= t.max_length:
-            raise CrossFieldError(
-                "training.maxPromptLength",
-                f"must be less than training.maxLength ({t.max_length}) to leave room for "
-                f"the response (got {t.max_prompt_length})",
-            )
-        if self.reward.batch_tokens < self.reward.max_length:
-            raise CrossFieldError(
-                "reward.batchTokens",
-                f"must be at least reward.maxLength ({self.reward.max_length}) so that the longest "
-                f"conversation fits in one forward pass (got {self.reward.batch_tokens})",
-            )
-        if self.prompts.dataset is None and self.prompts.per_iteration is None:
-            raise CrossFieldError("prompts.dataset", "is required unless prompts.perIteration lists the prompt sets")
-        if self.prompts.per_iteration is not None and len(self.prompts.per_iteration) != self.iterations:
-            raise CrossFieldError(
-                "prompts.perIteration",
-                f"must list one prompt set per round: {self.iterations} (spec.iterations), "
-                f"got {len(self.prompts.per_iteration)}",
-            )
-        if self.kubernetes.launcher == "job" and t.nodes != 1:
-            raise CrossFieldError(
-                "kubernetes.launcher",
-                f"job runs training on one node: set training.nodes to 1 or use pytorchjob (training.nodes is {t.nodes})",
-            )
-        if self.pairing.strategy != "max_min_length_penalty" and self.pairing.length_penalty:
-            raise CrossFieldError(
-                "pairing.lengthPenalty",
-                "is only used by strategy max_min_length_penalty "
-                f"(strategy is {self.pairing.strategy!r})",
-            )
+        for rule in RULES:
+            obj = rule.target(self)
+            if not rule.holds(obj):
+                raise CrossFieldError(rule.blames, rule.explain(obj))
         return self
 
     def prompts_for(self, iteration: int) -> PromptSource:
@@ -463,6 +438,109 @@ class CrossFieldError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule that spans fields, declared once: checked by the model (`holds`, with the
+    values in `explain`), by the API server (`cel`, in the CRD generated by iterdpo/crd.py)
+    and listed in docs/run-file.md (`message`).
+
+    It sits on the lowest object holding all its fields (`at`, a spec path; "" is spec),
+    so the API server has filled that object's defaults before it runs."""
+
+    at: str
+    field: str  # the field it blames, relative to `at`
+    holds: Callable[[Any], bool]  # on the object at `at`
+    explain: Callable[[Any], str]  # what is wrong, with the values
+    cel: str  # the same check in CEL, on `self` = the object at `at`
+    message: str  # the API server's message (static: see crd.py) and the docs' wording
+    message_expression: str | None = None
+    reason: str = "FieldValueInvalid"
+
+    @property
+    def blames(self) -> str:
+        return ".".join(p for p in (self.at, self.field) if p)
+
+    def target(self, spec: IterativeDPORunSpec) -> Any:
+        obj: Any = spec
+        for part in filter(None, self.at.split(".")):
+            obj = getattr(obj, next(n for n, f in type(obj).model_fields.items() if (f.alias or n) == part))
+        return obj
+
+
+def _per_step(t: TrainingSpec) -> int:
+    return t.micro_batch_size * t.nproc_per_node * t.nodes
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "training", "globalBatchSize",
+        lambda t: t.global_batch_size % _per_step(t) == 0,
+        lambda t: f"must be a multiple of microBatchSize x nprocPerNode x nodes = {t.micro_batch_size} x "
+        f"{t.nproc_per_node} x {t.nodes} = {_per_step(t)} (got {t.global_batch_size})",
+        "self.globalBatchSize % (self.microBatchSize * self.nprocPerNode * self.nodes) == 0",
+        "must be a multiple of microBatchSize x nprocPerNode x nodes",
+    ),
+    Rule(
+        "training", "zeroStage",
+        lambda t: t.zero_stage != 0 or t.precision == "fp32",
+        lambda t: f"0 keeps no readable fp32 master weights under precision {t.precision!r}: "
+        "use zeroStage 1, 2 or 3, or precision fp32",
+        "self.zeroStage != 0 || self.precision == 'fp32'",
+        "0 keeps no readable fp32 master weights under precision bf16 or fp16: use zeroStage 1, 2 or 3, or precision fp32",
+        "\"0 keeps no readable fp32 master weights under precision '\" + self.precision + "
+        "\"': use zeroStage 1, 2 or 3, or precision fp32\"",
+    ),
+    Rule(
+        "training", "maxPromptLength",
+        lambda t: t.max_prompt_length < t.max_length,
+        lambda t: f"must be less than training.maxLength ({t.max_length}) to leave room for the response "
+        f"(got {t.max_prompt_length})",
+        "self.maxPromptLength < self.maxLength",
+        "must be less than training.maxLength to leave room for the response",
+    ),
+    Rule(
+        "reward", "batchTokens",
+        lambda r: r.batch_tokens >= r.max_length,
+        lambda r: f"must be at least reward.maxLength ({r.max_length}) so that the longest conversation fits in "
+        f"one forward pass (got {r.batch_tokens})",
+        "self.batchTokens >= self.maxLength",
+        "must be at least reward.maxLength so that the longest conversation fits in one forward pass",
+    ),
+    Rule(
+        "prompts", "dataset",
+        lambda p: p.dataset is not None or p.per_iteration is not None,
+        lambda p: "is required unless prompts.perIteration lists the prompt sets",
+        "has(self.dataset) || has(self.perIteration)",
+        "is required unless prompts.perIteration lists the prompt sets",
+        reason="FieldValueRequired",
+    ),
+    Rule(
+        "", "prompts.perIteration",
+        lambda s: s.prompts.per_iteration is None or len(s.prompts.per_iteration) == s.iterations,
+        lambda s: f"must list one prompt set per round: {s.iterations} (spec.iterations), "
+        f"got {len(s.prompts.per_iteration)}",
+        "!has(self.prompts.perIteration) || size(self.prompts.perIteration) == self.iterations",
+        "must list one prompt set per round: as many as spec.iterations",
+    ),
+    Rule(
+        "", "kubernetes.launcher",
+        lambda s: s.kubernetes.launcher != "job" or s.training.nodes == 1,
+        lambda s: "job runs training on one node: set training.nodes to 1 or use pytorchjob "
+        f"(training.nodes is {s.training.nodes})",
+        "self.kubernetes.launcher != 'job' || self.training.nodes == 1",
+        "job runs training on one node: set training.nodes to 1 or use pytorchjob",
+    ),
+    Rule(
+        "pairing", "lengthPenalty",
+        lambda p: p.strategy == "max_min_length_penalty" or p.length_penalty == 0,
+        lambda p: f"is only used by strategy max_min_length_penalty (strategy is {p.strategy!r})",
+        "self.strategy == 'max_min_length_penalty' || self.lengthPenalty == 0.0",
+        "is only used by strategy max_min_length_penalty",
+        "\"is only used by strategy max_min_length_penalty (strategy is '\" + self.strategy + \"')\"",
+    ),
+)
 
 
 def nested_model(annotation: object) -> type[BaseModel] | None:

@@ -14,7 +14,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from iterdpo.spec import IterativeDPORunSpec, nested_model
+from iterdpo.spec import RULES, IterativeDPORunSpec, nested_model
 
 _BOUNDS = ((Ge, "ge", ">="), (Gt, "gt", ">"), (Le, "le", "<="), (Lt, "lt", "<"))
 
@@ -37,11 +37,11 @@ def render() -> str:
         "",
         "Every field of `spec` in an `IterativeDPORun` (apiVersion `iterdpo.io/v1alpha1`).",
         "Generated from `iterdpo/spec.py` by `python -m iterdpo.specdoc`; do not edit by hand.",
-        "Cross-field rules (checked before anything runs): `training.globalBatchSize` is a multiple of",
-        "`microBatchSize x nprocPerNode x nodes`; `training.maxPromptLength < training.maxLength`;",
-        "`training.zeroStage` 0 needs `precision: fp32`; `reward.batchTokens >= reward.maxLength`;",
-        "`prompts.dataset` or `prompts.perIteration` (one entry per round) is set;",
-        "`pairing.lengthPenalty` only with `max_min_length_penalty`.",
+        "",
+        "Cross-field rules, checked before anything runs (by `iterdpo validate`, and by the API server",
+        "through the CRD's CEL rules); each is one entry of `iterdpo.spec.RULES`:",
+        "",
+        *(f"- `{rule.blames}` {rule.message}." for rule in RULES),
         "",
         "| field | type | default | description |",
         "| --- | --- | --- | --- |",

@@ -1,9 +1,10 @@
 """The run's status: typed, and changed only by pure functions.
 
-The local runner keeps it in `<workdir>/<name>/status.json`; the operator will
-write the same object into the resource's `status`. Conditions follow the
-Kubernetes API conventions (a condition's lastTransitionTime moves only when
-its status flips); `phase` is a summary derived alongside them.
+The local runner keeps it in `<workdir>/<name>/status.json`; the operator writes the
+same object into the resource's `status`. Conditions follow the Kubernetes API
+conventions (a condition's lastTransitionTime moves only when its status flips);
+`phase` is a summary derived alongside them. Each round's figures have one field per
+stage, named and typed by the stage table (`iterdpo.stages`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.alias_generators import to_camel
 
+from iterdpo.stages import STAGE_TABLE, STAGES, Figures, Stage
+
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
-Stage = Literal["Generate", "Score", "Train"]
-STAGES: tuple[Stage, ...] = ("Generate", "Score", "Train")
 
 
 class _Model(BaseModel):
@@ -31,40 +32,24 @@ class Condition(_Model):
     last_transition_time: str
 
 
-class GenerationFigures(_Model):
-    prompts: int
-    samples: int
-    prompts_left_out: int = 0
-    seconds: float
-
-
-class ScoringFigures(_Model):
-    mean_reward: float | None = None  # None when no response was scored (every prompt left out)
-    min_reward: float | None = None
-    max_reward: float | None = None
-    pairs: int
-    ties_dropped: int
-    prompts_left_out: int
-    seconds: float
-
-
-class TrainingFigures(_Model):
-    loss: float
-    reward_accuracy: float
-    reward_margin: float
-    checkpoint: str
-    seconds: float
-
-
-class IterationStatus(_Model):
+class _Round(_Model):
     iteration: int
     policy: str
-    generation: GenerationFigures | None = None
-    scoring: ScoringFigures | None = None
-    training: TrainingFigures | None = None
+
+    def figures(self, stage: Stage) -> Figures | None:
+        return getattr(self, STAGE_TABLE[stage].status_field)
 
     def stage_done(self, stage: Stage) -> bool:
-        return {"Generate": self.generation, "Score": self.scoring, "Train": self.training}[stage] is not None
+        return self.figures(stage) is not None
+
+
+# One field per stage, as the table names it (generation, scoring, training, ...).
+IterationStatus = create_model(
+    "IterationStatus",
+    __base__=_Round,
+    __module__=__name__,
+    **{d.status_field: (d.figures | None, Field(default=None, description=d.description)) for d in STAGES},
+)
 
 
 class RunStatus(_Model):
@@ -92,6 +77,13 @@ class RunStatus(_Model):
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    @classmethod
+    def of_resource(cls, body: dict) -> RunStatus:
+        """The status of a custom resource as typed; fields iterdpo does not own are ignored."""
+        raw = dict(body.get("status") or {})
+        known = {f.alias or n for n, f in cls.model_fields.items()}
+        return cls.model_validate({k: v for k, v in raw.items() if k in known})
 
 
 def now_rfc3339() -> str:
@@ -124,6 +116,7 @@ def accepted(status: RunStatus, spec_hash: str, now: str) -> RunStatus:
 
 
 def stage_started(status: RunStatus, iteration: int, stage: Stage, policy: str, now: str) -> RunStatus:
+    stage = Stage(stage)  # model_copy does not validate: a plain "Generate" becomes the enum here
     iterations = list(status.iterations)
     if status.iteration(iteration) is None:
         iterations.append(IterationStatus(iteration=iteration, policy=policy))
@@ -146,20 +139,17 @@ def stage_started(status: RunStatus, iteration: int, stage: Stage, policy: str, 
     )
 
 
-_FIELD_OF_STAGE = {"Generate": "generation", "Score": "scoring", "Train": "training"}
-
-
 def stage_finished(
     status: RunStatus,
     iteration: int,
     stage: Stage,
-    figures: GenerationFigures | ScoringFigures | TrainingFigures,
+    figures: Figures,
     now: str,
 ) -> RunStatus:
     current = status.iteration(iteration)
     if current is None:
         raise ValueError(f"round {iteration} has not started")
-    updated = current.model_copy(update={_FIELD_OF_STAGE[stage]: figures})
+    updated = current.model_copy(update={STAGE_TABLE[stage].status_field: figures})
     iterations = [updated if it.iteration == iteration else it for it in status.iterations]
     conditions = _with_conditions(
         status, now, ("Progressing", "True", f"{stage}Succeeded", f"round {iteration}: {stage} finished")
@@ -168,6 +158,7 @@ def stage_finished(
 
 
 def stage_failed(status: RunStatus, iteration: int, stage: Stage, reason: str, message: str, now: str) -> RunStatus:
+    stage = Stage(stage)
     conditions = _with_conditions(
         status,
         now,

@@ -1,8 +1,11 @@
-"""Pure builders: the typed run -> the Kubernetes manifests of its children.
+"""Pure builders: the typed run -> the pieces of its Kubernetes manifests.
 
-Nothing here talks to the API. The operator, `iterdpo render` and the golden tests all
-call these functions, so what is reviewed is what is applied. Every container command
-comes from `iterdpo.planner`, the same argv the local runner starts as a process.
+Nothing here talks to the API, and nothing here knows a stage: names, labels, pods and
+containers, the run's spec ConfigMap and its reward server (Secret, Service, Deployment).
+Each stage's child is built in `iterdpo_operator.stage_children` from these pieces. The
+operator, `iterdpo render` and the golden tests all call the same functions, so what is
+reviewed is what is applied. Every container command comes from `iterdpo.planner`, the
+same argv the local runner starts as a process.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from iterdpo.planner import REWARD_PORT, REWARD_TOKEN_ENV, generate_argv, stage_step
-from iterdpo.spec import API_VERSION, KIND, IterativeDPORun, Resources
-from iterdpo_operator.defaults import FALLBACK_IMAGE
+from iterdpo.planner import REWARD_PORT, REWARD_TOKEN_ENV, StageStep, reward_server_argv, stage_step
+from iterdpo.spec import API_VERSION, DEFAULT_IMAGE, KIND, IterativeDPORun, Resources
+from iterdpo.stages import Stage, pods
 
 SPEC_DIR = "/etc/iterdpo"
 SPEC_FILE = f"{SPEC_DIR}/run.yaml"
@@ -27,15 +30,14 @@ POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
                 "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
                       "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
-STAGE_WORDS = {"Generate": "generate", "Score": "annotate", "Train": "train"}
 RUN_LABEL = "iterdpo.io/run"
 TEMPLATE_HASH = "iterdpo.io/template-hash"  # on long-lived children: the pod template they were built with
 
 
 # -- names and labels ----------------------------------------------------------------
-def child_name(run: IterativeDPORun, iteration: int, stage: str, attempt: int) -> str:
+def child_name(run: IterativeDPORun, iteration: int, component: str, attempt: int) -> str:
     """The one name of a stage attempt's child: a restarted operator finds it again."""
-    return f"{run.name}-i{iteration:02d}-{STAGE_WORDS[stage]}-a{attempt}"
+    return f"{run.name}-i{iteration:02d}-{component}-a{attempt}"
 
 
 def reward_name(run: IterativeDPORun) -> str:
@@ -123,32 +125,34 @@ def _resources(resources: Resources, default_gpus: int) -> dict:
     return out
 
 
-def stage_gpus(run: IterativeDPORun, stage: str) -> int:
-    """GPUs per pod of a stage (reward, generate, annotate, train)."""
-    spec = run.spec
-    default = {"generate": spec.generation.tensor_parallel_size, "reward": 1, "annotate": 0,
-               "train": spec.training.nproc_per_node}[stage]  # fmt: skip
-    chosen = getattr(spec.kubernetes.resources, stage).gpus
-    return default if chosen is None else chosen
+_PODS = {pod.key: pod for pod in pods()}
 
 
-def container(run: IterativeDPORun, name: str, argv: tuple[str, ...] | list[str], stage: str,
-              extra_env: list[dict] | None = None) -> dict:  # fmt: skip
+def stage_gpus(run: IterativeDPORun, pod: str) -> int:
+    """GPUs of one kind of pod (a key of spec.kubernetes.resources): the run's, else the pod's default."""
+    chosen = getattr(run.spec.kubernetes.resources, pod).gpus
+    return _PODS[pod].default_gpus(run.spec) if chosen is None else chosen
+
+
+def container(run: IterativeDPORun, name: str, argv: tuple[str, ...] | list[str], pod: str, *,
+              deepspeed: bool = False, extra_env: list[dict] | None = None) -> dict:  # fmt: skip
+    """`pod`: its key under spec.kubernetes.resources; `deepspeed`: DeepSpeed runs in it (on CPUs
+    it is told so)."""
     k = run.spec.kubernetes
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": "/tmp"},
            {"name": "HF_HOME", "value": str(PurePosixPath(k.volume.mount_path) / ".cache" / "huggingface")}]  # fmt: skip
     if k.hub_token_secret is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": k.hub_token_secret.name, "key": k.hub_token_secret.key}}})
-    if stage == "train" and stage_gpus(run, "train") == 0:
+    if deepspeed and stage_gpus(run, pod) == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})  # DeepSpeed on CPUs (gloo)
     env += extra_env or []
     return {
         "name": name,
-        "image": k.image or FALLBACK_IMAGE,
+        "image": k.image or DEFAULT_IMAGE,
         "imagePullPolicy": k.image_pull_policy,
         "command": list(argv),
         "env": env,
-        "resources": _resources(getattr(k.resources, stage), stage_gpus(run, stage)),
+        "resources": _resources(getattr(k.resources, pod), stage_gpus(run, pod)),
         "volumeMounts": [{"name": "run-volume", "mountPath": k.volume.mount_path},
                          {"name": "run-spec", "mountPath": SPEC_DIR, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"}],  # fmt: skip
@@ -186,7 +190,8 @@ def pod_spec(run: IterativeDPORun, containers: list[dict], restart_policy: str =
     return spec
 
 
-def _step(run: IterativeDPORun, iteration: int, stage: str):
+def planned(run: IterativeDPORun, iteration: int, stage: Stage) -> StageStep:
+    """The planner's step of `stage` in round `iteration`, as the pods run it."""
     return stage_step(pod_run(run), iteration, stage, spec_file=SPEC_FILE, reward_host="0.0.0.0",
                       reward_port=REWARD_PORT, reward_url=reward_url(run))  # fmt: skip
 
@@ -196,41 +201,9 @@ def reward_url(run: IterativeDPORun) -> str:
     return f"http://{reward_name(run)}.{run.metadata.namespace or 'default'}.svc:{REWARD_PORT}"
 
 
-# -- children --------------------------------------------------------------------------
-def generate_job(run: IterativeDPORun, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
-    """An Indexed Job: one index per shard (JOB_COMPLETION_INDEX picks it); a failed shard retries alone."""
-    shards = run.spec.generation.shards
-    argv = generate_argv(pod_run(run), iteration, spec_file=SPEC_FILE, shard=None)
-    name = child_name(run, iteration, "Generate", attempt)
-    template_labels = labels(run, "generate", iteration=iteration, attempt=attempt)
-    return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": _meta(run, name, "generate", owner_uid, iteration=iteration, attempt=attempt),
-        "spec": {
-            "completionMode": "Indexed", "completions": shards, "parallelism": shards,
-            "backoffLimitPerIndex": run.spec.kubernetes.shard_retries,
-            "template": {"metadata": {"labels": template_labels},
-                         "spec": pod_spec(run, [container(run, "generate", argv, "generate")], shm=True)},
-        },
-    }  # fmt: skip
-
-
-def annotate_job(run: IterativeDPORun, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
-    """Scores the round through the reward Service and writes the pairs."""
-    (command,) = _step(run, iteration, "Score").jobs
-    name = child_name(run, iteration, "Score", attempt)
-    return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": _meta(run, name, "annotate", owner_uid, iteration=iteration, attempt=attempt),
-        "spec": {
-            "backoffLimit": 0,  # the operator retries a stage as a new attempt
-            "template": {"metadata": {"labels": labels(run, "annotate", iteration=iteration, attempt=attempt)},
-                         "spec": pod_spec(run, [container(run, "annotate", command.argv, "annotate", extra_env=_token_env(run))])},
-        },
-    }  # fmt: skip
-
-
-def _token_env(run: IterativeDPORun) -> list[dict]:
+# -- the run's reward server -----------------------------------------------------------
+def token_env(run: IterativeDPORun) -> list[dict]:
+    """The reward server's token, from its Secret: for the server and for every caller."""
     name, key = reward_token_ref(run)
     return [{"name": REWARD_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]
 
@@ -242,22 +215,23 @@ def reward_token_secret(run: IterativeDPORun, token: str, owner_uid: str | None 
             "stringData": {key: token}}  # fmt: skip
 
 
-def reward_network_policy(run: IterativeDPORun, owner_uid: str | None = None) -> dict:
-    """Only the run's annotate pods may reach its reward server (spec.kubernetes.rewardNetworkPolicy)."""
+def reward_network_policy(run: IterativeDPORun, clients: tuple[str, ...], owner_uid: str | None = None) -> dict:
+    """Only the run's pods of the `clients` components may reach its reward server
+    (spec.kubernetes.rewardNetworkPolicy)."""
+    peers = [{"podSelector": {"matchLabels": {RUN_LABEL: run.name, "app.kubernetes.io/component": c}}} for c in clients]
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": _meta(run, reward_name(run), "reward", owner_uid),
         "spec": {"podSelector": {"matchLabels": {RUN_LABEL: run.name, "app.kubernetes.io/component": "reward"}},
                  "policyTypes": ["Ingress"],
-                 "ingress": [{"from": [{"podSelector": {"matchLabels": {RUN_LABEL: run.name, "app.kubernetes.io/component": "annotate"}}}],
-                              "ports": [{"protocol": "TCP", "port": REWARD_PORT}]}]},
+                 "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": REWARD_PORT}]}]},
     }  # fmt: skip
 
 
 def reward_deployment(run: IterativeDPORun, replicas: int, owner_uid: str | None = None) -> dict:
     """The reward server; Recreate, so a new pod never waits for the old one's GPUs."""
-    service = _step(run, 1, "Score").service
-    main = container(run, "reward-server", service.argv, "reward", extra_env=_token_env(run))
+    argv = reward_server_argv(spec_file=SPEC_FILE, host="0.0.0.0", port=REWARD_PORT)
+    main = container(run, "reward-server", argv, "reward", extra_env=token_env(run))
     main["ports"] = [{"name": "http", "containerPort": REWARD_PORT}]
     main["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 1}
     main["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6}
@@ -285,11 +259,6 @@ def reward_service(run: IterativeDPORun, owner_uid: str | None = None) -> dict:
     }  # fmt: skip
 
 
-def train_argv(run: IterativeDPORun, iteration: int) -> tuple[str, ...]:
-    (command,) = _step(run, iteration, "Train").jobs
-    return command.argv
-
-
 class _Dumper(yaml.SafeDumper):
     """Multi-line strings (the run file in the ConfigMap) as literal blocks."""
 
@@ -300,20 +269,3 @@ _Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:
 def to_yaml(manifests: list[dict]) -> str:
     """Multi-document YAML, as `kubectl apply -f` takes it."""
     return yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False)
-
-
-def render_round(run: IterativeDPORun, iteration: int = 1) -> list[dict]:
-    """Every manifest of one round, in the order the operator creates them, except the
-    generated token Secret (its value is random: the operator makes it)."""
-    from iterdpo_operator.launchers import launcher_for
-
-    reward = [reward_service(run), reward_deployment(run, 1)]
-    if run.spec.kubernetes.reward_network_policy:
-        reward.append(reward_network_policy(run))
-    return [
-        spec_config_map(run),
-        generate_job(run, iteration, 1),
-        *reward,
-        annotate_job(run, iteration, 1),
-        launcher_for(run).build(run, iteration, 1),
-    ]

@@ -9,11 +9,10 @@ import os
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from iterdpo.spec import IterativeDPORun
+from iterdpo.spec import DEFAULT_IMAGE, IterativeDPORun, StageResources
 
 DEFAULTS_ENV = "ITERDPO_STAGE_DEFAULTS"
-FALLBACK_IMAGE = "iterdpo:0.1.0"  # the Dockerfile's runtime target, as docs/image.md tags it
-STAGES = ("generate", "reward", "annotate", "train")
+PODS = tuple(StageResources.model_fields)  # the kinds of pod (generate, reward, annotate, train)
 
 
 class StageResources(BaseModel):
@@ -24,7 +23,7 @@ class StageResources(BaseModel):
 
 class StageDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    image: str = FALLBACK_IMAGE
+    image: str = DEFAULT_IMAGE
     resources: dict[str, StageResources] = {}
 
 
@@ -35,9 +34,9 @@ def defaults_from_env() -> StageDefaults:
         defaults = StageDefaults.model_validate(json.loads(raw)) if raw else StageDefaults()
     except (ValueError, ValidationError) as exc:
         raise SystemExit(f"iterdpo operator: ${DEFAULTS_ENV} is not valid: {exc}") from None
-    unknown = set(defaults.resources) - set(STAGES)
+    unknown = set(defaults.resources) - set(PODS)
     if unknown:
-        raise SystemExit(f"iterdpo operator: ${DEFAULTS_ENV}: unknown stage(s) {sorted(unknown)}; allowed: {list(STAGES)}")
+        raise SystemExit(f"iterdpo operator: ${DEFAULTS_ENV}: unknown stage(s) {sorted(unknown)}; allowed: {list(PODS)}")
     return defaults
 
 
@@ -45,11 +44,11 @@ def with_defaults(run: IterativeDPORun, defaults: StageDefaults) -> IterativeDPO
     """The run with its unset image and stage cpu/memory taken from `defaults`."""
     k = run.spec.kubernetes
     resources = k.resources
-    for stage in STAGES:
-        given, fallback = getattr(resources, stage), defaults.resources.get(stage)
+    for pod in PODS:
+        given, fallback = getattr(resources, pod), defaults.resources.get(pod)
         if fallback is None:
             continue
         filled = given.model_copy(update={"cpu": given.cpu or fallback.cpu, "memory": given.memory or fallback.memory})
-        resources = resources.model_copy(update={stage: filled})
+        resources = resources.model_copy(update={pod: filled})
     kubernetes = k.model_copy(update={"image": k.image or defaults.image, "resources": resources})
     return run.model_copy(update={"spec": run.spec.model_copy(update={"kubernetes": kubernetes})})

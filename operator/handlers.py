@@ -1,14 +1,17 @@
 """kopf handlers: thin. Whatever wakes the operator (the run changing, a child changing, a
-timer), it calls `reconcile(namespace, name)`: read the run, decide (pure), apply, write
-the status if it changed. Importing this module registers the handlers with kopf.
+run's own next look), it calls `reconcile(namespace, name)`: read the run, decide (pure),
+apply, write the status if it changed. Importing this module registers the handlers with
+kopf; only `iterdpo operator` imports it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
 import threading
+from concurrent.futures import Executor
 from datetime import datetime, timezone
 
 import kopf
@@ -26,10 +29,12 @@ from iterdpo_operator.validation import InvalidRun, validate_resource
 log = logging.getLogger("iterdpo.operator")
 GROUP, VERSION = API_VERSION.split("/")
 TIMER_INTERVAL = float(os.environ.get("ITERDPO_RECONCILE_INTERVAL", "5"))  # seconds: the level-based safety net
+SOONEST_LOOK = 0.5  # seconds: the earliest next look a decision may ask for
 DEFAULTS = defaults_from_env()  # read once, at start: a bad value stops the operator, naming it
 MAX_PASSES = 12  # per reconcile: status conflicts and stage transitions taken at once
 
 _kube: Kube | None = None
+_executor: Executor | None = None  # kopf's, for the blocking reconciles of the per-run loop
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -44,13 +49,6 @@ def kube() -> Kube:
 def _lock(namespace: str, name: str) -> threading.Lock:
     with _locks_guard:
         return _locks.setdefault((namespace, name), threading.Lock())
-
-
-def status_of(body: dict) -> RunStatus:
-    """The run's status as typed; fields iterdpo does not own are ignored."""
-    raw = dict(body.get("status") or {})
-    known = {f.alias or n for n, f in RunStatus.model_fields.items()}
-    return RunStatus.model_validate({k: v for k, v in raw.items() if k in known})
 
 
 def _decide_once(k: Kube, body: dict, status: RunStatus, now: datetime) -> Decision:
@@ -98,7 +96,8 @@ def _write_status(k: Kube, body: dict, status: RunStatus) -> bool:
 
 
 def reconcile(namespace: str, name: str) -> float | None:
-    """Bring the run one or more steps forward; returns seconds until it wants a look again."""
+    """Bring the run one or more steps forward; returns seconds until it wants a look again
+    (None: no particular time; the run was deleted if it is gone)."""
     k = kube()
     with _lock(namespace, name):
         for _ in range(MAX_PASSES):
@@ -106,7 +105,7 @@ def reconcile(namespace: str, name: str) -> float | None:
             if body is None:
                 metrics.forget(namespace, name)
                 return None  # deleted: its children go with it (ownerReferences)
-            status = status_of(body)
+            status = RunStatus.of_resource(body)
             decision = _decide_once(k, body, status, datetime.now(timezone.utc))
             if decision.status != status and not _write_status(k, body, decision.status):
                 log.info("run %s/%s changed while reconciling; deciding again", namespace, name)
@@ -128,6 +127,8 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="iterdpo.io", key="last-handled-configuration")
     settings.posting.enabled = False  # iterdpo posts its own Events (Kube.event)
     settings.watching.server_timeout = 120
+    global _executor
+    _executor = settings.execution.executor
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -137,9 +138,27 @@ def on_run(namespace: str, name: str, **_) -> None:
     reconcile(namespace, name)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_INTERVAL)
-def tick(namespace: str, name: str, **_) -> None:
-    reconcile(namespace, name)
+def next_look(requeue_after: float | None) -> float:
+    """Seconds until a run's own next reconcile: what the decision asked for, bounded by the
+    interval (the safety net) and SOONEST_LOOK (no busy loop)."""
+    if requeue_after is None:
+        return TIMER_INTERVAL
+    return min(TIMER_INTERVAL, max(SOONEST_LOOK, requeue_after))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=30)
+async def look_again(namespace: str, name: str, **_) -> None:
+    """Each run's own loop, for what no event announces (a retry's back-off ending, the reward
+    server's start-up deadline): a reconcile every TIMER_INTERVAL seconds, or sooner when the
+    last decision asked (Decision.requeue_after). Stopped by kopf when the run is deleted."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            delay = await loop.run_in_executor(_executor, reconcile, namespace, name)
+        except Exception:  # an API hiccup: the next look retries, as a timer would
+            log.exception("reconcile of %s/%s failed; trying again in %.0f s", namespace, name, TIMER_INTERVAL)
+            delay = None
+        await asyncio.sleep(next_look(delay))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
@@ -149,4 +168,4 @@ def on_child(namespace: str, labels: dict, **_) -> None:
     reconcile(namespace, labels[RUN_LABEL])
 
 
-__all__ = ["PLURAL", "reconcile", "status_of"]
+__all__ = ["PLURAL", "reconcile"]

@@ -3,17 +3,20 @@ dynamic client, so core kinds, Jobs and Kubeflow's CRDs go through one code path
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 
 from kubernetes import client, config, dynamic
 from kubernetes.client.rest import ApiException
 
 from iterdpo.spec import API_VERSION, IterativeDPORun
+from iterdpo.stages import STAGE_TABLE
 from iterdpo_operator import builders as b
-from iterdpo_operator.launchers import ChildRef, controller_for
-from iterdpo_operator.reconcile import Create, Ensure, Observed, Patch, Scale, Target, child_ref
+from iterdpo_operator.launchers import ChildRef
+from iterdpo_operator.reconcile import (RESUME_ANNOTATION, Create, Ensure, Observed, Patch, PodMessage, Scale, Target,
+                                        child_ref)  # fmt: skip
+from iterdpo_operator.stage_children import child_kind
 
 log = logging.getLogger(__name__)
 PLURAL = "iterativedporuns"
@@ -31,6 +34,15 @@ def load_config() -> client.ApiClient:
     except config.ConfigException:
         config.load_kube_config()
     return client.ApiClient()
+
+
+def current_namespace() -> str:
+    """The kubeconfig context's namespace; in a pod, the service account's; else 'default'."""
+    try:
+        return config.list_kube_config_contexts()[1].get("context", {}).get("namespace") or "default"
+    except (config.ConfigException, OSError):
+        in_pod = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        return in_pod.read_text().strip() if in_pod.exists() else "default"
 
 
 class Kube:
@@ -59,6 +71,19 @@ class Kube:
             if e.status == 404:
                 return None
             raise
+
+    def ask_resume(self, namespace: str, name: str, token: str) -> str | None:
+        """Annotate a Failed run so that the operator resumes its failed stage; returns the
+        phase it found (only a Failed run is annotated; None if there is no such run)."""
+        body = self.read_run(namespace, name)
+        if body is None:
+            return None
+        phase = (body.get("status") or {}).get("phase") or "Pending"
+        if phase == "Failed":
+            group, version = API_VERSION.split("/")
+            self.custom.patch_namespaced_custom_object(group, version, namespace, PLURAL, name,
+                                                       {"metadata": {"annotations": {RESUME_ANNOTATION: token}}})  # fmt: skip
+        return phase
 
     def write_status(self, body: dict, status: dict) -> None:
         """Replace the status, guarded by the resourceVersion that was read (409 -> Conflict)."""
@@ -91,20 +116,14 @@ class Kube:
                 return cs.state.terminated.message
         return ""
 
-    def _summaries(self, namespace: str, selector: str) -> list[dict]:
-        """The JSON summaries of the succeeded pods: one per Job index (the last success)."""
-        by_index: dict[str, dict] = {}
+    def _summaries(self, namespace: str, selector: str) -> list[PodMessage]:
+        """The termination messages of the succeeded pods: one per Job index (the last success)."""
+        by_index: dict[str, PodMessage] = {}
         for pod in sorted(self._pods(namespace, selector), key=lambda p: p.metadata.creation_timestamp):
             if pod.status.phase != "Succeeded":
                 continue
             index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index", pod.metadata.name)
-            try:
-                summary = json.loads(self._message(pod))
-            except ValueError:
-                log.warning("pod %s/%s succeeded without a JSON summary", namespace, pod.metadata.name)
-                continue
-            if isinstance(summary, dict):
-                by_index[index] = summary
+            by_index[index] = PodMessage(pod.metadata.name, self._message(pod))
         return list(by_index.values())
 
     def _failure_detail(self, namespace: str, selector: str) -> str:
@@ -130,10 +149,10 @@ class Kube:
         ns = run.metadata.namespace
         ref = child_ref(run, target)
         obj = self._get(ref, ns)
-        reward = self.reward_available(run) if target.stage == "Score" else False
+        reward = self.reward_available(run) if STAGE_TABLE[target.stage].uses_reward_server else False
         if obj is None:
             return Observed(child_exists=False, reward_available=reward)
-        controller = controller_for(run, target.stage)
+        controller = child_kind(run, target.stage)
         outcome, selector, suspended = controller.outcome(obj), controller.summary_pods_selector(ref.name), controller.suspended(obj)
         summaries = self._summaries(ns, selector) if outcome.done and outcome.succeeded else []
         detail = self._failure_detail(ns, selector) if outcome.done and not outcome.succeeded else ""

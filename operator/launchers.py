@@ -1,17 +1,20 @@
-"""How the Train stage runs on a cluster: one class per launcher, behind one interface.
+"""The kinds of child a stage attempt can be, and the launchers of training stages.
 
-A launcher builds the child of a training attempt, reads that child's outcome, and knows
-how to suspend it and where its summary pod is. Adding Kubeflow Trainer v2's TrainJob
-(trainer.kubeflow.org/v1alpha1) means one more class here: a TrainJob with a
+A child kind (a batch Job, a Kubeflow PyTorchJob) says how its outcome is read, which
+pod holds its summary, and how it is suspended. A launcher (spec.kubernetes.launcher)
+builds the child that runs a training stage's torchrun command: one Job on one node, or
+a PyTorchJob of Master + Workers. Adding Kubeflow Trainer v2's TrainJob
+(trainer.kubeflow.org/v1alpha1) means one kind and one launcher here: a TrainJob with a
 `runtimeRef` to a torch ClusterTrainingRuntime, `trainer.numNodes` = training.nodes,
 `trainer.numProcPerNode` = nprocPerNode, the same command, and its `Complete`/`Failed`
-conditions; the reconciler needs no change.
+conditions; the reconciler and the stage table need no change.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Protocol
 
 from iterdpo.spec import IterativeDPORun
 from iterdpo_operator import builders as b
@@ -68,24 +71,21 @@ def job_outcome(obj: dict) -> Outcome:
     return conditions_outcome(obj, "Complete")
 
 
-class JobLauncher:
-    """Training as one batch Job on one node (clusters without Kubeflow)."""
+class ChildKind(Protocol):
+    """How one kind of child is read and steered."""
 
-    name = "job"
+    api_version: str
+    kind: str
+    plural: str
 
-    def ref(self, run: IterativeDPORun, iteration: int, attempt: int) -> ChildRef:
-        return ChildRef("batch/v1", "Job", "jobs", b.child_name(run, iteration, "Train", attempt))
+    def outcome(self, obj: dict) -> Outcome: ...
+    def summary_pods_selector(self, name: str) -> str: ...
+    def suspend_patch(self, suspend: bool) -> dict: ...
+    def suspended(self, obj: dict) -> bool: ...
 
-    def build(self, run: IterativeDPORun, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
-        name = self.ref(run, iteration, attempt).name
-        main = b.container(run, "train", b.train_argv(run, iteration), "train")
-        return {
-            "apiVersion": "batch/v1", "kind": "Job",
-            "metadata": b._meta(run, name, "train", owner_uid, iteration=iteration, attempt=attempt),
-            "spec": {"backoffLimit": 0,
-                     "template": {"metadata": {"labels": b.labels(run, "train", iteration=iteration, attempt=attempt)},
-                                  "spec": b.pod_spec(run, [main], shm=True)}},
-        }  # fmt: skip
+
+class JobKind:
+    api_version, kind, plural = "batch/v1", "Job", "jobs"
 
     def outcome(self, obj: dict) -> Outcome:
         return job_outcome(obj)
@@ -100,32 +100,8 @@ class JobLauncher:
         return bool((obj.get("spec") or {}).get("suspend"))
 
 
-class PyTorchJobLauncher:
-    """Kubeflow Training Operator v1: Master + (nodes - 1) Workers, torchrun in each; the
-    operator sets PET_MASTER_ADDR/PORT, PET_NNODES and PET_NODE_RANK, which torchrun reads."""
-
-    name = "pytorchjob"
-
-    def ref(self, run: IterativeDPORun, iteration: int, attempt: int) -> ChildRef:
-        return ChildRef("kubeflow.org/v1", "PyTorchJob", "pytorchjobs", b.child_name(run, iteration, "Train", attempt))
-
-    def build(self, run: IterativeDPORun, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
-        t = run.spec.training
-        name = self.ref(run, iteration, attempt).name
-        # Kubeflow requires the container to be named "pytorch".
-        main = b.container(run, "pytorch", b.train_argv(run, iteration), "train")
-        template = {"metadata": {"labels": b.labels(run, "train", iteration=iteration, attempt=attempt)},
-                    "spec": b.pod_spec(run, [main], shm=True)}  # fmt: skip
-        replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
-        if t.nodes > 1:  # its own copy: one shared dict would print as YAML anchors
-            replicas["Worker"] = {"replicas": t.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
-        return {
-            "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-            "metadata": b._meta(run, name, "train", owner_uid, iteration=iteration, attempt=attempt),
-            "spec": {"nprocPerNode": str(t.nproc_per_node),
-                     "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None", "suspend": False},
-                     "pytorchReplicaSpecs": replicas},
-        }  # fmt: skip
+class PyTorchJobKind:
+    api_version, kind, plural = "kubeflow.org/v1", "PyTorchJob", "pytorchjobs"
 
     def outcome(self, obj: dict) -> Outcome:
         return conditions_outcome(obj, "Succeeded")
@@ -140,14 +116,64 @@ class PyTorchJobLauncher:
         return bool(((obj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
 
 
+JOB, PYTORCHJOB = JobKind(), PyTorchJobKind()
+
+
+@dataclass(frozen=True)
+class TrainingChild:
+    """What a launcher needs to know of the training stage whose child it builds."""
+
+    name: str  # the child's name
+    component: str  # its pods' app.kubernetes.io/component, and their resources key
+    argv: tuple[str, ...]  # the planner's torchrun command
+    iteration: int
+    attempt: int
+
+
+class JobLauncher:
+    """Training as one batch Job on one node (clusters without Kubeflow)."""
+
+    name = "job"
+    kind = JOB
+
+    def build(self, run: IterativeDPORun, child: TrainingChild, owner_uid: str | None = None) -> dict:
+        main = b.container(run, child.component, child.argv, child.component, deepspeed=True)
+        return {
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": b._meta(run, child.name, child.component, owner_uid, iteration=child.iteration, attempt=child.attempt),
+            "spec": {"backoffLimit": 0,
+                     "template": {"metadata": {"labels": b.labels(run, child.component, iteration=child.iteration, attempt=child.attempt)},
+                                  "spec": b.pod_spec(run, [main], shm=True)}},
+        }  # fmt: skip
+
+
+class PyTorchJobLauncher:
+    """Kubeflow Training Operator v1: Master + (nodes - 1) Workers, torchrun in each; the
+    operator sets PET_MASTER_ADDR/PORT, PET_NNODES and PET_NODE_RANK, which torchrun reads."""
+
+    name = "pytorchjob"
+    kind = PYTORCHJOB
+
+    def build(self, run: IterativeDPORun, child: TrainingChild, owner_uid: str | None = None) -> dict:
+        t = run.spec.training
+        # Kubeflow requires the container to be named "pytorch".
+        main = b.container(run, "pytorch", child.argv, child.component, deepspeed=True)
+        template = {"metadata": {"labels": b.labels(run, child.component, iteration=child.iteration, attempt=child.attempt)},
+                    "spec": b.pod_spec(run, [main], shm=True)}  # fmt: skip
+        replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
+        if t.nodes > 1:  # its own copy: one shared dict would print as YAML anchors
+            replicas["Worker"] = {"replicas": t.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
+        return {
+            "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+            "metadata": b._meta(run, child.name, child.component, owner_uid, iteration=child.iteration, attempt=child.attempt),
+            "spec": {"nprocPerNode": str(t.nproc_per_node),
+                     "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None", "suspend": False},
+                     "pytorchReplicaSpecs": replicas},
+        }  # fmt: skip
+
+
 LAUNCHERS = {launcher.name: launcher for launcher in (JobLauncher(), PyTorchJobLauncher())}
 
 
 def launcher_for(run: IterativeDPORun):
     return LAUNCHERS[run.spec.kubernetes.launcher]
-
-
-def controller_for(run: IterativeDPORun, stage: str):
-    """What reads and steers a stage's child (outcome, summary pods, suspension): the
-    launcher for Train; for Generate and Score, whose children are batch Jobs, the Job one."""
-    return launcher_for(run) if stage == "Train" else LAUNCHERS["job"]

@@ -7,6 +7,7 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from iterdpo.stages import HEADLINE, STAGES
 from iterdpo.status import RunStatus
 
 RECONCILES = Counter("iterdpo_reconciles_total", "Reconcile passes of a run, by result.", ["result"])
@@ -39,11 +40,12 @@ def record(namespace: str, name: str, before: RunStatus, after: RunStatus, event
             _phases[(namespace, name)] = after.phase
     for it in after.iterations:
         done = before.iteration(it.iteration)
-        for stage, figures in (("Generate", it.generation), ("Score", it.scoring), ("Train", it.training)):
-            if figures is not None and (done is None or not done.stage_done(stage)):
-                STAGE_SECONDS.labels(stage).observe(figures.seconds)
-        if it.scoring is not None and it.scoring.mean_reward is not None:
-            MEAN_REWARD.labels(namespace, name, str(it.iteration)).set(it.scoring.mean_reward)
+        for d in STAGES:
+            figures = it.figures(d.stage)
+            if figures is not None and (done is None or not done.stage_done(d.stage)):
+                STAGE_SECONDS.labels(d.stage.value).observe(figures.seconds)
+        if HEADLINE.of(it) is not None:
+            MEAN_REWARD.labels(namespace, name, str(it.iteration)).set(HEADLINE.of(it))
 
 
 def forget(namespace: str, name: str) -> None:

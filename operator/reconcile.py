@@ -2,7 +2,7 @@
 (new status, actions, events). Handlers only fetch, call `decide`, and apply.
 
 Level-based: nothing depends on which event woke the operator. Each stage attempt has
-exactly one child, named by `builders.child_name(run, iteration, stage, attempt)`; creating
+exactly one child, named by `stage_children.child_name(run, iteration, stage, attempt)`; creating
 it is idempotent (an existing child is that attempt), so an operator restarted at any
 moment never makes two children for one attempt.
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from iterdpo.figures import MissingSummary, stage_figures
 from iterdpo.planner import Finished, next_step
 from iterdpo.spec import IterativeDPORun
+from iterdpo.stages import STAGE_TABLE, Stage, SummaryError
 from iterdpo.status import (
     RunStatus,
     accepted,
@@ -25,7 +25,8 @@ from iterdpo.status import (
     succeeded,
 )
 from iterdpo_operator import builders as b
-from iterdpo_operator.launchers import ChildRef, Outcome, controller_for, launcher_for
+from iterdpo_operator import stage_children as children
+from iterdpo_operator.launchers import ChildRef, Outcome
 
 RESUME_ANNOTATION = "iterdpo.io/resume"
 
@@ -43,7 +44,7 @@ class Target:
     """The stage attempt the run is at."""
 
     iteration: int
-    stage: str
+    stage: Stage
     policy: str
     attempt: int
 
@@ -58,17 +59,19 @@ def current_target(run: IterativeDPORun, status: RunStatus) -> Target | Finished
 
 
 def child_ref(run: IterativeDPORun, target: Target) -> ChildRef:
-    if target.stage == "Train":
-        return launcher_for(run).ref(run, target.iteration, target.attempt)
-    return ChildRef("batch/v1", "Job", "jobs", b.child_name(run, target.iteration, target.stage, target.attempt))
+    return children.child_ref(run, target.stage, target.iteration, target.attempt)
 
 
 def child_manifest(run: IterativeDPORun, target: Target, owner_uid: str) -> dict:
-    if target.stage == "Generate":
-        return b.generate_job(run, target.iteration, target.attempt, owner_uid)
-    if target.stage == "Score":
-        return b.annotate_job(run, target.iteration, target.attempt, owner_uid)
-    return launcher_for(run).build(run, target.iteration, target.attempt, owner_uid)
+    return children.child_manifest(run, target.stage, target.iteration, target.attempt, owner_uid)
+
+
+@dataclass(frozen=True)
+class PodMessage:
+    """A succeeded pod's termination message: the summary its program left (parsed by `decide`)."""
+
+    pod: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Observed:
 
     child_exists: bool = False
     outcome: Outcome | None = None
-    summaries: list[dict] = field(default_factory=list)  # parsed termination messages of succeeded pods
+    summaries: list[PodMessage] = field(default_factory=list)  # one per succeeded pod (per Job index)
     failure_detail: str = ""  # the failed pod's termination message (log tail), for the condition
     child_suspended: bool = False
     reward_available: bool = False
@@ -140,7 +143,7 @@ def _reward_actions(run: IterativeDPORun, owner_uid: str, replicas: int, new_tok
     if run.spec.kubernetes.reward_token_secret is None:
         actions.append(Create(b.reward_token_secret(run, new_token, owner_uid)))  # if absent: the first token stays
     if run.spec.kubernetes.reward_network_policy:
-        actions.append(Create(b.reward_network_policy(run, owner_uid)))
+        actions.append(Create(b.reward_network_policy(run, children.REWARD_CLIENTS, owner_uid)))
     # Ensure: a changed image or resources (spec.kubernetes may change mid-run) rolls the server.
     return actions + [Create(b.reward_service(run, owner_uid)), Ensure(b.reward_deployment(run, replicas, owner_uid)),
                       Scale(b.reward_name(run), replicas)]  # fmt: skip
@@ -152,11 +155,10 @@ def _seconds(outcome: Outcome) -> float:
 
 
 def _figures(run: IterativeDPORun, target: Target, observed: Observed):
-    if target.stage == "Generate" and len(observed.summaries) != run.spec.generation.shards:
-        raise MissingSummary(
-            f"expected a summary from each of the {run.spec.generation.shards} shards, found {len(observed.summaries)}"
-        )
-    return stage_figures(target.stage, observed.summaries, _seconds(observed.outcome))
+    """The stage's figures from its pods' summaries (SummaryError names the pod at fault)."""
+    d = STAGE_TABLE[target.stage]
+    summaries = [d.summary.parse(m.text, source=f"pod {m.pod}") for m in observed.summaries]
+    return d.figures_of(summaries, _seconds(observed.outcome), run)
 
 
 def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generation: int | None,
@@ -209,7 +211,7 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
 
     if run.spec.suspend:
         if observed.child_exists and not observed.child_suspended and not (observed.outcome and observed.outcome.done):
-            actions.append(Patch(ref, controller_for(run, target.stage).suspend_patch(True)))
+            actions.append(Patch(ref, children.child_kind(run, target.stage).suspend_patch(True)))
         actions.append(Scale(b.reward_name(run), 0))
         if st.phase != "Suspended":
             conditions = set_condition(st.conditions, "Suspended", "True", "SpecSuspend", "spec.suspend is true", t)
@@ -222,9 +224,10 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         st = st.model_copy(update={"conditions": conditions, "phase": "Running" if st.current_stage else "Pending"})
         events.append(Event("Normal", "Unsuspended", f"round {target.iteration}: {target.stage} continues"))
     if observed.child_suspended:
-        actions.append(Patch(ref, controller_for(run, target.stage).suspend_patch(False)))
+        actions.append(Patch(ref, children.child_kind(run, target.stage).suspend_patch(False)))
 
-    want_reward = target.stage == "Score" or keep_warm
+    calls_reward = STAGE_TABLE[target.stage].uses_reward_server
+    want_reward = calls_reward or keep_warm
     actions += _reward_actions(run, owner_uid, 1 if want_reward else 0, new_token)
     same_attempt = st.current_attempt == target.attempt and st.attempt_limit
     limit = st.attempt_limit if same_attempt else target.attempt + run.spec.kubernetes.stage_retries
@@ -234,7 +237,7 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         retry_after = parse_time(st.retry_after)
         if retry_after and now < retry_after:
             return Decision(st, actions, events, requeue_after=(retry_after - now).total_seconds())
-        if target.stage == "Score" and not observed.reward_available:
+        if calls_reward and not observed.reward_available:
             since = parse_time(st.waiting_since) or now
             deadline = run.spec.reward.startup_timeout_seconds
             if (now - since).total_seconds() <= deadline:
@@ -262,13 +265,13 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
     if outcome.succeeded:
         try:
             figures = _figures(run, target, observed)
-        except MissingSummary as exc:
+        except SummaryError as exc:
             failure = f"{ref.kind} {ref.name} succeeded but {exc}"
         else:
             st = stage_finished(st, target.iteration, target.stage, figures, t).model_copy(
                 update={"current_attempt": None, "attempt_limit": None, "current_child": None, "retry_after": None})
             events.append(Event("Normal", "StageSucceeded", f"round {target.iteration}: {target.stage} finished ({ref.name})"))
-            if target.stage == "Score" and not keep_warm:
+            if calls_reward and not keep_warm:
                 actions = [a for a in actions if not isinstance(a, Scale)] + [Scale(b.reward_name(run), 0)]
             return Decision(st, actions, events, again=True)
     if observed.failure_detail:

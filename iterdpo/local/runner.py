@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iterdpo.atomic import read_json, write_json
-from iterdpo.figures import MissingSummary, stage_figures
+from iterdpo.layout import RunLayout
 from iterdpo.local import processes
-from iterdpo.local.report import stage_line
-from iterdpo.planner import REWARD_TOKEN_ENV, Command, Finished, StageStep, next_step
+from iterdpo.planner import REWARD_TOKEN_ENV, Finished, StageStep, next_step
 from iterdpo.runfile import dump_run
 from iterdpo.spec import IterativeDPORun, StorageSpec
+from iterdpo.stages import STAGE_TABLE, Command, StageSummary, SummaryError
 from iterdpo.status import (
     RunStatus,
     accepted,
@@ -162,19 +162,23 @@ class LocalRunner:
         self._save(status)
         self._say(f"{label} ...")
         started = time.monotonic()
+        stage = STAGE_TABLE[step.stage]
         try:
             summaries = self._run_commands(step)
-            figures = stage_figures(step.stage, summaries, time.monotonic() - started)
-        except (RunFailed, MissingSummary) as exc:
+            figures = stage.figures_of(summaries, time.monotonic() - started, self.run)
+            missing = [str(m) for m in stage.markers(RunLayout.of(self.run), step.iteration, self.run) if not m.is_file()]
+            if missing:  # its processes said they finished, but their work is not (all) on disk
+                raise RunFailed(f"{step.stage} reported success but left no {', '.join(missing)}")
+        except (RunFailed, SummaryError) as exc:
             status = stage_failed(status, step.iteration, step.stage, "StageFailed", str(exc), now_rfc3339())
             self._save(status)
             raise RunFailed(f"{label} failed: {exc}") from None
         status = stage_finished(status, step.iteration, step.stage, figures, now_rfc3339())
         self._save(status)
-        self._say(f"{label}: {stage_line(step.stage, figures)}")
+        self._say(f"{label}: {stage.line(figures)}")
         return status
 
-    def _run_commands(self, step: StageStep) -> list[dict]:
+    def _run_commands(self, step: StageStep) -> list[StageSummary]:
         service = None
         try:
             if step.service is not None:
@@ -192,7 +196,10 @@ class LocalRunner:
                 self._running.remove(proc)
                 if code != 0:
                     raise RunFailed(self._explain(step, command, f"exited with code {code}"))
-                summary = read_summary(self.paths.summary(step.iteration, command))
+                try:
+                    summary = read_summary(self.paths.summary(step.iteration, command), STAGE_TABLE[step.stage].summary)
+                except SummaryError as exc:
+                    raise RunFailed(self._explain(step, command, f"exited 0 but {exc}")) from None
                 if summary is None:
                     raise RunFailed(self._explain(step, command, "exited 0 but left no summary"))
                 summaries.append(summary)
@@ -205,11 +212,12 @@ class LocalRunner:
     def _start(self, step: StageStep, command: Command):
         summary = self.paths.summary(step.iteration, command)
         summary.unlink(missing_ok=True)  # a stale summary must not pass for this attempt's
-        env = {**command.env, TERMINATION_LOG_ENV: str(summary)}
-        if step.stage == "Score":
+        stage = STAGE_TABLE[step.stage]
+        env = {TERMINATION_LOG_ENV: str(summary)}
+        if stage.uses_reward_server:
             env[REWARD_TOKEN_ENV] = self._reward_token  # the server on loopback still wants a caller
-        if step.stage == "Train" and not _has_cuda():
-            env.setdefault("DS_ACCELERATOR", "cpu")
+        if stage.deepspeed and not _has_cuda():
+            env["DS_ACCELERATOR"] = "cpu"
         proc = processes.start(command.argv, env=env, log_path=self.paths.log(step.iteration, command))
         self._running.append(proc)
         return proc

@@ -13,19 +13,21 @@ import argparse
 import hashlib
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from iterdpo.atomic import read_json, write_json, write_jsonl
-from iterdpo.errors import StageError
+from iterdpo.contracts import GeneratedRecord, LeftOut, ShardMarker, read_model, write_lines, write_model
+from iterdpo.errors import StageError, UsageError, stage_main
 from iterdpo.layout import RunLayout, claim_run_folder, policy_for
-from iterdpo.prompts import Prompt, PromptDataError, load_prompt_set
-from iterdpo.runfile import SpecError, load_run
+from iterdpo.prompts import Prompt, load_prompt_set
+from iterdpo.runfile import load_for_stage
 from iterdpo.sharding import shard_range
 from iterdpo.spec import IterativeDPORun
+from iterdpo.stages import GenerateSummary, Stage
 from iterdpo.summary import emit_summary
+
+PROG = "iterdpo generate"
 
 log = logging.getLogger("iterdpo.generate")
 
@@ -50,24 +52,24 @@ def format_prompts(prompts: list[Prompt], tokenizer, *, max_prompt_tokens: int):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_tokens:
             left_out.append(
-                {
-                    "prompt_id": prompt.prompt_id,
-                    "reason": f"prompt is {len(ids)} tokens, more than training.maxPromptLength ({max_prompt_tokens})",
-                }
+                LeftOut(
+                    prompt_id=prompt.prompt_id,
+                    reason=f"prompt is {len(ids)} tokens, more than training.maxPromptLength ({max_prompt_tokens})",
+                )
             )
         else:
             kept.append(FormattedPrompt(prompt, ids))
     return kept, left_out
 
 
-def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> dict:
+def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> ShardMarker:
     spec = run.spec
     layout = RunLayout.of(run)
     shards = spec.generation.shards
     marker = layout.shard_marker(iteration, shard, shards)
     if marker.exists():
         log.info("shard %d of %d of round %d is already done (%s)", shard, shards, iteration, marker)
-        return read_json(marker)
+        return read_model(marker, ShardMarker)
 
     started = time.monotonic()
     policy = policy_for(run, iteration)
@@ -78,7 +80,7 @@ def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> dict:
     indices = shard_range(len(prompt_set.prompts), shard, shards)
     mine = [prompt_set.prompts[i] for i in indices]
     mine_ids = {str(i) for i in indices}
-    left_out = [item for item in prompt_set.left_out if item["prompt_id"] in mine_ids]
+    left_out = [item for item in prompt_set.left_out if item.prompt_id in mine_ids]
 
     tokenizer = _load_tokenizer(policy, spec.policy.chat_template)
     formatted, too_long = format_prompts(
@@ -92,30 +94,28 @@ def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> dict:
     outputs = _generate(run, iteration, policy, tokenizer, formatted) if formatted else []
 
     records = [
-        {
-            "prompt_id": item.prompt.prompt_id,
-            "prompt": item.prompt.messages,
-            "responses": [c.text for c in out.outputs],
-            "finish_reasons": [c.finish_reason for c in out.outputs],
-            "response_tokens": [len(c.token_ids) for c in out.outputs],
-        }
+        GeneratedRecord(
+            prompt_id=item.prompt.prompt_id,
+            prompt=item.prompt.messages,
+            responses=[c.text for c in out.outputs],
+            finish_reasons=[c.finish_reason for c in out.outputs],
+            response_tokens=[len(c.token_ids) for c in out.outputs],
+        )
         for item, out in zip(formatted, outputs)
     ]
-    samples = sum(len(r["responses"]) for r in records)
-    write_jsonl(layout.shard_file(iteration, shard, shards), records)
-    result = {
-        "iteration": iteration,
-        "shard": shard,
-        "shards": shards,
-        "policy": policy,
-        "prompts_in": len(mine),
-        "prompts_out": len(records),
-        "samples": samples,
-        "left_out": sorted(left_out, key=lambda x: int(x["prompt_id"])),
-        "seconds": round(time.monotonic() - started, 3),
-    }
-    assert result["prompts_in"] == result["prompts_out"] + len(result["left_out"]), result
-    write_json(marker, result)  # last: the marker says the shard is complete
+    write_lines(layout.shard_file(iteration, shard, shards), records)
+    result = ShardMarker(  # its validator checks prompts_in == prompts_out + len(left_out)
+        iteration=iteration,
+        shard=shard,
+        shards=shards,
+        policy=policy,
+        prompts_in=len(mine),
+        prompts_out=len(records),
+        samples=sum(len(r.responses) for r in records),
+        left_out=sorted(left_out, key=lambda x: int(x.prompt_id)),
+        seconds=round(time.monotonic() - started, 3),
+    )
+    write_model(marker, result)  # last: the marker says the shard is complete
     return result
 
 
@@ -168,39 +168,27 @@ def shard_index(flag: int | None) -> int:
         return flag
     env = os.environ.get("JOB_COMPLETION_INDEX")
     if env is None or not env.isdigit():
-        raise StageError("--shard is required outside an Indexed Job (JOB_COMPLETION_INDEX is unset)")
+        raise UsageError("--shard is required outside an Indexed Job (JOB_COMPLETION_INDEX is unset)")
     return int(env)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="iterdpo generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, type=Path, help="the run file (YAML or JSON)")
     parser.add_argument("--iteration", required=True, type=int, help="round, 1-based")
     parser.add_argument("--shard", type=int, default=None, help="shard index, 0-based (default: JOB_COMPLETION_INDEX)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        run = load_run(args.spec)
-        if not 1 <= args.iteration <= run.spec.iterations:
-            parser.error(f"--iteration must be in 1..{run.spec.iterations} (spec.iterations); got {args.iteration}")
-        shard = shard_index(args.shard)
-        if not 0 <= shard < run.spec.generation.shards:
-            parser.error(f"the shard must be in 0..{run.spec.generation.shards - 1} (spec.generation.shards); got {shard}")
-        claim_run_folder(run)
-        result = run_shard(run, args.iteration, shard)
-    except (StageError, SpecError, PromptDataError, OSError) as exc:
-        print(f"iterdpo generate: error: {exc}", file=sys.stderr)
-        return 1
-    emit_summary(
-        "generate",
-        {
-            "shard": result["shard"],
-            "shards": result["shards"],
-            "prompts": result["prompts_in"],
-            "promptsOut": result["prompts_out"],
-            "samples": result["samples"],
-            "promptsLeftOut": len(result["left_out"]),
-            "seconds": result["seconds"],
-        },
-    )
-    return 0
+    return stage_main(PROG, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> None:
+    run = load_for_stage(args.spec, args.iteration, Stage.GENERATE)
+    shard = shard_index(args.shard)
+    shards = run.spec.generation.shards
+    if not 0 <= shard < shards:
+        raise UsageError(f"--shard: must be in 0..{shards - 1} (spec.generation.shards is {shards}); got {shard}")
+    claim_run_folder(run)
+    m = run_shard(run, args.iteration, shard)
+    emit_summary(GenerateSummary(shard=m.shard, shards=m.shards, prompts=m.prompts_in, prompts_out=m.prompts_out,
+                                 samples=m.samples, prompts_left_out=len(m.left_out), seconds=m.seconds))  # fmt: skip

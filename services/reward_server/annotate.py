@@ -14,35 +14,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import math
-import sys
+import os
 import time
 from dataclasses import dataclass
 
 import httpx
 
-from iterdpo.atomic import read_json, write_json, write_jsonl
-from iterdpo.errors import StageError
+from iterdpo.contracts import LeftOut, PairRecord, ScoredRecord, ScoreStats, read_model, write_lines, write_model
+from iterdpo.errors import StageError, stage_main
 from iterdpo.layout import RunLayout, claim_run_folder
 from iterdpo.pairing import Pair, TIE, choose_pair, prompt_rng
 from iterdpo.planner import REWARD_TOKEN_ENV
-from iterdpo.runfile import SpecError, load_run
+from iterdpo.runfile import load_for_stage
 from iterdpo.spec import IterativeDPORun
+from iterdpo.stages import ScoreSummary, Stage
 from iterdpo.summary import emit_summary
-from iterdpo_reward_server.client import Batch, RetryPolicy, RewardClient, RewardClientError
-from iterdpo_reward_server.shards import AnnotateError, RoundGenerations, read_round
+from iterdpo_reward_server.client import Batch, RetryPolicy, RewardClient
+from iterdpo_reward_server.shards import RoundGenerations, read_round
 
 log = logging.getLogger("iterdpo.annotate")
-PROG = "annotate"
-SUMMARY_FIELDS = ("meanReward", "minReward", "maxReward", "pairs", "tiesDropped", "promptsLeftOut", "seconds")
+PROG = "iterdpo annotate"
 
 
 @dataclass(frozen=True)
 class Outcome:
-    scored: list[dict]
-    pairs: list[dict]
-    stats: dict  # without "seconds" (the caller times the whole stage)
+    scored: list[ScoredRecord]
+    pairs: list[PairRecord]
+    stats: ScoreStats  # seconds 0: the caller times the whole stage
 
 
 def pair_round(
@@ -64,9 +63,8 @@ def pair_round(
     left_out = list(generations.left_out)
     ties = not_k = 0
     for record, record_rewards in zip(records, rewards):
-        scored.append(
-            {"prompt_id": record.prompt_id, "prompt": record.prompt, "responses": record.responses, "rewards": record_rewards}
-        )
+        scored.append(ScoredRecord(prompt_id=record.prompt_id, prompt=record.prompt, responses=record.responses,
+                                   rewards=record_rewards))  # fmt: skip
         if len(record.responses) != samples_per_prompt:
             not_k += 1
         choice = choose_pair(
@@ -78,42 +76,37 @@ def pair_round(
         )
         if isinstance(choice, Pair):
             pairs.append(
-                {
-                    "prompt_id": record.prompt_id,
-                    "prompt": record.prompt,
-                    "chosen": record.responses[choice.chosen],
-                    "rejected": record.responses[choice.rejected],
-                    "chosen_reward": record_rewards[choice.chosen],
-                    "rejected_reward": record_rewards[choice.rejected],
-                    "margin": choice.margin,
-                }
+                PairRecord(
+                    prompt_id=record.prompt_id,
+                    prompt=record.prompt,
+                    chosen=record.responses[choice.chosen],
+                    rejected=record.responses[choice.rejected],
+                    chosen_reward=record_rewards[choice.chosen],
+                    rejected_reward=record_rewards[choice.rejected],
+                    margin=choice.margin,
+                )
             )
         elif choice == TIE:
             ties += 1
         else:
             reason = f"{choice} of K={samples_per_prompt}" if len(record.responses) < 2 else choice
-            left_out.append({"prompt_id": record.prompt_id, "reason": reason})
+            left_out.append(LeftOut(prompt_id=record.prompt_id, reason=reason))
     flat = [x for r in rewards for x in r]
-    stats = {
-        "promptsIn": generations.prompts_in,
-        "responsesScored": len(flat),
-        "meanReward": sum(flat) / len(flat) if flat else None,
-        "minReward": min(flat) if flat else None,
-        "maxReward": max(flat) if flat else None,
-        "pairs": len(pairs),
-        "tiesDropped": ties,
-        "promptsLeftOut": len(left_out),
-        "leftOut": left_out,
-        "promptsNotK": not_k,
-        "truncated": truncated,
-        "strategy": strategy,
-    }
-    accounted = stats["pairs"] + stats["tiesDropped"] + stats["promptsLeftOut"]
-    if stats["promptsIn"] != accounted:
-        raise AssertionError(
-            f"prompt accounting is off: promptsIn={stats['promptsIn']} but pairs + tiesDropped + "
-            f"promptsLeftOut = {accounted}"
-        )
+    stats = ScoreStats(  # its validator checks promptsIn == pairs + tiesDropped + promptsLeftOut
+        prompts_in=generations.prompts_in,
+        responses_scored=len(flat),
+        mean_reward=sum(flat) / len(flat) if flat else None,
+        min_reward=min(flat) if flat else None,
+        max_reward=max(flat) if flat else None,
+        pairs=len(pairs),
+        ties_dropped=ties,
+        prompts_left_out=len(left_out),
+        left_out=left_out,
+        prompts_not_k=not_k,
+        truncated=truncated,
+        strategy=strategy,
+        seconds=0.0,
+    )
     return Outcome(scored, pairs, stats)
 
 
@@ -128,7 +121,7 @@ def unique_items(generations: RoundGenerations) -> tuple[list[dict], list[int]]:
         for response in record.responses:
             if response not in seen:
                 seen[response] = len(items)
-                items.append({"messages": record.prompt, "response": response})
+                items.append({"messages": [m.model_dump() for m in record.prompt], "response": response})
             where.append(seen[response])
     return items, where
 
@@ -141,16 +134,14 @@ def split(flat: list[float], sizes: list[int]) -> list[list[float]]:
     return out
 
 
-def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport: httpx.AsyncBaseTransport | None = None) -> dict:
-    """Run the Score stage for round `iteration`; returns stats (existing ones on a rerun)."""
-    if not 1 <= iteration <= run.spec.iterations:
-        raise AnnotateError(f"--iteration must be in 1..{run.spec.iterations} (spec.iterations); got {iteration}")
+def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport: httpx.AsyncBaseTransport | None = None) -> ScoreStats:
+    """Run the Score stage for round `iteration`; returns its stats (the existing ones on a rerun)."""
     layout = RunLayout.of(run)
     stats_path = layout.score_stats(iteration)
     if stats_path.is_file():
         log.info("round %d is already scored (%s): nothing to do", iteration, stats_path)
-        stats = read_json(stats_path)
-        emit_summary("score", {k: stats.get(k) for k in SUMMARY_FIELDS})
+        stats = read_model(stats_path, ScoreStats)
+        emit_summary(summary_of(stats))
         return stats
 
     started = time.monotonic()
@@ -164,7 +155,7 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
     batch = asyncio.run(_score(spec.reward, reward_url, items, transport)) if items else Batch([], 0)
     bad = [s for s in batch.scores if not math.isfinite(s)]
     if bad:
-        raise AnnotateError(f"the reward server returned {len(bad)} non-finite scores")
+        raise StageError(f"the reward server returned {len(bad)} non-finite scores")
     outcome = pair_round(
         generations,
         split([batch.scores[i] for i in where], [len(g.responses) for g in generations.records]),
@@ -175,12 +166,18 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
         samples_per_prompt=spec.generation.samples_per_prompt,
         truncated=batch.truncated,
     )
-    stats = {**outcome.stats, "seconds": round(time.monotonic() - started, 3)}
-    write_jsonl(layout.scored_file(iteration), outcome.scored)
-    write_jsonl(layout.pairs_file(iteration), outcome.pairs)
-    write_json(stats_path, stats)  # last: the completion marker
-    emit_summary("score", {k: stats[k] for k in SUMMARY_FIELDS})
+    stats = outcome.stats.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
+    write_lines(layout.scored_file(iteration), outcome.scored)
+    write_lines(layout.pairs_file(iteration), outcome.pairs)
+    write_model(stats_path, stats)  # last: the completion marker
+    emit_summary(summary_of(stats))
     return stats
+
+
+def summary_of(stats: ScoreStats) -> ScoreSummary:
+    return ScoreSummary(mean_reward=stats.mean_reward, min_reward=stats.min_reward, max_reward=stats.max_reward,
+                        pairs=stats.pairs, ties_dropped=stats.ties_dropped, prompts_left_out=stats.prompts_left_out,
+                        seconds=stats.seconds)  # fmt: skip
 
 
 async def _score(reward, url: str, items: list[dict], transport) -> Batch:
@@ -214,15 +211,16 @@ def annotate_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
-    try:
-        run = load_run(args.spec)
+
+    def body() -> None:
+        run = load_for_stage(args.spec, args.iteration, Stage.SCORE)
         claim_run_folder(run)
         annotate(run, args.iteration, args.reward_url)
-    except (StageError, AnnotateError, RewardClientError, SpecError, OSError, ValueError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+
+    return stage_main(PROG, body)
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(annotate_main())

@@ -33,9 +33,9 @@ router = APIRouter()
 
 
 def create_app(settings: Settings, *, loader: Loader | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
-    """`loader` builds the scorer (default: the registry's, for `settings.kind`);
+    """`loader` builds the scorer (default: the registry's, for `settings.reward.kind`);
     `on_fatal(message)` is called on the event loop if loading fails (the CLI stops the server)."""
-    load = loader or scorer_kind(settings.kind).load
+    load = loader or scorer_kind(settings.reward.kind).load
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -59,7 +59,7 @@ def create_app(settings: Settings, *, loader: Loader | None = None, on_fatal: Ca
                         pass
                 return
             app.state.scorer = scorer
-            log.info("ready: %s", settings.model)
+            log.info("ready: %s", settings.reward.model)
 
         threading.Thread(target=load_in_background, name="load-reward-model", daemon=True).start()
         yield
@@ -86,7 +86,7 @@ async def healthz() -> Liveness:
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Problem}})
 async def readyz(request: Request, scorer: Scorer = Depends(ready_scorer)) -> Readiness:
     settings: Settings = request.app.state.settings
-    return Readiness(model=settings.model, kind=settings.kind)
+    return Readiness(model=settings.reward.model, kind=settings.reward.kind)
 
 
 def authorized(request: Request) -> None:
@@ -121,4 +121,4 @@ async def score(body: ScoreRequest, request: Request, _: None = Depends(authoriz
         except Exception as exc:  # e.g. out of memory: say what, so the client's error is actionable
             log.exception("scoring failed")
             raise HTTPException(status_code=500, detail=f"scoring failed: {type(exc).__name__}: {exc}") from None
-    return ScoreResponse(scores=result.scores, model=request.app.state.settings.model, truncated=result.truncated)
+    return ScoreResponse(scores=result.scores, model=request.app.state.settings.reward.model, truncated=result.truncated)

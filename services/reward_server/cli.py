@@ -1,9 +1,9 @@
 """`iterdpo serve-reward` / `python -m iterdpo_reward_server`: validate, check, serve.
 
-Order matters: flags are validated and the checkpoint's config and tokenizer
-checked (cheap) before the port opens, so a wrong `--kind` or a missing chat
-template fails at once with exit code 1; the weights then load behind /readyz.
-SIGTERM (what Kubernetes and the local runner send) shuts down gracefully and
+Order matters: flags (or the run file's spec.reward) are validated (exit 2) and the
+checkpoint's config and tokenizer checked (cheap; exit 1) before the port opens, so a
+wrong kind or a missing chat template fails at once; the weights then load behind
+/readyz. SIGTERM (what Kubernetes and the local runner send) shuts down gracefully and
 exits 0; a failed weight load stops the server with exit code 1.
 """
 
@@ -11,23 +11,29 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 
-PROG = "serve-reward"
+from iterdpo.errors import report, stage_main
+
+PROG = "iterdpo serve-reward"
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from iterdpo_reward_server.scorers import ScorerError, scorer_kind
-    from iterdpo_reward_server.settings import SettingsError, settings_from_args
+    from iterdpo_reward_server.scorers import scorer_kind
+    from iterdpo_reward_server.settings import settings_from_args
 
-    try:
+    checked = []
+
+    def check() -> None:
         settings = settings_from_args(argv)
         settings.resolved_device()
-        scorer_kind(settings.kind).preflight(settings)
-    except (SettingsError, ScorerError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        scorer_kind(settings.reward.kind).preflight(settings)
+        checked.append(settings)
+
+    code = stage_main(PROG, check)
+    if code:
+        return code
+    (settings,) = checked
 
     import uvicorn
 
@@ -49,6 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: None)
     server.run()
     if fatal:
-        print(f"{PROG}: error: {fatal[0]}", file=sys.stderr, flush=True)
+        report(PROG, fatal[0])
         return 1
     return 0 if server.started else 1

@@ -16,15 +16,18 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
 
 import httpx
+from pydantic import ValidationError
 
+from iterdpo.errors import StageError
 from iterdpo.planner import REWARD_TOKEN_ENV
+from iterdpo_reward_server.schemas import ScoreRequest, ScoreResponse
 
 log = logging.getLogger("iterdpo.annotate")
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
-class RewardClientError(RuntimeError):
+class RewardClientError(StageError):
     """Scoring failed for good; the message says what the server said."""
 
 
@@ -126,10 +129,15 @@ class RewardClient:
             return await self._score_request(client, items)
 
     async def _score_request(self, client: httpx.AsyncClient, items: Sequence[dict]) -> Batch:
+        try:
+            body = ScoreRequest.model_validate({"items": list(items)}).model_dump_json()
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise RewardClientError(f"not a valid scoring request: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
         for attempt in range(self.retry.max_retries + 1):
             retry_after = None
             try:
-                r = await client.post("/v1/score", json={"items": list(items)})
+                r = await client.post("/v1/score", content=body, headers={"content-type": "application/json"})
             except httpx.TransportError as exc:
                 problem = _describe_transport(exc)
             else:
@@ -155,12 +163,13 @@ class RewardClient:
 
 
 def _parse(r: httpx.Response, expected: int) -> Batch:
-    body = r.json()
-    scores = body.get("scores")
-    if not isinstance(scores, list) or len(scores) != expected:
-        got = len(scores) if isinstance(scores, list) else type(scores).__name__
-        raise RewardClientError(f"the reward server answered {got} scores for {expected} items")
-    return Batch([float(s) for s in scores], int(body.get("truncated", 0)))
+    try:
+        body = ScoreResponse.model_validate_json(r.content)
+    except ValidationError as exc:
+        raise RewardClientError(f"the reward server's answer is not a ScoreResponse: {exc.errors()[0]['msg']}") from None
+    if len(body.scores) != expected:
+        raise RewardClientError(f"the reward server answered {len(body.scores)} scores for {expected} items")
+    return Batch(body.scores, body.truncated)
 
 
 def _server_message(r: httpx.Response) -> str:

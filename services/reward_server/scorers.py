@@ -1,8 +1,9 @@
-"""Scorer registry: how a score is read from a model, keyed by `--kind`.
+"""Scorer registry: how a score is read from a model, keyed by spec.reward.kind.
 
 A wrong reading of a reward model gives plausible-looking nonsense (ArmoRM read
 as a plain classifier), so the kind is explicit and each kind checks that the
-checkpoint is what it expects before serving. New kinds register here.
+checkpoint is what it expects before serving. New kinds register here, under a name
+of `iterdpo.spec.SCORER_KINDS` (a unit test checks that the two agree).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import logging
 import threading
 from typing import Protocol, Sequence
 
+from iterdpo.errors import StageError
 from iterdpo_reward_server.scoring import ScoreResult, UnscorableItem, encode, forward, pack, render
 from iterdpo_reward_server.settings import Settings
 
 log = logging.getLogger("iterdpo.reward_server")
 
 
-class ScorerError(RuntimeError):
+class ScorerError(StageError):
     """The model cannot be served as the asked-for kind; the message says why."""
 
 
@@ -43,29 +45,29 @@ class BradleyTerryScorer:
         from transformers import AutoConfig, AutoTokenizer
 
         try:
-            config = AutoConfig.from_pretrained(settings.model)
+            config = AutoConfig.from_pretrained(settings.reward.model)
         except (OSError, ValueError) as exc:
-            raise ScorerError(f"--model: cannot read a model config from {settings.model}: {exc}") from None
+            raise ScorerError(f"spec.reward.model (--model): cannot read a model config from {settings.reward.model}: {exc}") from None
         num_labels = config.num_labels
         if num_labels != 1:
             raise ScorerError(
-                f"--kind bradley-terry needs a reward model with exactly one output label; "
-                f"{settings.model} has num_labels={num_labels}"
+                f"kind bradley-terry (spec.reward.kind) needs a reward model with exactly one output label; "
+                f"{settings.reward.model} has num_labels={num_labels}"
             )
         architectures = config.architectures or []
         if not any(a.endswith("ForSequenceClassification") for a in architectures):
             raise ScorerError(
-                f"--kind bradley-terry needs a sequence-classification checkpoint (a trained score head); "
-                f"{settings.model} declares architectures {architectures}, whose score head would be random"
+                f"kind bradley-terry (spec.reward.kind) needs a sequence-classification checkpoint (a trained score head); "
+                f"{settings.reward.model} declares architectures {architectures}, whose score head would be random"
             )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(settings.model)
+            tokenizer = AutoTokenizer.from_pretrained(settings.reward.model)
         except (OSError, ValueError) as exc:
-            raise ScorerError(f"--model: cannot load the tokenizer of {settings.model}: {exc}") from None
-        if not (settings.chat_template or tokenizer.chat_template):
+            raise ScorerError(f"spec.reward.model (--model): cannot load the tokenizer of {settings.reward.model}: {exc}") from None
+        if not (settings.reward.chat_template or tokenizer.chat_template):
             raise ScorerError(
-                f"the tokenizer of {settings.model} has no chat template: pass the one the reward "
-                f"model was trained with as --chat-template FILE"
+                f"the tokenizer of {settings.reward.model} has no chat template: set the one the reward "
+                f"model was trained with as spec.reward.chatTemplate (--chat-template FILE)"
             )
         return tokenizer
 
@@ -78,21 +80,21 @@ class BradleyTerryScorer:
         device = settings.resolved_device()
         dtype = settings.resolved_dtype(device)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            settings.model, dtype=getattr(torch, dtype), output_loading_info=True
+            settings.reward.model, dtype=getattr(torch, dtype), output_loading_info=True
         )
         missing = [k for k in info.get("missing_keys", []) if "score" in k or "classifier" in k]
         if missing:
-            raise ScorerError(f"{settings.model} has no trained score head (missing {missing}): not a reward model")
+            raise ScorerError(f"{settings.reward.model} has no trained score head (missing {missing}): not a reward model")
         text_config = model.config.get_text_config()
         pad_id = text_config.pad_token_id
         if pad_id is None:
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             if pad_id is None:
-                raise ScorerError(f"{settings.model} defines neither a pad nor an eos token: cannot batch")
+                raise ScorerError(f"{settings.reward.model} defines neither a pad nor an eos token: cannot batch")
             text_config.pad_token_id = pad_id  # the model finds each row's last token by it
         model.to(device).eval()
-        log.info("loaded %s (%s, %s, pad id %s)", settings.model, device, dtype, pad_id)
-        return cls(settings, model, tokenizer, settings.chat_template, pad_id, device)
+        log.info("loaded %s (%s, %s, pad id %s)", settings.reward.model, device, dtype, pad_id)
+        return cls(settings, model, tokenizer, settings.reward.chat_template, pad_id, device)
 
     def score(self, items: Sequence[tuple[Sequence[dict], str]]) -> ScoreResult:
         encoded = []
@@ -101,9 +103,9 @@ class BradleyTerryScorer:
                 text = render(self.tokenizer, messages, response, self.template)
             except Exception as exc:  # the template's own checks (e.g. roles must alternate)
                 raise UnscorableItem(index, f"the chat template cannot format this conversation: {exc}") from None
-            encoded.append(encode(self.tokenizer, text, self.settings.max_length))
+            encoded.append(encode(self.tokenizer, text, self.settings.reward.max_length))
         sequences = [e.ids for e in encoded]
-        groups = pack([len(s) for s in sequences], self.settings.batch_tokens)
+        groups = pack([len(s) for s in sequences], self.settings.reward.batch_tokens)
         with self._lock:
             scores = forward(self.model, sequences, groups, pad_id=self.pad_id, device=self.device)
         return ScoreResult(scores, sum(e.truncated for e in encoded))
@@ -117,4 +119,4 @@ def scorer_kind(kind: str):
     try:
         return SCORERS[kind]
     except KeyError:
-        raise ScorerError(f"--kind: unknown scorer kind {kind!r}; known: {', '.join(SCORERS)}") from None
+        raise ScorerError(f"spec.reward.kind (--kind): unknown scorer kind {kind!r}; known: {', '.join(SCORERS)}") from None

@@ -1,5 +1,12 @@
-"""The reward server's one typed config object, built from the command line and
-validated before anything is loaded, so a bad flag fails fast and names itself.
+"""The reward server's one typed config object, validated before anything is loaded.
+
+What to serve (the model, its kind, chat template, maxLength, batchTokens) is declared
+once, in the run file's `spec.reward` (`iterdpo.spec.RewardSpec`): the planner starts
+the server as `serve-reward --spec RUN_FILE`. For standalone use the same options are
+flags generated from that model (`--model`, `--kind`, `--chat-template FILE`,
+`--max-length`, `--batch-tokens`), with its defaults, bounds and descriptions. How to
+serve (host, port, dtype, device) is the server's own. A bad flag fails fast (exit 2)
+and names itself.
 """
 
 from __future__ import annotations
@@ -9,28 +16,26 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from iterdpo.errors import UsageError
 from iterdpo.planner import REWARD_TOKEN_ENV
-from iterdpo.spec import SCORER_KINDS
+from iterdpo.runfile import load_run
+from iterdpo.spec import RULES, RewardSpec
 
 MAX_ITEMS_PER_REQUEST = 4096
+# spec.reward's fields the server reads (the rest are the annotator's: batch size, retries, ...).
+SERVER_FIELDS = ("model", "kind", "chat_template", "max_length", "batch_tokens")
 
 
-class SettingsError(ValueError):
-    """A flag has a bad value; the message names the flag."""
+class SettingsError(UsageError):
+    """A flag (or the run file's spec.reward) has a bad value; the message names it."""
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="Reward model folder (or hub id).")
-    kind: Literal[SCORER_KINDS] = "bradley-terry"  # type: ignore[valid-type]
-    chat_template: str | None = Field(
-        default=None, description="Jinja template text that replaces the tokenizer's own (read from --chat-template)."
-    )
-    max_length: Annotated[int, Field(ge=16)] = 4096
-    batch_tokens: Annotated[int, Field(ge=16)] = 16384
+    reward: RewardSpec = Field(description="What to serve: the run file's spec.reward, or the flags.")
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     dtype: Literal["float32", "bfloat16"] | None = Field(
@@ -38,16 +43,6 @@ class Settings(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     token: str | None = Field(default=None, repr=False, description="Bearer token /v1/score requires ($ITERDPO_REWARD_TOKEN).")
-
-    @model_validator(mode="after")
-    def _batch_fits_one_item(self) -> Settings:
-        if self.batch_tokens < self.max_length:
-            # Otherwise one conversation of max_length tokens could never be scored within budget.
-            raise ValueError(
-                f"batch_tokens: must be >= max_length ({self.max_length}) so that one "
-                f"conversation fits a forward pass (got {self.batch_tokens})"
-            )
-        return self
 
     def resolved_device(self) -> str:
         import torch
@@ -62,29 +57,27 @@ class Settings(BaseModel):
         return self.dtype or ("bfloat16" if device == "cuda" else "float32")
 
 
+def _flag(name: str) -> str:
+    """The flag of a spec.reward field, by its Python name or its camelCase alias."""
+    for n, f in RewardSpec.model_fields.items():
+        if f.alias == name:
+            name = n
+    return "--" + name.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="iterdpo serve-reward",
-        description="Serve a scalar reward model over HTTP: POST /v1/score, GET /healthz, GET /readyz.",
+        description="Serve a reward model over HTTP: POST /v1/score, GET /healthz, GET /readyz.",
     )
-    p.add_argument("--model", required=True, help="reward model folder (or hub id)")
-    p.add_argument("--kind", default="bradley-terry", help=f"how to read a score; one of {', '.join(SCORER_KINDS)}")
-    p.add_argument(
-        "--chat-template",
-        default=None,
-        metavar="FILE_OR_NONE",
-        help="file holding a Jinja chat template that replaces the reward tokenizer's own; "
-        "'none' or absent: use the tokenizer's own",
-    )
-    p.add_argument(
-        "--chat-template-text",
-        default=None,
-        metavar="JINJA",
-        help="the chat template itself (how the planner passes spec.reward.chatTemplate); "
-        "excludes --chat-template",
-    )
-    p.add_argument("--max-length", type=int, default=4096, help="tokens kept per conversation (truncated from the left)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="most padded tokens in one forward pass")
+    p.add_argument("--spec", type=Path, help="run file: serve its spec.reward (how the planner starts the server)")
+    for name in SERVER_FIELDS:  # standalone use: spec.reward's fields as flags
+        field = RewardSpec.model_fields[name]
+        default = "" if field.is_required() or field.default is None else f" (default {field.default})"
+        if name == "chat_template":
+            p.add_argument("--chat-template", metavar="FILE", help=f"file holding the template. {field.description}")
+        else:
+            p.add_argument(_flag(name), help=f"{field.description}{default}")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
@@ -93,36 +86,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(argv: list[str] | None) -> Settings:
-    """Parse and validate; raises SettingsError naming the flag at fault."""
+    """Parse and validate; raises SettingsError naming the flag (or spec field) at fault."""
     args = build_parser().parse_args(argv)
-    template = None
-    if args.chat_template and args.chat_template.lower() != "none":
-        path = Path(args.chat_template)
-        try:
-            template = path.read_text()
-        except OSError as exc:
-            raise SettingsError(f"--chat-template: cannot read {path}: {exc.strerror}") from None
-        if not template.strip():
-            raise SettingsError(f"--chat-template: {path} is empty")
-    if args.chat_template_text is not None:
-        if template is not None:
-            raise SettingsError("--chat-template-text: give either --chat-template or --chat-template-text, not both")
-        if not args.chat_template_text.strip():
-            raise SettingsError("--chat-template-text: is empty")
-        template = args.chat_template_text
-    values = {k: v for k, v in vars(args).items() if k not in ("chat_template", "chat_template_text")}
-    token = os.environ.get(REWARD_TOKEN_ENV) or None
+    given = {name: getattr(args, name) for name in SERVER_FIELDS if getattr(args, name) is not None}
+    if args.spec is not None:
+        if given:
+            raise SettingsError(f"{_flag(next(iter(given)))}: with --spec, spec.reward is the one place for it; drop the flag")
+        reward = load_run(args.spec).spec.reward
+    else:
+        reward = _reward_from_flags(given)
     try:
-        return Settings(**values, chat_template=template, token=token)
+        return Settings(reward=reward, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+                        token=os.environ.get(REWARD_TOKEN_ENV) or None)  # fmt: skip
     except ValidationError as exc:
         raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
 
 
+def _reward_from_flags(given: dict) -> RewardSpec:
+    if "model" not in given:
+        raise SettingsError("--model: required without --spec (the reward model folder or hub id)")
+    if "chat_template" in given:
+        path = Path(given["chat_template"])
+        if given["chat_template"].lower() == "none":
+            del given["chat_template"]
+        else:
+            try:
+                given["chat_template"] = path.read_text()
+            except OSError as exc:
+                raise SettingsError(f"--chat-template: cannot read {path}: {exc.strerror}") from None
+            if not given["chat_template"].strip():
+                raise SettingsError(f"--chat-template: {path} is empty")
+    try:
+        reward = RewardSpec(**given)
+    except ValidationError as exc:
+        raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
+    for rule in RULES:  # the cross-field rules on spec.reward hold for the flags too
+        if rule.at == "reward" and not rule.holds(reward):
+            raise SettingsError(f"{_flag(rule.field)}: {rule.explain(reward)}")
+    return reward
+
+
 def _describe(err: dict) -> str:
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["loc"]:
-        flag = "--" + str(err["loc"][0]).replace("_", "-")
-        return f"{flag}: {msg} (got {err.get('input')!r})"
-    # A model-level rule: its message starts with the field name.
-    field, _, rest = msg.partition(": ")
-    return f"--{field.replace('_', '-')}: {rest}"
+    loc = [str(p) for p in err["loc"] if p != "reward"]
+    flag = _flag(loc[0]) if loc else "--model"
+    return f"{flag}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"

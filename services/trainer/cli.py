@@ -3,7 +3,8 @@
     DS_ACCELERATOR=cpu torchrun --nproc-per-node P -m iterdpo_trainer --spec RUN_FILE --iteration T
 
 (on GPUs, without DS_ACCELERATOR). Run without torchrun it trains as one process.
-Bad input ends every rank with one line naming the problem and exit code 1.
+Errors end every rank with one line naming the problem: exit 2 for bad input (the
+flags, the run file), 1 for a stage that cannot finish (`iterdpo.errors`).
 """
 
 from __future__ import annotations
@@ -16,35 +17,25 @@ import sys
 import time
 import warnings
 
-from iterdpo.errors import StageError
+from iterdpo.errors import stage_main
 from iterdpo.layout import claim_run_folder
-from iterdpo.runfile import SpecError, load_run
+from iterdpo.runfile import load_for_stage
+from iterdpo.stages import Stage
 from iterdpo.summary import emit_summary
 
-from iterdpo_trainer.errors import TrainError
-
 log = logging.getLogger("iterdpo_trainer")
+PROG = "iterdpo_trainer"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="iterdpo_trainer",
+        prog=PROG,
         description="Train stage of one round of iterative DPO: DPO on the round's pairs with DeepSpeed; "
         "writes <round>/train/policy (Hugging Face checkpoint) and metrics.json.",
     )
     parser.add_argument("--spec", required=True, help="run file (YAML or JSON IterativeDPORun)")
-    parser.add_argument("--iteration", required=True, type=_positive_int, help="round number, from 1")
+    parser.add_argument("--iteration", required=True, type=int, help="round number, from 1")
     return parser.parse_args(argv)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _single_process_defaults() -> None:
@@ -82,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _configure_logging(rank)
     try:
-        return _main(args, rank=rank, world_size=world_size, started=started)
-    except (TrainError, SpecError, StageError) as exc:
-        log.error("%s", exc)
-        return 1
+        return stage_main(f"{PROG} (rank {rank})", lambda: _main(args, rank=rank, world_size=world_size, started=started))
     finally:
         _leave_process_group()
 
@@ -101,16 +89,16 @@ def _leave_process_group() -> None:
 def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: float) -> int:
     from iterdpo_trainer import train
 
-    run = load_run(args.spec)
+    run = load_for_stage(args.spec, args.iteration, Stage.TRAIN)
     claim_run_folder(run)
     done = train.finished_metrics(run, args.iteration)
     if done is not None:
-        log.info("round %d is already trained (%s): nothing to do", args.iteration, done["checkpoint"])
+        log.info("round %d is already trained (%s): nothing to do", args.iteration, done.checkpoint)
         if rank == 0:
-            emit_summary("train", train.summary_of(done))
+            emit_summary(train.summary_of(done))
         return 0
     inputs = train.prepare(run, args.iteration, world_size)
     metrics = train.train(inputs, started=started)
     if rank == 0:
-        emit_summary("train", train.summary_of(metrics))
+        emit_summary(train.summary_of(metrics))
     return 0

@@ -9,16 +9,13 @@ counted and reported, never dropped.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from iterdpo_trainer.errors import TrainError
-
-PAIR_FIELDS = ("prompt_id", "prompt", "chosen", "rejected")
-
+from iterdpo.contracts import PairRecord, read_lines
+from iterdpo.errors import StageError
 
 @dataclass(frozen=True)
 class TokenizedPair:
@@ -28,46 +25,14 @@ class TokenizedPair:
     truncated: bool
 
 
-def read_pairs(path: Path) -> list[dict]:
-    """Read and check pairs.jsonl; a malformed line is a TrainError naming file, line and field."""
-    pairs = []
-    with open(path) as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"pairs file {path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise TrainError(f"{where}: expected a JSON object")
-            missing = [f for f in PAIR_FIELDS if f not in record]
-            if missing:
-                raise TrainError(f"{where}: missing field(s) {', '.join(missing)}")
-            for field in ("chosen", "rejected"):
-                if not isinstance(record[field], str):
-                    raise TrainError(f"{where}: {field!r} must be a string")
-            if not _is_messages(record["prompt"]):
-                raise TrainError(f"{where}: 'prompt' must be a non-empty list of {{role, content}} messages")
-            pairs.append(record)
-    return pairs
-
-
-def _is_messages(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) > 0
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-    )
+def read_pairs(path: Path) -> list[PairRecord]:
+    """pairs.jsonl, checked line by line; a malformed line is an error naming file, line and field."""
+    return read_lines(path, PairRecord)
 
 
 def tokenize_pair(
     tokenizer,
-    pair: dict,
+    pair: PairRecord,
     *,
     max_length: int,
     max_prompt_length: int,
@@ -75,12 +40,12 @@ def tokenize_pair(
 ) -> TokenizedPair:
     """Token ids of one pair: templated prompt (with the generation prompt), responses + eos."""
     text = tokenizer.apply_chat_template(
-        pair["prompt"], add_generation_prompt=True, tokenize=False, chat_template=chat_template
+        [m.model_dump() for m in pair.prompt], add_generation_prompt=True, tokenize=False, chat_template=chat_template
     )
     # The template already holds any bos it wants; adding special tokens would double it.
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-    chosen = tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    rejected = tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    chosen = tokenizer(pair.chosen, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    rejected = tokenizer(pair.rejected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return truncate(prompt, chosen, rejected, max_length=max_length, max_prompt_length=max_prompt_length)
 
 
@@ -129,7 +94,7 @@ def pad_token_id(tokenizer) -> int:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id
-    raise TrainError("the policy tokenizer has neither a pad token nor an eos token")
+    raise StageError("the policy tokenizer has neither a pad token nor an eos token")
 
 
 def load_tokenizer(path: str, chat_template: str | None):
@@ -140,9 +105,9 @@ def load_tokenizer(path: str, chat_template: str | None):
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if not tokenizer.chat_template:
-        raise TrainError(
+        raise StageError(
             f"the policy tokenizer at {path} has no chat template: set spec.policy.chatTemplate"
         )
     if tokenizer.eos_token_id is None:
-        raise TrainError(f"the policy tokenizer at {path} has no eos token: responses could not be terminated")
+        raise StageError(f"the policy tokenizer at {path} has no eos token: responses could not be terminated")
     return tokenizer

@@ -6,9 +6,8 @@ without starting DeepSpeed.
 
 from __future__ import annotations
 
+from iterdpo.errors import UsageError
 from iterdpo.spec import TrainingSpec
-
-from iterdpo_trainer.errors import TrainError
 
 GRADIENT_CLIPPING = 1.0
 
@@ -16,7 +15,7 @@ GRADIENT_CLIPPING = 1.0
 def gradient_accumulation(training: TrainingSpec, world_size: int) -> int:
     per_pass = training.micro_batch_size * world_size
     if training.global_batch_size % per_pass:
-        raise TrainError(
+        raise UsageError(
             f"training.globalBatchSize ({training.global_batch_size}) is not a multiple of "
             f"microBatchSize x processes = {training.micro_batch_size} x {world_size} = {per_pass}"
         )
@@ -34,7 +33,7 @@ def build_ds_config(training: TrainingSpec, world_size: int) -> dict:
         # Stage 0 keeps bf16/fp16 training's fp32 master weights inside DeepSpeed's
         # FP16_Optimizer, with no API to read them back; saving the rounded module
         # weights would lose every update smaller than the format's spacing.
-        raise TrainError(
+        raise UsageError(
             f"training.zeroStage 0 with precision {training.precision} is not supported "
             "(the fp32 master weights could not be saved): use zeroStage 1, 2 or 3, or precision fp32"
         )

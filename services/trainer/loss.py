@@ -7,6 +7,8 @@ L = tokens per sequence, V = vocabulary size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,13 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+# training.loss.type -> its loss, with dpo_loss's signature. The names are those of
+# iterdpo.spec.LOSS_KINDS (a unit test checks that the two agree); a new type is a function
+# above and one entry here.
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+LOSSES: dict[str, LossFn] = {"sigmoid": dpo_loss}
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

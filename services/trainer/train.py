@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 
-from iterdpo.atomic import read_json, write_json
+from iterdpo.contracts import PhaseSeconds, StepMetrics, TrainMetrics, read_model, write_model
+from iterdpo.errors import StageError
 from iterdpo.layout import RunLayout, policy_for, reference_for
 from iterdpo.spec import IterativeDPORun
+from iterdpo.stages import TrainSummary
 
 from iterdpo_trainer import data
 from iterdpo_trainer.checkpoint import save_checkpoint
 from iterdpo_trainer.dsconfig import build_ds_config
-from iterdpo_trainer.errors import TrainError
 from iterdpo_trainer.forward import batch_logps
-from iterdpo_trainer.loss import dpo_loss
+from iterdpo_trainer.loss import LOSSES
 from iterdpo_trainer.reference import cache_key, file_digest, reference_logps
 from iterdpo_trainer.schedule import StepPlan, lr_factor, rank_micro_batches, warmup_steps
 
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-REF_CACHE_NAME = "ref_logps.pt"
 
 
 @dataclass(frozen=True)
@@ -53,49 +53,46 @@ class Inputs:
     ds_config: dict
 
 
-def finished_metrics(run: IterativeDPORun, iteration: int) -> dict | None:
+def finished_metrics(run: IterativeDPORun, iteration: int) -> TrainMetrics | None:
     """metrics.json of a finished stage whose checkpoint is still there, else None."""
-    layout = RunLayout.of(run)
-    path = layout.train_metrics(iteration)
+    path = RunLayout.of(run).train_metrics(iteration)
     if not path.exists():
         return None
-    metrics = read_json(path)
-    return metrics if Path(metrics.get("checkpoint", "")).is_dir() else None
+    metrics = read_model(path, TrainMetrics)
+    return metrics if Path(metrics.checkpoint).is_dir() else None
 
 
-def summary_of(metrics: dict) -> dict:
-    final = metrics["final"]
-    return {
-        "loss": final["loss"],
-        "rewardAccuracy": final["rewards/accuracies"],
-        "rewardMargin": final["rewards/margins"],
-        "checkpoint": metrics["checkpoint"],
-        "seconds": metrics["seconds"],
-        "pairs": metrics["pairs"],
-        "pairsTruncated": metrics["pairsTruncated"],
-    }
+def summary_of(metrics: TrainMetrics) -> TrainSummary:
+    final = metrics.final
+    return TrainSummary(
+        loss=final.loss,
+        reward_accuracy=final.rewards_accuracies,
+        reward_margin=final.rewards_margins,
+        checkpoint=metrics.checkpoint,
+        seconds=metrics.seconds,
+        pairs=metrics.pairs,
+        pairs_truncated=metrics.pairs_truncated,
+    )
 
 
 def _check_model(path: str, what: str, iteration: int) -> None:
     if Path(path).is_absolute() and not Path(path).exists():
         hint = f": run the Train stage of round {iteration - 1} first" if iteration > 1 else ""
-        raise TrainError(f"{what} {path} not found{hint}")
+        raise StageError(f"{what} {path} not found{hint}")
 
 
 def prepare(run: IterativeDPORun, iteration: int, world_size: int) -> Inputs:
     """Read, check and tokenize the round's pairs; no process group needed."""
-    if not 1 <= iteration <= run.spec.iterations:
-        raise TrainError(f"--iteration must be between 1 and spec.iterations ({run.spec.iterations}), got {iteration}")
     try:
         layout = RunLayout.of(run)
     except ValueError as exc:
-        raise TrainError(str(exc)) from None
+        raise StageError(str(exc)) from None
     pairs_file = layout.pairs_file(iteration)
     if not pairs_file.is_file():
-        raise TrainError(f"pairs file {pairs_file} not found: run the Score stage of round {iteration} first")
+        raise StageError(f"pairs file {pairs_file} not found: run the Score stage of round {iteration} first")
     records = data.read_pairs(pairs_file)
     if not records:
-        raise TrainError(f"pairs file {pairs_file} holds no pairs: nothing to train on in round {iteration}")
+        raise StageError(f"pairs file {pairs_file} holds no pairs: nothing to train on in round {iteration}")
     policy, reference = policy_for(run, iteration), reference_for(run, iteration)
     _check_model(policy, "policy", iteration)
     _check_model(reference, "reference model", iteration)
@@ -132,7 +129,7 @@ def _original_dtype(path: str) -> torch.dtype:
     return dtype or torch.float32
 
 
-def train(inputs: Inputs, *, started: float) -> dict:
+def train(inputs: Inputs, *, started: float) -> TrainMetrics:
     """Run DPO for the round on every rank; rank 0 writes the checkpoint and metrics.json.
 
     Returns the metrics (on every rank).
@@ -152,7 +149,6 @@ def train(inputs: Inputs, *, started: float) -> dict:
     device = torch.device(get_accelerator().device_name(local_rank) if on_cuda else "cpu")
     _seed_everything(training.seed)
     dtype = DTYPES[training.precision]
-    train_dir = inputs.layout.train_dir(inputs.iteration)
     pad_id = data.pad_token_id(inputs.tokenizer)
 
     key = cache_key(
@@ -170,7 +166,7 @@ def train(inputs: Inputs, *, started: float) -> dict:
     ref_chosen, ref_rejected = reference_logps(
         reference=inputs.reference,
         pairs=inputs.pairs,
-        cache=train_dir / REF_CACHE_NAME,
+        cache=inputs.layout.reference_cache(inputs.iteration),
         key=key,
         pad_token_id=pad_id,
         batch_pairs=training.micro_batch_size,
@@ -209,6 +205,7 @@ def train(inputs: Inputs, *, started: float) -> dict:
     )
     engine.train()
     beta, smoothing = training.loss.beta, training.loss.label_smoothing
+    loss_fn = LOSSES[training.loss.type]
 
     reference_seconds = time.monotonic() - reference_started
     loop_started = time.monotonic()
@@ -226,7 +223,7 @@ def train(inputs: Inputs, *, started: float) -> dict:
                 batch = data.collate([inputs.pairs[i] for i in indices], pad_id)
                 chosen, rejected = batch_logps(engine, batch, device)
                 index = torch.tensor(indices)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                losses, chosen_rewards, rejected_rewards = loss_fn(
                     chosen, rejected,
                     ref_chosen[index].to(device), ref_rejected[index].to(device),
                     beta=beta, label_smoothing=smoothing,
@@ -260,7 +257,7 @@ def train(inputs: Inputs, *, started: float) -> dict:
                 accuracy, record["rewards/margins"], learning_rate,
             )
             if not math.isfinite(loss):
-                raise TrainError(f"loss is {loss} at step {record['step']}: training diverged (lower learningRate?)")
+                raise StageError(f"loss is {loss} at step {record['step']}: training diverged (lower learningRate?)")
 
     loop_seconds = time.monotonic() - loop_started
     save_started = time.monotonic()
@@ -274,25 +271,25 @@ def train(inputs: Inputs, *, started: float) -> dict:
     last_epoch = steps[-plan.steps_per_epoch :]
     final = {name: sum(s[name] for s in last_epoch) / len(last_epoch) for name in METRIC_NAMES}
     final.update(step=steps[-1]["step"], epoch=steps[-1]["epoch"], learning_rate=steps[-1]["learning_rate"])
-    metrics = {
-        "final": final,
-        "steps": steps,
-        "pairs": plan.pairs,
-        "pairsTruncated": inputs.truncated,
-        "pairsRepeatedToFillLastStep": plan.repeated_per_epoch,
-        "seconds": round(time.monotonic() - started, 3),
+    metrics = TrainMetrics(
+        final=StepMetrics.model_validate(final),
+        steps=[StepMetrics.model_validate(s) for s in steps],
+        pairs=plan.pairs,
+        pairs_truncated=inputs.truncated,
+        pairs_repeated_to_fill_last_step=plan.repeated_per_epoch,
+        seconds=round(time.monotonic() - started, 3),
         # Where the time went: the rest of `seconds` is start-up (imports, process group, loading).
-        "phaseSeconds": {
-            "referencePass": round(reference_seconds, 3),
-            "trainingLoop": round(loop_seconds, 3),
-            "checkpointSave": round(time.monotonic() - save_started, 3),
-        },
-        "checkpoint": str(checkpoint),
-        "reference": inputs.reference,
-        "policy": inputs.policy,
-        "worldSize": world_size,
-    }
+        phase_seconds=PhaseSeconds(
+            reference_pass=round(reference_seconds, 3),
+            training_loop=round(loop_seconds, 3),
+            checkpoint_save=round(time.monotonic() - save_started, 3),
+        ),
+        checkpoint=str(checkpoint),
+        reference=inputs.reference,
+        policy=inputs.policy,
+        world_size=world_size,
+    )
     if rank == 0:
-        write_json(inputs.layout.train_metrics(inputs.iteration), metrics)  # last: the completion marker
+        write_model(inputs.layout.train_metrics(inputs.iteration), metrics)  # last: the completion marker
     dist.barrier()
     return metrics

@@ -1,18 +1,20 @@
 """What the operator tests share: a small run, and instant-kubelet rules that play each
-stage's pods, leaving the summary its program would."""
+stage's pods, leaving the summary its program would (built from the stage's own summary
+model, so a fake cannot drift from what the real programs emit)."""
 
 from __future__ import annotations
 
-import json
-
 from kubernetes import client
+
+from iterdpo.stages import GenerateSummary, ScoreSummary, TrainSummary
 
 GROUP, VERSION, PLURAL = "iterdpo.io", "v1alpha1", "iterativedporuns"
 
 
-def summaries(fail: dict[str, str] | None = None, hold: set[str] = frozenset()):
+def summaries(fail: dict[str, str] | None = None, hold: set[str] = frozenset(), shards: int = 2):
     """An instant-kubelet rule: per component, a plausible summary; `fail` maps a component
-    to the message its pod dies with; `hold` keeps those components' pods running."""
+    to the message its pod dies with; `hold` keeps those components' pods running; `shards`
+    is the run's generation.shards (run_body's is 2)."""
     fail = fail or {}
 
     def rule(pod: client.V1Pod):
@@ -24,13 +26,16 @@ def summaries(fail: dict[str, str] | None = None, hold: set[str] = frozenset()):
             return 1, fail[component]
         it = int(labels.get("iterdpo.io/iteration", "1"))
         if component == "generate":
-            return 0, json.dumps({"stage": "generate", "prompts": 10, "samples": 80, "promptsLeftOut": 1})
+            shard = int((pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index", "0"))
+            return 0, GenerateSummary(shard=shard, shards=shards, prompts=10, prompts_out=9, samples=72,
+                                      prompts_left_out=1, seconds=1.0).to_message()  # fmt: skip
         if component == "annotate":
-            return 0, json.dumps({"stage": "annotate", "meanReward": 0.5 * it, "minReward": -1.0, "maxReward": 2.0,
-                                  "pairs": 9, "tiesDropped": 1, "promptsLeftOut": 0})  # fmt: skip
+            return 0, ScoreSummary(mean_reward=0.5 * it, min_reward=-1.0, max_reward=2.0, pairs=9, ties_dropped=1,
+                                   prompts_left_out=0, seconds=1.0).to_message()  # fmt: skip
         if component == "train":
-            return 0, json.dumps({"stage": "train", "loss": 0.5 / it, "rewardAccuracy": 0.75, "rewardMargin": 0.3 * it,
-                                  "checkpoint": f"/iterdpo/runs/r/iter-{it:02d}/train/policy"})  # fmt: skip
+            return 0, TrainSummary(loss=0.5 / it, reward_accuracy=0.75, reward_margin=0.3 * it, seconds=1.0,
+                                   checkpoint=f"/iterdpo/runs/r/iter-{it:02d}/train/policy", pairs=9,
+                                   pairs_truncated=0).to_message()  # fmt: skip
         return 0, ""
 
     return rule

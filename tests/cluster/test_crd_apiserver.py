@@ -21,7 +21,8 @@ from kubernetes.client.rest import ApiException
 from iterdpo.crd import GROUP, NAME, PLURAL, VERSION
 from iterdpo.runfile import SpecError, parse_run
 from iterdpo.spec import IterativeDPORun
-from iterdpo.status import GenerationFigures, RunStatus, ScoringFigures, accepted, stage_finished, stage_started
+from iterdpo.stages import GenerationFigures, ScoringFigures
+from iterdpo.status import RunStatus, accepted, stage_finished, stage_started
 
 pytestmark = pytest.mark.cluster
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from iterdpo.contracts import GeneratedRecord, ShardMarker, write_lines, write_model
 from iterdpo.layout import RunLayout
 from iterdpo.runfile import load_run
+from iterdpo.stages import ScoreSummary, Stage
 from iterdpo.summary import TERMINATION_LOG_ENV, read_summary
 from iterdpo_reward_server import annotate_main
 from iterdpo_reward_server.process import RewardServerProcess, free_port
@@ -48,15 +50,11 @@ def _row(pid: str, responses: list[str]) -> dict:
 
 
 def _shard(layout: RunLayout, index: int, rows: list[dict], left_out: list[dict] = ()) -> None:
-    layout.generate_dir(1).mkdir(parents=True, exist_ok=True)
-    layout.shard_file(1, index, 2).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    marker = {
-        "prompts_in": len(rows) + len(left_out),
-        "prompts_out": len(rows),
-        "samples": sum(len(r["responses"]) for r in rows),
-        "left_out": list(left_out),
-    }
-    layout.shard_marker(1, index, 2).write_text(json.dumps(marker))
+    """A shard as the generator writes it, through the same contracts."""
+    write_lines(layout.shard_file(1, index, 2), [GeneratedRecord.model_validate(r) for r in rows])
+    write_model(layout.shard_marker(1, index, 2), ShardMarker(
+        iteration=1, shard=index, shards=2, policy="/p", prompts_in=len(rows) + len(left_out), prompts_out=len(rows),
+        samples=sum(len(r["responses"]) for r in rows), left_out=list(left_out), seconds=1.0))  # fmt: skip
 
 
 KIND = "kind gentle happy bright warm"
@@ -112,17 +110,17 @@ def test_annotate_end_to_end(server, tiny, tmp_path, monkeypatch, capsys):
     assert (stats["minReward"], stats["maxReward"]) == (min(flat), max(flat))
     assert stats["truncated"] == 0 and stats["strategy"] == "max_min" and stats["seconds"] > 0
 
-    summary = read_summary(summary_path)
-    assert summary == {"stage": "score", **{k: stats[k] for k in (
+    summary = read_summary(summary_path, ScoreSummary)
+    assert summary.model_dump(by_alias=True) == {"stage": "score", **{k: stats[k] for k in (
         "meanReward", "minReward", "maxReward", "pairs", "tiesDropped", "promptsLeftOut", "seconds")}}
 
     # A rerun is a no-op that re-emits the summary (the server is not even needed).
-    before = {p: p.stat().st_mtime_ns for p in layout.score_dir(1).iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in layout.stage_dir(1, Stage.SCORE).iterdir()}
     summary_path.unlink()
     dead_url = f"http://127.0.0.1:{free_port()}"
     assert annotate_main(["--spec", str(run_file), "--iteration", "1", "--reward-url", dead_url]) == 0
-    assert {p: p.stat().st_mtime_ns for p in layout.score_dir(1).iterdir()} == before
-    assert read_summary(summary_path) == summary
+    assert {p: p.stat().st_mtime_ns for p in layout.stage_dir(1, Stage.SCORE).iterdir()} == before
+    assert read_summary(summary_path, ScoreSummary) == summary
 
 
 def test_scores_match_a_direct_request(server, tiny, tmp_path):
@@ -159,11 +157,14 @@ def test_unreachable_server_fails_after_the_startup_timeout(tiny, tmp_path, caps
     url = f"http://127.0.0.1:{free_port()}"
     assert annotate_main(["--spec", str(run_file), "--iteration", "1", "--reward-url", url]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("annotate: error:") and "not ready within 0.5 s" in err and "ConnectError" in err
+    assert err.startswith("iterdpo annotate: error:") and "not ready within 0.5 s" in err and "ConnectError" in err
     assert not layout.score_stats(1).exists() and not layout.pairs_file(1).exists()
 
 
-def test_bad_iteration_is_refused(tiny, tmp_path, capsys):
+def test_bad_iteration_is_refused_as_bad_input(tiny, tmp_path, capsys):
+    """Exit 2, the same as generate and train for the same mistake (iterdpo.errors), nothing written."""
     run_file = _run_file(tmp_path, tiny)
-    assert annotate_main(["--spec", str(run_file), "--iteration", "3", "--reward-url", "http://127.0.0.1:9"]) == 1
-    assert "--iteration must be in 1..2" in capsys.readouterr().err
+    assert annotate_main(["--spec", str(run_file), "--iteration", "3", "--reward-url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "iterdpo annotate: error: --iteration: Score runs in rounds 1..2 (spec.iterations is 2); got 3"
+    assert not RunLayout.of(load_run(run_file)).recipe_file.exists()

@@ -89,10 +89,19 @@ def test_two_shards_cover_every_prompt_once_and_count_the_left_out(tiny, prompts
 
 
 def test_bad_arguments_are_one_line_errors(tiny, prompts, tmp_path):
+    """Usage mistakes exit 2 with one line (iterdpo.errors), before anything is written."""
     run_file = write_run(tmp_path, tiny, prompts, shards=2, name="bad-args")
     no_shard = generate(run_file)
-    assert no_shard.returncode == 1
-    assert "--shard is required outside an Indexed Job" in no_shard.stderr
+    assert no_shard.returncode == 2
+    assert no_shard.stderr.strip().splitlines()[-1] == (
+        "iterdpo generate: error: --shard is required outside an Indexed Job (JOB_COMPLETION_INDEX is unset)")
     assert "Traceback" not in no_shard.stderr
     out_of_range = generate(run_file, "--shard", "2")
-    assert out_of_range.returncode == 2 and "the shard must be in 0..1 (spec.generation.shards); got 2" in out_of_range.stderr
+    assert out_of_range.returncode == 2
+    assert "iterdpo generate: error: --shard: must be in 0..1 (spec.generation.shards is 2); got 2" in out_of_range.stderr
+    bad_round = subprocess.run([sys.executable, "-m", "iterdpo_generator", "--spec", str(run_file), "--iteration", "5",
+                                "--shard", "0"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad_round.returncode == 2
+    assert "iterdpo generate: error: --iteration: Generate runs in rounds 1..1 (spec.iterations is 1); got 5" in (
+        bad_round.stderr)
+    assert not RunLayout.of(load_run(run_file)).recipe_file.exists()

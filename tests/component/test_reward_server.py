@@ -13,6 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from iterdpo.spec import RewardSpec
 from iterdpo.tiny import KIND_WORDS, NEUTRAL_WORDS, POLICY_TEMPLATE, UNKIND_WORDS
 from iterdpo_reward_server.app import create_app
 from iterdpo_reward_server.cli import main as serve_main
@@ -174,7 +175,7 @@ def test_wrong_kind_for_the_checkpoint_fails_at_start_naming_kind(tiny, tmp_path
     (model / "config.json").write_text(json.dumps(config))
     assert serve_main(["--model", str(model), "--port", "1"]) == 1
     err = capsys.readouterr().err
-    assert "--kind bradley-terry" in err and "num_labels=2" in err
+    assert "kind bradley-terry (spec.reward.kind)" in err and "num_labels=2" in err
 
 
 def test_a_causal_lm_is_refused(tiny, tmp_path, capsys):
@@ -199,20 +200,23 @@ def test_missing_chat_template_fails_at_start(tiny, tmp_path, capsys):
     # ... and the override makes it servable.
     template = tmp_path / "t.jinja"
     template.write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    settings = Settings(model=str(model), chat_template=template.read_text(), max_length=64, batch_tokens=64)
+    settings = Settings(reward=RewardSpec(model=str(model), chat_template=template.read_text(), max_length=64, batch_tokens=64))
     BradleyTerryScorer.preflight(settings)
 
 
 def test_bad_flag_fails_naming_it(capsys):
-    assert serve_main(["--model", "m", "--batch-tokens", "8", "--max-length", "16"]) == 1
-    assert "--batch-tokens" in capsys.readouterr().err
+    """A usage mistake: exit 2 with one line, before the model is touched."""
+    assert serve_main(["--model", "m", "--batch-tokens", "8", "--max-length", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("iterdpo serve-reward: error: --batch-tokens:") and "\n" not in err
 
 
 # --- in-process (TestClient): readiness transitions, template override ----------------------
 
 
-def _settings(tiny, **kw) -> Settings:
-    return Settings(model=str(tiny.reward), max_length=MAX_LENGTH, batch_tokens=BATCH_TOKENS, **kw)
+def _settings(tiny, chat_template: str | None = None, **kw) -> Settings:
+    reward = RewardSpec(model=str(tiny.reward), max_length=MAX_LENGTH, batch_tokens=BATCH_TOKENS, chat_template=chat_template)
+    return Settings(reward=reward, **kw)
 
 
 def _wait_ready(client: TestClient) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from iterdpo.contracts import PairRecord, read_lines, write_lines
 from iterdpo.layout import RunLayout
 from iterdpo.runfile import load_run
 from iterdpo.tiny import KIND_WORDS, TOPICS, UNKIND_WORDS
@@ -46,21 +47,20 @@ def write_pairs(run_file: Path, count: int, *, long_prompt: bool) -> Path:
     """Synthetic pairs: kind words chosen over unkind ones; optionally one prompt too long."""
     rng = random.Random(count)
     path = RunLayout.of(load_run(run_file)).pairs_file(1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        for i in range(count):
-            topic = rng.choice(TOPICS)
-            prompt = f"tell me about the {topic}" + (" and the river" * 40 if long_prompt and i == 0 else "")
-            record = {
-                "prompt_id": f"p{i:04d}",
-                "prompt": [{"role": "user", "content": prompt}],
-                "chosen": " ".join([topic] + rng.sample(KIND_WORDS, 4)),
-                "rejected": " ".join([topic] + rng.sample(UNKIND_WORDS, 4)),
-                "chosen_reward": 1.0,
-                "rejected_reward": -1.0,
-                "margin": 2.0,
-            }
-            fh.write(json.dumps(record) + "\n")
+    pairs = []
+    for i in range(count):
+        topic = rng.choice(TOPICS)
+        prompt = f"tell me about the {topic}" + (" and the river" * 40 if long_prompt and i == 0 else "")
+        pairs.append(PairRecord(  # what the Score stage writes, through the same contract
+            prompt_id=f"p{i:04d}",
+            prompt=[{"role": "user", "content": prompt}],
+            chosen=" ".join([topic] + rng.sample(KIND_WORDS, 4)),
+            rejected=" ".join([topic] + rng.sample(UNKIND_WORDS, 4)),
+            chosen_reward=1.0,
+            rejected_reward=-1.0,
+            margin=2.0,
+        ))  # fmt: skip
+    write_lines(path, pairs)
     return path
 
 
@@ -91,7 +91,6 @@ def _parameters(path: Path) -> dict[str, torch.Tensor]:
 
 def _single_process_reference(tiny, pairs_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs computed here, in one process, pair by pair."""
-    from iterdpo.atomic import read_jsonl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from iterdpo_trainer.data import collate, tokenize_pair
@@ -101,7 +100,7 @@ def _single_process_reference(tiny, pairs_file: Path) -> tuple[torch.Tensor, tor
     model = AutoModelForCausalLM.from_pretrained(tiny.policy).eval()
     chosen, rejected = [], []
     with torch.no_grad():
-        for record in read_jsonl(pairs_file):
+        for record in read_lines(pairs_file, PairRecord):
             pair = tokenize_pair(tok, record, max_length=128, max_prompt_length=64)
             c, r = batch_logps(model, collate([pair], tok.pad_token_id), "cpu")
             chosen.append(c.item())
@@ -155,7 +154,7 @@ def test_zero2_trains_every_parameter_saves_a_loadable_checkpoint_and_reruns_as_
     assert (first["step"], last["step"], last["epoch"]) == (1, 2, 1.0)
 
     # Reference log-probs from 2 processes equal one process's, pair by pair (TRL #2423/#2569).
-    cache = torch.load(layout.train_dir(1) / "ref_logps.pt", weights_only=True)
+    cache = torch.load(layout.reference_cache(1), weights_only=True)
     chosen, rejected = _single_process_reference(tiny, pairs_file)
     torch.testing.assert_close(cache["chosen"], chosen, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache["rejected"], rejected, rtol=1e-4, atol=1e-4)
@@ -211,7 +210,7 @@ def test_missing_pairs_file_is_one_clear_line_and_exit_1(tiny, tmp_path):
 
     launched = run_trainer(run_file, tmp_path)
     assert launched.returncode == 1
-    assert "[train rank 0]" in launched.stderr and expected in launched.stderr
+    assert f"iterdpo_trainer (rank 0): error: {expected}" in launched.stderr
     # torchrun itself reports the failed child with its own launcher traceback; none comes from ours.
     assert "iterdpo_trainer/" not in launched.stderr and "services/trainer/" not in launched.stderr
     assert not (tmp_path / "runs" / "trainer-test" / "iter-01" / "train" / "metrics.json").exists()

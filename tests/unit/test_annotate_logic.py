@@ -10,12 +10,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pydantic import ValidationError
+
+from iterdpo.contracts import GeneratedRecord, LeftOut
+from iterdpo.errors import StageError
 from iterdpo.layout import RunLayout
+from iterdpo.stages import Stage
 from iterdpo_reward_server.annotate import pair_round, split, unique_items
 from iterdpo_reward_server.client import RetryPolicy, RewardClient, RewardClientError, chunk
 from iterdpo_reward_server.scoring import encode, pack
 from iterdpo_reward_server.settings import SettingsError, settings_from_args
-from iterdpo_reward_server.shards import AnnotateError, Generated, RoundGenerations, read_round
+from iterdpo_reward_server.shards import RoundGenerations, read_round
 
 # --- packing ------------------------------------------------------------------------------
 
@@ -215,9 +220,10 @@ def test_wait_ready_polls_until_200_and_times_out_clearly():
 
 
 def _write_shard(layout, i, n, rows, prompts_in=None, left_out=()):
-    layout.generate_dir(1).mkdir(parents=True, exist_ok=True)
+    layout.stage_dir(1, Stage.GENERATE).mkdir(parents=True, exist_ok=True)
     layout.shard_file(1, i, n).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    marker = {
+    marker = {  # raw, so that a test can write one that does not add up
+        "iteration": 1, "shard": i, "shards": n, "policy": "/p", "seconds": 1.0,
         "prompts_in": len(rows) + len(left_out) if prompts_in is None else prompts_in,
         "prompts_out": len(rows),
         "samples": sum(len(r["responses"]) for r in rows),
@@ -237,13 +243,13 @@ def test_read_round_counts_and_orders(tmp_path: Path):
     got = read_round(layout, 1, 2)
     assert [r.prompt_id for r in got.records] == ["a", "b", "c"]
     assert got.prompts_in == 4
-    assert got.left_out == [{"prompt_id": "z", "reason": "too long"}]
+    assert got.left_out == [LeftOut(prompt_id="z", reason="too long")]
 
 
 def test_read_round_names_the_shard_without_a_marker(tmp_path: Path):
     layout = RunLayout(tmp_path / "run")
     _write_shard(layout, 0, 2, [_row("a", ["1", "2"])])
-    with pytest.raises(AnnotateError, match=r"generation shard 2 of 2 of round 1 has no success marker .* did not finish"):
+    with pytest.raises(StageError, match=r"generation shard 2 of 2 of round 1 has no success marker .* did not finish"):
         read_round(layout, 1, 2)
 
 
@@ -252,38 +258,39 @@ def test_read_round_checks_line_count_marker_sums_and_duplicates(tmp_path: Path)
     _write_shard(layout, 0, 1, [_row("a", ["1", "2"])])
     with open(layout.shard_file(1, 0, 1), "a") as fh:
         fh.write(json.dumps(_row("b", ["x"])) + "\n")
-    with pytest.raises(AnnotateError, match="has 2 prompts but its marker says prompts_out=1"):
+    with pytest.raises(StageError, match="has 2 prompts but its marker says prompts_out=1"):
         read_round(layout, 1, 1)
 
     _write_shard(layout, 0, 1, [_row("a", ["1", "2"])], prompts_in=5)
-    with pytest.raises(AnnotateError, match="does not add up: prompts_in=5"):
+    with pytest.raises(StageError, match="does not add up: prompts_in=5"):
         read_round(layout, 1, 1)
 
     _write_shard(layout, 0, 2, [_row("a", ["1"])])
     _write_shard(layout, 1, 2, [_row("a", ["2"])])
-    with pytest.raises(AnnotateError, match="'a' appears twice"):
+    with pytest.raises(StageError, match="'a' appears twice"):
         read_round(layout, 1, 2)
 
 
 def test_read_round_names_a_malformed_line(tmp_path: Path):
     layout = RunLayout(tmp_path / "run")
     _write_shard(layout, 0, 1, [{"prompt_id": "a", "prompt": [], "responses": []}])
-    with pytest.raises(AnnotateError, match=r"shard-00000-of-00001.jsonl:1: prompt must be a non-empty list"):
+    with pytest.raises(StageError, match=r"shard-00000-of-00001.jsonl:1 is not a valid GeneratedRecord: prompt: List should have at least 1 item"):
         read_round(layout, 1, 1)
 
 
 # --- pairing and stats -----------------------------------------------------------------------
 
 
-def _gen(pid, n):
-    return Generated(pid, [{"role": "user", "content": pid}], [f"{pid}-{i}" + "!" * i for i in range(n)])
+def _gen(pid, n, responses=None):
+    responses = [f"{pid}-{i}" + "!" * i for i in range(n)] if responses is None else responses
+    return GeneratedRecord(prompt_id=pid, prompt=[{"role": "user", "content": pid}], responses=responses)
 
 
 def test_pair_round_accounts_for_every_prompt():
     generations = RoundGenerations(
         records=[_gen("best-worst", 4), _gen("tie", 4), _gen("one", 1), _gen("none", 0), _gen("short", 2)],
         prompts_in=7,
-        left_out=[{"prompt_id": "gen1", "reason": "prompt too long"}, {"prompt_id": "gen2", "reason": "x"}],
+        left_out=[LeftOut(prompt_id="gen1", reason="prompt too long"), LeftOut(prompt_id="gen2", reason="x")],
     )
     rewards = [[0.5, 2.0, -1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [3.0], [], [0.1, 0.2]]
     out = pair_round(
@@ -291,20 +298,20 @@ def test_pair_round_accounts_for_every_prompt():
         samples_per_prompt=4, truncated=3,
     )
     s = out.stats
-    assert s["promptsIn"] == s["pairs"] + s["tiesDropped"] + s["promptsLeftOut"] == 7
-    assert (s["pairs"], s["tiesDropped"], s["promptsLeftOut"], s["promptsNotK"]) == (2, 1, 4, 3)
-    assert s["responsesScored"] == 11
-    assert s["minReward"] == -1.0 and s["maxReward"] == 3.0
-    assert s["meanReward"] == pytest.approx(sum(sum(r) for r in rewards) / 11)
-    assert s["truncated"] == 3 and s["strategy"] == "max_min"
-    assert [e["prompt_id"] for e in s["leftOut"]] == ["gen1", "gen2", "one", "none"]
-    assert "fewer than 2 responses (1) of K=4" in s["leftOut"][2]["reason"]
+    assert s.prompts_in == s.pairs + s.ties_dropped + s.prompts_left_out == 7
+    assert (s.pairs, s.ties_dropped, s.prompts_left_out, s.prompts_not_k) == (2, 1, 4, 3)
+    assert s.responses_scored == 11
+    assert s.min_reward == -1.0 and s.max_reward == 3.0
+    assert s.mean_reward == pytest.approx(sum(sum(r) for r in rewards) / 11)
+    assert s.truncated == 3 and s.strategy == "max_min"
+    assert [e.prompt_id for e in s.left_out] == ["gen1", "gen2", "one", "none"]
+    assert "fewer than 2 responses (1) of K=4" in s.left_out[2].reason
     first = out.pairs[0]
-    assert (first["chosen"], first["rejected"]) == ("best-worst-1!", "best-worst-2!!")
-    assert first["margin"] == 3.0 and first["chosen_reward"] == 2.0 and first["rejected_reward"] == -1.0
-    assert out.pairs[1]["prompt_id"] == "short" and out.pairs[1]["chosen"] == "short-1!"
-    assert [r["prompt_id"] for r in out.scored] == ["best-worst", "tie", "one", "none", "short"]
-    assert out.scored[0]["rewards"] == rewards[0]
+    assert (first.chosen, first.rejected) == ("best-worst-1!", "best-worst-2!!")
+    assert first.margin == 3.0 and first.chosen_reward == 2.0 and first.rejected_reward == -1.0
+    assert out.pairs[1].prompt_id == "short" and out.pairs[1].chosen == "short-1!"
+    assert [r.prompt_id for r in out.scored] == ["best-worst", "tie", "one", "none", "short"]
+    assert out.scored[0].rewards == rewards[0]
 
 
 def test_pair_round_random_strategy_is_reproducible():
@@ -316,7 +323,7 @@ def test_pair_round_random_strategy_is_reproducible():
 
 def test_pair_round_refuses_inconsistent_counts():
     generations = RoundGenerations([_gen("a", 2)], prompts_in=3, left_out=[])
-    with pytest.raises(AssertionError, match="promptsIn=3"):
+    with pytest.raises(ValidationError, match="promptsIn=3"):
         pair_round(generations, [[1.0, 0.0]], strategy="max_min", length_penalty=0.0, seed=1, iteration=1,
                    samples_per_prompt=2, truncated=0)
     with pytest.raises(ValueError, match="do not match"):
@@ -325,8 +332,7 @@ def test_pair_round_refuses_inconsistent_counts():
 
 
 def test_unique_items_scores_identical_responses_once():
-    generations = RoundGenerations([_gen("a", 0), Generated("b", [{"role": "user", "content": "b"}], ["x", "y", "x"]),
-                                    Generated("c", [{"role": "user", "content": "c"}], ["x"])], 3, [])
+    generations = RoundGenerations([_gen("a", 0), _gen("b", 0, ["x", "y", "x"]), _gen("c", 0, ["x"])], 3, [])
     items, where = unique_items(generations)
     assert [(i["messages"][0]["content"], i["response"]) for i in items] == [("b", "x"), ("b", "y"), ("c", "x")]
     assert where == [0, 1, 0, 2]
@@ -340,28 +346,37 @@ def test_split():
 
 
 def test_settings_name_the_flag_at_fault(tmp_path: Path):
-    with pytest.raises(SettingsError, match=r"^--batch-tokens: must be >= max_length \(4096\)"):
+    with pytest.raises(SettingsError, match=r"^--batch-tokens: must be at least reward.maxLength \(4096\)"):
         settings_from_args(["--model", "m", "--batch-tokens", "100"])
+    with pytest.raises(SettingsError, match=r"^--max-length: must be >= 16|^--max-length: Input should be greater"):
+        settings_from_args(["--model", "m", "--max-length", "8"])
     with pytest.raises(SettingsError, match=r"^--dtype: "):
         settings_from_args(["--model", "m", "--dtype", "float16"])
     with pytest.raises(SettingsError, match=r"^--kind: "):
         settings_from_args(["--model", "m", "--kind", "armo"])
+    with pytest.raises(SettingsError, match=r"^--model: required without --spec"):
+        settings_from_args(["--max-length", "64"])
     with pytest.raises(SettingsError, match=r"^--chat-template: cannot read"):
         settings_from_args(["--model", "m", "--chat-template", str(tmp_path / "nope.jinja")])
     template = tmp_path / "t.jinja"
     template.write_text("{{ messages }}")
     s = settings_from_args(["--model", "m", "--chat-template", str(template), "--max-length", "64", "--batch-tokens", "64"])
-    assert s.chat_template == "{{ messages }}" and s.max_length == 64
-    assert settings_from_args(["--model", "m", "--chat-template", "none"]).chat_template is None
+    assert s.reward.chat_template == "{{ messages }}" and s.reward.max_length == 64
+    assert settings_from_args(["--model", "m", "--chat-template", "none"]).reward.chat_template is None
     assert s.resolved_dtype("cpu") == "float32" and s.resolved_dtype("cuda") == "bfloat16"
 
 
-def test_chat_template_text_flag(tmp_path):
-    s = settings_from_args(["--model", "m", "--chat-template-text", "{{ messages }}"])
-    assert s.chat_template == "{{ messages }}"
-    template = tmp_path / "t.jinja"
-    template.write_text("x")
-    with pytest.raises(SettingsError, match=r"^--chat-template-text: give either"):
-        settings_from_args(["--model", "m", "--chat-template", str(template), "--chat-template-text", "y"])
-    with pytest.raises(SettingsError, match=r"^--chat-template-text: is empty"):
-        settings_from_args(["--model", "m", "--chat-template-text", "  "])
+def test_settings_from_the_run_file_are_spec_reward(tmp_path: Path):
+    """The planner starts the server with --spec: spec.reward is the one declaration of what it serves."""
+    from types import SimpleNamespace
+
+    from tests.runfiles import write_tiny_run
+
+    tiny = SimpleNamespace(policy="/models/p", reward="/models/rm", prompts=["/data/q.jsonl"])
+    run_file = write_tiny_run(tmp_path / "run.yaml", tiny, name="r", reward={"maxLength": 64, "batchTokens": 128,
+                                                                             "chatTemplate": "{{ messages }}"})  # fmt: skip
+    s = settings_from_args(["--spec", str(run_file), "--port", "9000"])
+    assert (s.reward.model, s.reward.max_length, s.reward.batch_tokens, s.reward.chat_template, s.port) == (
+        "/models/rm", 64, 128, "{{ messages }}", 9000)
+    with pytest.raises(SettingsError, match=r"^--max-length: with --spec, spec.reward is the one place for it"):
+        settings_from_args(["--spec", str(run_file), "--max-length", "32"])

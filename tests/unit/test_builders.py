@@ -24,7 +24,9 @@ import yaml
 from iterdpo.cli import main as cli_main
 from iterdpo.planner import REWARD_PORT
 from iterdpo.spec import API_VERSION, KIND, MAX_NAME_LENGTH, IterativeDPORun
+from iterdpo.stages import Stage
 from iterdpo_operator import builders as b
+from iterdpo_operator import stage_children as sc
 from iterdpo_operator.launchers import JobLauncher, PyTorchJobLauncher, launcher_for
 from iterdpo_operator.validation import InvalidRun, validate_resource
 
@@ -96,11 +98,11 @@ def children(run: IterativeDPORun, owner_uid: str | None = OWNER_UID, iteration:
     """Every child of a round, built directly (the operator's path, with an owner uid)."""
     return [
         b.spec_config_map(run, owner_uid),
-        b.generate_job(run, iteration, attempt, owner_uid),
+        sc.child_manifest(run, Stage.GENERATE, iteration, attempt, owner_uid),
         b.reward_service(run, owner_uid),
         b.reward_deployment(run, 1, owner_uid),
-        b.annotate_job(run, iteration, attempt, owner_uid),
-        launcher_for(run).build(run, iteration, attempt, owner_uid),
+        sc.child_manifest(run, Stage.SCORE, iteration, attempt, owner_uid),
+        sc.child_manifest(run, Stage.TRAIN, iteration, attempt, owner_uid),
     ]
 
 
@@ -134,7 +136,7 @@ def test_golden_inputs_exist():
 
 @pytest.mark.parametrize("name", GOLDEN_NAMES)
 def test_round_one_matches_golden(name):
-    rendered = b.to_yaml(b.render_round(load(name), 1))
+    rendered = b.to_yaml(sc.render_round(load(name), 1))
     path = GOLDEN / f"{name}-round1.yaml"
     if UPDATE_GOLDEN:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,7 @@ def test_round_one_matches_golden(name):
 def test_render_round_order_and_no_owner():
     """render_round is what `iterdpo render` prints: the operator's creation order, no ownerReferences."""
     for name, launcher_kind in (("small", "Job"), ("multinode", "PyTorchJob")):
-        manifests = b.render_round(load(name), 1)
+        manifests = sc.render_round(load(name), 1)
         assert [m["kind"] for m in manifests] == ["ConfigMap", "Job", "Service", "Deployment", "Job", launcher_kind]
         assert all("ownerReferences" not in m["metadata"] for m in manifests)
 
@@ -263,8 +265,8 @@ def test_generate_is_an_indexed_job_one_index_per_shard(run):
 
 def test_train_launcher_manifest(run):
     t = run.spec.training
-    train = launcher_for(run).build(run, 1, 1, OWNER_UID)
-    assert train["metadata"]["name"] == launcher_for(run).ref(run, 1, 1).name == b.child_name(run, 1, "Train", 1)
+    train = sc.child_manifest(run, Stage.TRAIN, 1, 1, OWNER_UID)
+    assert train["metadata"]["name"] == sc.child_ref(run, Stage.TRAIN, 1, 1).name == sc.child_name(run, 1, Stage.TRAIN, 1)
     if run.spec.kubernetes.launcher == "job":
         assert isinstance(launcher_for(run), JobLauncher)
         assert (train["apiVersion"], train["kind"]) == ("batch/v1", "Job")
@@ -323,7 +325,7 @@ def test_gpu_defaults_and_zero():
     multi = load("multinode")
     assert [b.stage_gpus(multi, s) for s in ("generate", "reward", "annotate", "train")] == [2, 1, 0, 8]
     cpu = variant("small", spec__kubernetes__resources__train__gpus=0)
-    (c,) = launcher_for(cpu).build(cpu, 1, 1)["spec"]["template"]["spec"]["containers"]
+    (c,) = sc.child_manifest(cpu, Stage.TRAIN, 1, 1)["spec"]["template"]["spec"]["containers"]
     assert b.GPU not in c["resources"].get("limits", {})
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
 
@@ -393,15 +395,15 @@ def test_a_run_name_starting_with_a_digit_is_refused_or_gives_valid_service_name
 
 
 def test_rendered_yaml_has_no_anchors_or_aliases():
-    text = b.to_yaml(b.render_round(load("multinode"), 1))
+    text = b.to_yaml(sc.render_round(load("multinode"), 1))
     assert not re.search(r"[&*]id\d{3}", text), "YAML anchors/aliases in the rendered manifests"
 
 
 def test_builders_are_pure():
     run = load("multinode")
     assert children(run) == children(run)
-    assert b.to_yaml(b.render_round(run, 2)) == b.to_yaml(b.render_round(run, 2))
-    assert b.render_round(run, 2) != b.render_round(run, 1)
+    assert b.to_yaml(sc.render_round(run, 2)) == b.to_yaml(sc.render_round(run, 2))
+    assert sc.render_round(run, 2) != sc.render_round(run, 1)
 
 
 # -- the real schemas ------------------------------------------------------------------
@@ -436,7 +438,7 @@ def test_core_manifests_pass_the_strict_kubernetes_schema(run):
 
 
 def test_strict_kubernetes_schema_check_catches_unknown_fields():
-    job = b.generate_job(load("small"), 1, 1)
+    job = sc.child_manifest(load("small"), Stage.GENERATE, 1, 1)
     job["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
     assert "gpus" in (k8s_errors(job) or "")
 
@@ -499,14 +501,14 @@ def test_pytorchjob_passes_the_kubeflow_crd_schema(run, pytorchjob_schema):
     if run.spec.kubernetes.launcher != "pytorchjob":
         run = run.model_copy(update={"spec": run.spec.model_copy(update={
             "kubernetes": run.spec.kubernetes.model_copy(update={"launcher": "pytorchjob"})})})  # fmt: skip
-    job = PyTorchJobLauncher().build(run, 1, 1, OWNER_UID)
+    job = sc.child_manifest(run, Stage.TRAIN, 1, 1, OWNER_UID)
     errors = pytorchjob_errors(job, pytorchjob_schema)
     assert not errors, "\n".join(errors)
 
 
 def test_pytorchjob_check_catches_unknown_and_ill_typed_fields(pytorchjob_schema):
     run = load("multinode")
-    job = PyTorchJobLauncher().build(run, 1, 1)
+    job = sc.child_manifest(run, Stage.TRAIN, 1, 1)
     job["spec"]["pytorchReplicaSpecs"]["Master"] = copy.deepcopy(job["spec"]["pytorchReplicaSpecs"]["Master"])
     job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["gpus"] = 1
     job["spec"]["nprocPerNode"] = 8
@@ -532,7 +534,7 @@ def test_render_prints_the_round(capsys):
     assert [d["metadata"]["name"] for d in docs] == [
         "small-spec", "small-i01-generate-a1", "small-reward", "small-reward", "small-i01-annotate-a1", "small-i01-train-a1"]  # fmt: skip
     assert out.startswith("#")  # a comment says what it is
-    assert out.split("\n", 1)[1] == b.to_yaml(b.render_round(load("small"), 1))
+    assert out.split("\n", 1)[1] == b.to_yaml(sc.render_round(load("small"), 1))
 
 
 def test_render_multinode_iteration_and_namespace(capsys):
@@ -659,24 +661,24 @@ def test_every_pod_meets_the_restricted_pod_security_standard(run):
 def test_reward_token_reaches_server_and_annotator_only_by_secret_ref():
     run = load("small")
     ref = {"secretKeyRef": {"name": f"{run.name}-reward-token", "key": "token"}}
-    for manifest in (b.reward_deployment(run, 1), b.annotate_job(run, 1, 1)):
+    for manifest in (b.reward_deployment(run, 1), sc.child_manifest(run, Stage.SCORE, 1, 1)):
         (c,) = manifest["spec"]["template"]["spec"]["containers"]
         assert {"name": "ITERDPO_REWARD_TOKEN", "valueFrom": ref} in c["env"]
         assert not any(a.startswith(("--token", "--auth")) for a in c["command"])  # never on the command line
     secret = b.reward_token_secret(run, "tok", OWNER_UID)
     assert secret["stringData"] == {"token": "tok"} and secret["metadata"]["ownerReferences"][0]["uid"] == OWNER_UID
-    assert all(m["kind"] != "Secret" for m in b.render_round(run, 1))  # a random value is never rendered
+    assert all(m["kind"] != "Secret" for m in sc.render_round(run, 1))  # a random value is never rendered
     named = variant("small", **{"spec.kubernetes.rewardTokenSecret": {"name": "mine", "key": "k"}})
     assert b.reward_token_ref(named) == ("mine", "k")
 
 
 def test_reward_network_policy_admits_only_the_runs_annotate_pods():
     run = variant("small", **{"spec.kubernetes.rewardNetworkPolicy": True})
-    (policy,) = [m for m in b.render_round(run, 1) if m["kind"] == "NetworkPolicy"]
+    (policy,) = [m for m in sc.render_round(run, 1) if m["kind"] == "NetworkPolicy"]
     assert policy["spec"]["podSelector"]["matchLabels"] == b.reward_deployment(run, 1)["spec"]["selector"]["matchLabels"]
     (rule,) = policy["spec"]["ingress"]
     source = rule["from"][0]["podSelector"]["matchLabels"]
-    annotate_labels = b.annotate_job(run, 1, 1)["spec"]["template"]["metadata"]["labels"]
+    annotate_labels = sc.child_manifest(run, Stage.SCORE, 1, 1)["spec"]["template"]["metadata"]["labels"]
     assert source.items() <= annotate_labels.items() and rule["ports"] == [{"protocol": "TCP", "port": 8000}]
     assert k8s_errors(policy) is None
-    assert all(m["kind"] != "NetworkPolicy" for m in b.render_round(load("small"), 1))
+    assert all(m["kind"] != "NetworkPolicy" for m in sc.render_round(load("small"), 1))

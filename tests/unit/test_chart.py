@@ -217,7 +217,9 @@ def test_kopf_cluster_read_can_be_turned_off(helm):
 
 def test_network_policy_and_service_monitor(helm):
     """The policy selects the pods the operator's builders label (reward, annotate)."""
+    from iterdpo.stages import Stage
     from iterdpo_operator import builders as b
+    from iterdpo_operator import stage_children as sc
     from iterdpo_operator.validation import validate_resource
 
     manifests = render(helm, CHART / "ci" / "extras-values.yaml")
@@ -225,8 +227,8 @@ def test_network_policy_and_service_monitor(helm):
     assert policy["metadata"]["namespace"] == "runs" and policy["spec"]["policyTypes"] == ["Ingress"]
     run = validate_resource(yaml.safe_load((ROOT / "tests" / "unit" / "golden_specs" / "small.yaml").read_text()))
     reward_pod = b.reward_deployment(run, 1)["spec"]["template"]["metadata"]["labels"]
-    annotate_pod = b.annotate_job(run, 1, 1)["spec"]["template"]["metadata"]["labels"]
-    generate_pod = b.generate_job(run, 1, 1)["spec"]["template"]["metadata"]["labels"]
+    annotate_pod = sc.child_manifest(run, Stage.SCORE, 1, 1)["spec"]["template"]["metadata"]["labels"]
+    generate_pod = sc.child_manifest(run, Stage.GENERATE, 1, 1)["spec"]["template"]["metadata"]["labels"]
     selects = lambda selector, labels: selector.items() <= labels.items()  # noqa: E731
     assert selects(policy["spec"]["podSelector"]["matchLabels"], reward_pod)
     first, extra = policy["spec"]["ingress"]

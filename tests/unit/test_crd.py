@@ -156,26 +156,54 @@ def test_defaults_are_the_models(root, spec):
 
 
 def test_each_cross_field_rule_has_a_cel_rule(root):
-    source = inspect.getsource(IterativeDPORunSpec._cross_field)
-    blamed = re.findall(r'CrossFieldError\(\s*"([^"]+)"', source)
-    assert len(blamed) == source.count("CrossFieldError(") == 8
-    assert sorted(blamed) == sorted(r.blames for r in crd.SPEC_RULES)
-    for rule in crd.SPEC_RULES:
+    """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
+    from iterdpo.spec import RULES
+
+    assert len(RULES) == len({r.blames for r in RULES}) == 8
+    assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
+    for rule in RULES:
         node = root["properties"]["spec"]
         for part in filter(None, rule.at.split(".")):
             node = node["properties"][part]
-        assert rule.schema() in node["x-kubernetes-validations"], rule
+        assert crd.rule_schema(rule) in node["x-kubernetes-validations"], rule
         target = node
-        for part in rule.field_path.strip(".").split("."):
+        for part in rule.field.split("."):
             target = target["properties"][part]  # fieldPath names a real field
         assert rule.message and rule.reason in ("FieldValueInvalid", "FieldValueRequired")
-        fields = {m for m in re.findall(r"self\.([\w.]+)", rule.rule)}
+        fields = {m for m in re.findall(r"self\.([\w.]+)", rule.cel)}
         assert fields, rule
         for dotted in fields:  # every field a rule reads exists (and has a default, or is guarded by has())
             leaf = node
             for part in dotted.split("."):
                 leaf = leaf["properties"][part]
-            assert "default" in leaf or f"has(self.{dotted})" in rule.rule, (rule.rule, dotted)
+            assert "default" in leaf or f"has(self.{dotted})" in rule.cel, (rule.cel, dotted)
+
+
+def test_each_rule_is_checked_by_the_model_and_blames_its_field():
+    """Break each rule on a valid spec: the model's error names exactly the field the rule blames."""
+    from iterdpo.runfile import SpecError, parse_run
+    from iterdpo.spec import RULES
+
+    breakers = {
+        "training.globalBatchSize": {"training": {"globalBatchSize": 7, "microBatchSize": 2}},
+        "training.zeroStage": {"training": {"zeroStage": 0, "precision": "bf16"}},
+        "training.maxPromptLength": {"training": {"maxLength": 64, "maxPromptLength": 64}},
+        "reward.batchTokens": {"reward": {"model": "/m/rm", "maxLength": 512, "batchTokens": 256}},
+        "prompts.dataset": {"prompts": {"dataset": None}},
+        "prompts.perIteration": {"prompts": {"perIteration": [{"dataset": "/p/a.jsonl"}]}, "iterations": 2},
+        "kubernetes.launcher": {"kubernetes": {"launcher": "job"}, "training": {"nodes": 2}},
+        "pairing.lengthPenalty": {"pairing": {"lengthPenalty": 0.1}},
+    }
+    assert set(breakers) == {r.blames for r in RULES}
+    for blames, change in breakers.items():
+        spec = copy.deepcopy(MINIMAL)
+        for key, value in change.items():
+            spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+            spec[key] = {k: v for k, v in spec[key].items() if v is not None} if isinstance(value, dict) else value
+        body = {"apiVersion": "iterdpo.io/v1alpha1", "kind": "IterativeDPORun", "metadata": {"name": "r"}, "spec": spec}
+        with pytest.raises(SpecError) as err:
+            parse_run(body)
+        assert err.value.problems[0].startswith(f"spec.{blames}: "), (blames, err.value.problems)
 
 
 def test_name_rules_follow_the_model(root):

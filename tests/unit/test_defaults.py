@@ -6,8 +6,11 @@ import copy
 
 import pytest
 
+from iterdpo.stages import Stage
 from iterdpo_operator import builders as b
-from iterdpo_operator.defaults import FALLBACK_IMAGE, StageDefaults, defaults_from_env, with_defaults
+from iterdpo_operator import stage_children as sc
+from iterdpo.spec import DEFAULT_IMAGE as FALLBACK_IMAGE
+from iterdpo_operator.defaults import StageDefaults, defaults_from_env, with_defaults
 from iterdpo_operator.validation import validate_resource
 
 BODY = {
@@ -35,7 +38,7 @@ def test_without_defaults_the_image_is_the_documented_fallback(monkeypatch):
     monkeypatch.delenv("ITERDPO_STAGE_DEFAULTS", raising=False)
     run = with_defaults(validate_resource(BODY), defaults_from_env())
     assert run.spec.kubernetes.image == FALLBACK_IMAGE
-    assert b.generate_job(validate_resource(BODY), 1, 1)["spec"]["template"]["spec"]["containers"][0]["image"] == FALLBACK_IMAGE
+    assert sc.child_manifest(validate_resource(BODY), Stage.GENERATE, 1, 1)["spec"]["template"]["spec"]["containers"][0]["image"] == FALLBACK_IMAGE
 
 
 @pytest.mark.parametrize("raw, text", [("{not json", "is not valid"), ('{"resources": {"trian": {}}}', "unknown stage"),

@@ -12,7 +12,7 @@ from iterdpo.spec import TrainingSpec
 
 from iterdpo_trainer.data import TokenizedPair, collate, tokenize_pair, truncate
 from iterdpo_trainer.dsconfig import build_ds_config
-from iterdpo_trainer.errors import TrainError
+from iterdpo.errors import UsageError
 from iterdpo_trainer.loss import dpo_loss, sequence_logps
 from iterdpo_trainer.schedule import StepPlan, lr_factor, rank_micro_batches, warmup_steps
 
@@ -186,7 +186,7 @@ def test_ds_config_accumulation_math():
     tiny = TrainingSpec(global_batch_size=8, micro_batch_size=2)
     assert build_ds_config(tiny, world_size=2)["gradient_accumulation_steps"] == 2
     assert build_ds_config(tiny, world_size=1)["gradient_accumulation_steps"] == 4
-    with pytest.raises(TrainError, match="globalBatchSize"):
+    with pytest.raises(UsageError, match="globalBatchSize"):
         build_ds_config(tiny, world_size=3)
 
 
@@ -208,7 +208,7 @@ def test_ds_config_zero_stage_precision_and_optimizer():
 
 def test_ds_config_refuses_zero_0_with_half_precision():
     # DeepSpeed's stage-0 bf16 optimizer holds the fp32 master weights where they cannot be saved.
-    with pytest.raises(TrainError, match="zeroStage 0 with precision bf16"):
+    with pytest.raises(UsageError, match="zeroStage 0 with precision bf16"):
         build_ds_config(TrainingSpec(zero_stage=0, precision="bf16"), 1)
 
 
@@ -243,10 +243,17 @@ def policy_tokenizer(tiny):
     return AutoTokenizer.from_pretrained(tiny.policy)
 
 
+def _pair(prompt, chosen, rejected):
+    from iterdpo.contracts import PairRecord
+
+    return PairRecord(prompt_id="0", prompt=prompt, chosen=chosen, rejected=rejected, chosen_reward=1.0,
+                      rejected_reward=0.0, margin=1.0)  # fmt: skip
+
+
 def test_tokenize_pair_uses_the_policy_chat_template_and_appends_eos(policy_tokenizer):
     tok = policy_tokenizer
     messages = [{"role": "user", "content": "tell me about the river"}]
-    pair = {"prompt": messages, "chosen": "kind river", "rejected": "cruel river"}
+    pair = _pair(messages, "kind river", "cruel river")
     out = tokenize_pair(tok, pair, max_length=128, max_prompt_length=64)
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|assistant|>")
@@ -262,7 +269,7 @@ def test_tokenize_pair_uses_the_policy_chat_template_and_appends_eos(policy_toke
 def test_tokenize_pair_truncates_a_long_prompt_from_the_left(policy_tokenizer):
     tok = policy_tokenizer
     prompt = [{"role": "user", "content": "tell me about the river " * 40}]
-    pair = {"prompt": prompt, "chosen": "kind " * 80, "rejected": "sad"}
+    pair = _pair(prompt, "kind " * 80, "sad")
     out = tokenize_pair(tok, pair, max_length=64, max_prompt_length=16)
     assert out.truncated
     assert len(out.prompt_ids) == 16 and tok.decode(out.prompt_ids).endswith("<|assistant|>")

@@ -32,10 +32,12 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.requirements import Requirement
+
+import iterdpo
 from packaging.utils import canonicalize_name
 
 from iterdpo.cli import STAGE_PROGRAMS, build_parser
-from iterdpo_operator.builders import render_round
+from iterdpo_operator.stage_children import render_round
 from iterdpo_operator.validation import validate_resource
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,8 +47,8 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SPECS = Path(__file__).resolve().parent / "golden_specs"
 GOLDEN_SPECS = ["small", "multinode"]
 FINAL_STAGES = ("operator", "runtime")
-VERSION = PYPROJECT["project"]["version"]
-WHEEL = f"iterdpo-{VERSION}-py3-none-any.whl"
+VERSION = iterdpo.__version__
+WHEEL = "iterdpo-*-py3-none-any.whl"  # the one wheel the builder stage makes
 # Never importable in the operator image (it installs none of them).
 HEAVY = {"torch", "vllm", "deepspeed", "transformers", "numpy", "datasets", "fastapi", "uvicorn", "httpx",
          "tokenizers", "safetensors", "huggingface_hub", "triton"}  # fmt: skip
@@ -302,8 +304,8 @@ def test_pins_match_the_project():
     for name, version in written.items():
         if name in declared:
             assert declared[name].specifier.contains(version, prereleases=True), f"{name}=={version} vs {declared[name]}"
-    # The wheel's file name carries pyproject's version.
-    assert set(re.findall(r"iterdpo-([\w.]+)-py3-none-any\.whl", DOCKERFILE.read_text())) == {VERSION}
+    # The wheel is named by pattern: its version is iterdpo.__version__, not a copy in the Dockerfile.
+    assert not re.findall(r"iterdpo-\d[\w.]*-py3-none-any\.whl", DOCKERFILE.read_text())
 
 
 def test_runtime_installs_the_stage_programs():
@@ -465,7 +467,7 @@ def test_container_command_exists_in_the_runtime_image(spec, name, command):
         choices = next(a.choices for a in build_parser()._subparsers._group_actions)
         assert subcommand in STAGE_PROGRAMS or subcommand in choices, f"iterdpo {subcommand}: no such subcommand"
         if subcommand in STAGE_PROGRAMS:
-            module = STAGE_PROGRAMS[subcommand][0]
+            module = STAGE_PROGRAMS[subcommand].target.partition(":")[0]
             assert module.split(".")[0] in _packages(), f"{module} is not in a package of the wheel"
             assert importlib.util.find_spec(module) is not None, module
     elif program == "torchrun":
@@ -561,7 +563,7 @@ def test_images_are_what_the_chart_and_the_operator_expect():
     import yaml
 
     from iterdpo_operator import builders
-    from iterdpo_operator.defaults import FALLBACK_IMAGE
+    from iterdpo.spec import DEFAULT_IMAGE as FALLBACK_IMAGE
 
     values = yaml.safe_load((REPO / "charts" / "iterdpo" / "values.yaml").read_text())
     deployment = (REPO / "charts" / "iterdpo" / "templates" / "deployment.yaml").read_text()
@@ -573,5 +575,23 @@ def test_images_are_what_the_chart_and_the_operator_expect():
     assert values["operator"]["image"]["repository"].endswith("iterdpo-operator")
     # the stage pods the operator builds run the runtime target's user and tag
     assert int(runtime_uid) == builders.RUN_AS == builders.POD_SECURITY["runAsUser"]
-    tag = values["stageDefaults"]["image"]["tag"]
+    chart = yaml.safe_load((REPO / "charts" / "iterdpo" / "Chart.yaml").read_text())
+    tag = values["stageDefaults"]["image"]["tag"] or chart["appVersion"]
     assert FALLBACK_IMAGE == f"iterdpo:{tag}" and values["stageDefaults"]["image"]["repository"] == "iterdpo"
+
+
+def test_the_version_is_iterdpo_version_everywhere():
+    """iterdpo.__version__ is the one place; what cannot import it (the chart, the image
+    labels, the docs' tags) must agree with it."""
+    from iterdpo.spec import DEFAULT_IMAGE
+
+    chart = yaml.safe_load((REPO / "charts" / "iterdpo" / "Chart.yaml").read_text())
+    values = yaml.safe_load((REPO / "charts" / "iterdpo" / "values.yaml").read_text())
+    assert chart["appVersion"] == chart["version"] == iterdpo.__version__
+    assert values["operator"]["image"]["tag"] == values["stageDefaults"]["image"]["tag"] == ""  # appVersion
+    assert PYPROJECT["project"]["dynamic"] == ["version"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "iterdpo.__version__"}
+    assert md.version("iterdpo") == iterdpo.__version__
+    assert DEFAULT_IMAGE == f"iterdpo:{iterdpo.__version__}"
+    labels = [line for line in DOCKERFILE.read_text().splitlines() if "org.opencontainers.image.version" in line]
+    assert labels and all(f'"{iterdpo.__version__}"' in line for line in labels), labels

@@ -2,7 +2,8 @@
 
 from prometheus_client import generate_latest
 
-from iterdpo.status import IterationStatus, RunStatus, ScoringFigures
+from iterdpo.stages import ScoringFigures
+from iterdpo.status import IterationStatus, RunStatus
 from iterdpo_operator import metrics
 
 

@@ -4,11 +4,9 @@ import pytest
 
 from iterdpo.planner import Finished, next_step
 from iterdpo.runfile import parse_run
+from iterdpo.stages import GenerationFigures, ScoringFigures, TrainingFigures
 from iterdpo.status import (
-    GenerationFigures,
     RunStatus,
-    ScoringFigures,
-    TrainingFigures,
     stage_failed,
     stage_finished,
     stage_started,
@@ -75,9 +73,8 @@ def test_generate_has_one_command_per_shard():
 
 def test_score_runs_the_reward_server_as_a_service():
     step = plan(status_after(*ORDER[:1]))
-    assert step.service.argv == (
-        "iterdpo", "serve-reward", "--model", "/models/rm", "--kind", "bradley-terry",
-        "--max-length", "512", "--batch-tokens", "4096", "--host", "0.0.0.0", "--port", "8000",
+    assert step.service.argv == (  # the server reads spec.reward from the run file: one declaration
+        "iterdpo", "serve-reward", "--spec", "/etc/run.json", "--host", "0.0.0.0", "--port", "8000",
     )
     assert step.service_url == "http://rm:8000"
     [job] = step.jobs
@@ -119,8 +116,45 @@ def test_reference_previous_uses_the_generating_policy():
     assert reference_for(previous, 1) == "/models/sft"
 
 
-def test_reward_chat_template_override_is_passed_as_text():
-    reward = RUN.spec.reward.model_copy(update={"chat_template": "{{ messages }}"})
-    run = RUN.model_copy(update={"spec": RUN.spec.model_copy(update={"reward": reward})})
-    step = next_step(run, status_after(*ORDER[:1]), spec_file="/etc/run.json")
-    assert step.service.argv[-2:] == ("--chat-template-text", "{{ messages }}")
+def test_an_unknown_stage_is_an_error_naming_it_not_a_fall_through():
+    from iterdpo.planner import stage_step
+
+    with pytest.raises(ValueError, match=r"unknown stage 'Evaluate'; known: Generate, Score, Train"):
+        stage_step(RUN, 1, "Evaluate", spec_file="/f", reward_host="h", reward_port=1, reward_url="u")
+
+
+def test_every_table_has_an_entry_for_every_stage():
+    from iterdpo.stages import Stage, table_of
+
+    with pytest.raises(TypeError, match=r"my table has no entry for stage\(s\) \['Score', 'Train'\]"):
+        table_of({Stage.GENERATE: 1}, "my table")
+
+
+def _stage(name, when, **kw):
+    """A stage of a made-up table (the real table's entries with another name and cadence)."""
+    import dataclasses
+
+    from iterdpo.stages import GENERATE
+
+    return dataclasses.replace(GENERATE, stage=name, when=when, **kw)
+
+
+def test_a_stage_before_round_one_runs_as_round_zero_with_the_initial_policy():
+    """When.BEFORE_ROUNDS (a reward model to train, a baseline to measure) is planned as round 0."""
+    from iterdpo.stages import STAGES, When
+
+    first = _stage("Generate", When.BEFORE_ROUNDS | When.EVERY_ROUND)
+    table = (first, *STAGES[1:])
+    step = next_step(RUN, RunStatus(), spec_file="/f", table=table)
+    assert (step.iteration, step.stage, step.policy) == (0, "Generate", "/models/sft")
+    done = stage_finished(stage_started(RunStatus(), 0, "Generate", "/p", NOW), 0, "Generate", GEN, NOW)
+    assert (next_step(RUN, done, spec_file="/f", table=table).iteration, next_step(RUN, done, spec_file="/f",
+            table=table).stage) == (1, "Generate")  # fmt: skip
+
+
+def test_a_stage_that_is_not_enabled_is_skipped():
+    from iterdpo.stages import STAGES
+
+    table = (*STAGES, _stage("Generate", STAGES[0].when, enabled=lambda run: False))
+    assert plan(status_after(*ORDER)) == next_step(RUN, status_after(*ORDER), spec_file="/etc/run.json",
+                                                   reward_port=8000, reward_url="http://rm:8000", table=table)  # fmt: skip

@@ -10,7 +10,9 @@ import pytest
 from iterdpo.planner import Finished
 from iterdpo.status import RunStatus
 from iterdpo_operator.launchers import Outcome
-from iterdpo_operator.reconcile import RESUME_ANNOTATION, Create, Ensure, Observed, Patch, Scale, Target, current_target, decide
+from iterdpo.stages import GenerateSummary
+from iterdpo_operator.reconcile import (RESUME_ANNOTATION, Create, Ensure, Observed, Patch, PodMessage, Scale, Target,
+                                        current_target, decide)  # fmt: skip
 from iterdpo_operator.validation import validate_resource
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
@@ -36,7 +38,10 @@ def created(decision) -> list[str]:
     return [a.manifest["metadata"]["name"] for a in decision.actions if isinstance(a, (Create, Ensure))]
 
 
-GEN = [{"prompts": 5, "samples": 40, "promptsLeftOut": 0}] * 2
+# What the two shards' pods left as termination messages, built from the stage's own contract.
+GEN = [PodMessage(f"r-i01-generate-a1-{i}", GenerateSummary(shard=i, shards=2, prompts=5, prompts_out=5, samples=40,
+                                                            prompts_left_out=0, seconds=3.0).to_message())
+       for i in range(2)]  # fmt: skip
 DONE = Outcome(True, True, "Complete", start_time="2026-11-27T11:59:00Z", completion_time="2026-11-27T11:59:30Z")
 
 
@@ -80,7 +85,17 @@ def test_missing_shard_summary_is_a_failure_not_a_silent_drop():
     d = step(run, st, Observed(True, DONE, summaries=GEN[:1]))
     assert d.status.iteration(1).generation is None
     assert d.status.current_attempt == 2
-    assert "found 1" in d.status.condition("Progressing").message
+    assert "found shards [0] in 1 summaries" in d.status.condition("Progressing").message
+
+
+def test_a_summary_that_is_not_the_stages_contract_fails_the_attempt_naming_the_pod():
+    run = make_run()
+    st = step(run, RunStatus()).status
+    bad = [GEN[0], PodMessage("r-i01-generate-a1-x", '{"stage": "generate", "prompts": 5}')]
+    d = step(run, st, Observed(True, DONE, summaries=bad))
+    assert d.status.iteration(1).generation is None and d.status.current_attempt == 2
+    assert "pod r-i01-generate-a1-x left no valid GenerateSummary (shard: Field required" in (
+        d.status.condition("Progressing").message)
 
 
 def test_failure_retries_after_backoff_then_fails_the_run():
@@ -177,3 +192,20 @@ def test_a_reward_server_that_never_becomes_available_fails_the_attempt():
     assert late.status.phase == "Failed"
     assert "r-reward was not Available within" in late.status.condition("Failed").message
     assert [e.reason for e in late.events] == ["StageFailed"]
+
+
+def test_the_runs_next_look_is_what_the_decision_asked_within_bounds():
+    """Decision.requeue_after drives each run's loop (handlers.look_again): a retry's back-off
+    ending or the reward server's wait is looked at then, never later than the interval and
+    never in a busy loop."""
+    from iterdpo_operator.handlers import SOONEST_LOOK, TIMER_INTERVAL, next_look
+
+    assert next_look(None) == TIMER_INTERVAL
+    assert next_look(2.0) == 2.0 and next_look(0.0) == SOONEST_LOOK
+    assert next_look(10 * TIMER_INTERVAL) == TIMER_INTERVAL
+    run = make_run()
+    st = step(run, RunStatus()).status
+    failed = step(run, st, Observed(True, Outcome(True, False, "BackoffLimitExceeded")))
+    assert failed.requeue_after == 10 and next_look(failed.requeue_after) == TIMER_INTERVAL  # the interval first
+    waiting = step(run, failed.status, Observed(), now=NOW + timedelta(seconds=8))
+    assert next_look(waiting.requeue_after) == pytest.approx(2.0)  # then exactly when the back-off ends

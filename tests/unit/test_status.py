@@ -1,10 +1,9 @@
 """Status transitions: conditions, phase, and the per-round figures."""
 
 from iterdpo.local.report import reward_trend, status_table
+from iterdpo.stages import GenerationFigures, ScoringFigures
 from iterdpo.status import (
-    GenerationFigures,
     RunStatus,
-    ScoringFigures,
     accepted,
     interrupted,
     set_condition,
@@ -72,13 +71,13 @@ def test_reward_trend_and_table():
 
 
 def test_a_round_with_nothing_scored_shows_dashes_not_a_crash():
-    from iterdpo.figures import stage_figures
-    from iterdpo.local.report import stage_line
+    from iterdpo.stages import STAGE_TABLE, ScoreSummary, Stage
 
-    summary = {"meanReward": None, "minReward": None, "maxReward": None, "pairs": 0, "tiesDropped": 0,
-               "promptsLeftOut": 5, "seconds": 0.1}
-    figures = stage_figures("Score", [summary], 2.0)
-    assert stage_line("Score", figures).startswith("mean reward - (min -, max -), 0 pairs")
+    score = STAGE_TABLE[Stage.SCORE]
+    summary = ScoreSummary(mean_reward=None, min_reward=None, max_reward=None, pairs=0, ties_dropped=0,
+                           prompts_left_out=5, seconds=0.1)  # fmt: skip
+    figures = score.figures_of([summary], 2.0, None)
+    assert score.line(figures).startswith("mean reward - (min -, max -), 0 pairs")
     status = stage_finished(stage_started(RunStatus(), 1, "Score", "/p", "t"), 1, "Score", figures, "t")
     assert "   -" in status_table("demo", status) and reward_trend(status) is None
 
@@ -86,9 +85,16 @@ def test_a_round_with_nothing_scored_shows_dashes_not_a_crash():
 def test_a_malformed_summary_is_a_stage_failure_not_a_crash():
     import pytest
 
-    from iterdpo.figures import MissingSummary, stage_figures
+    from iterdpo.stages import STAGE_TABLE, Stage, SummaryError
 
-    with pytest.raises(MissingSummary, match="Train left a summary without the expected figures"):
-        stage_figures("Train", [{"loss": 0.5}], 1.0)
-    with pytest.raises(MissingSummary, match="Score left a summary without the expected figures"):
-        stage_figures("Score", [{"meanReward": "high"}], 1.0)
+    train, score = STAGE_TABLE[Stage.TRAIN], STAGE_TABLE[Stage.SCORE]
+    with pytest.raises(SummaryError, match=r"pod x left no valid TrainSummary \(rewardAccuracy: Field required"):
+        train.summary.parse('{"stage": "train", "loss": 0.5}', source="pod x")
+    with pytest.raises(SummaryError, match=r"meanReward: Input should be a valid number"):
+        score.summary.parse('{"stage": "score", "meanReward": "high"}', source="f")
+    with pytest.raises(SummaryError, match=r"stage: Input should be 'score'"):  # another stage's summary
+        score.summary.parse('{"stage": "annotate", "meanReward": 1}', source="f")
+    with pytest.raises(SummaryError, match=r"not JSON|Invalid JSON"):
+        score.summary.parse("Traceback (most recent call last):", source="f")
+    with pytest.raises(SummaryError, match="Train should leave one summary, found 2"):
+        train.figures_of([None, None], 1.0, None)

@@ -1,0 +1,245 @@
+"""Typed contracts: every file one stage program writes and another reads.
+
+One pydantic model per file (or per line of a JSONL file), used by the writer and the
+reader alike, so that a field renamed on one side fails loudly on the other. Reading
+validates and names the file, the line and the field at fault (`ContractError`, a
+`StageError`: exit 1). Writing goes through `iterdpo.atomic` (temporary name, then
+rename), so a file that exists is complete. The keys on disk are what
+`docs/artifacts.md` lists (the older files keep their snake_case keys).
+
+Unknown keys are ignored on read (a newer writer may add a field); missing or
+mistyped ones are errors. What a stage reports to its *backend* (the termination
+message) is not here: each stage's summary is declared with the stage, in
+`iterdpo/stages.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from iterdpo.atomic import write_json, write_jsonl
+from iterdpo.errors import StageError
+
+M = TypeVar("M", bound=BaseModel)
+MAX_ERRORS_SHOWN = 3
+
+
+class ContractError(StageError):
+    """A file between stages is missing a field, has one of the wrong type, or does not add up."""
+
+
+class Snake(BaseModel):
+    """A contract whose keys on disk are the Python names (prompt_id, prompts_in)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Camel(BaseModel):
+    """A contract whose keys on disk are camelCase (promptsIn), like the run file and status."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+
+# -- shared pieces ------------------------------------------------------------------------
+class Message(Snake):
+    role: str
+    content: str
+
+
+Conversation = Annotated[list[Message], Field(min_length=1)]
+
+
+class LeftOut(Snake):
+    """A prompt that ends without a pair, and why."""
+
+    prompt_id: str
+    reason: str
+
+
+# -- Generate -> Score ----------------------------------------------------------------------
+class GeneratedRecord(Snake):
+    """One line of `iter-NN/generate/shard-I-of-N.jsonl`: a prompt and its K responses."""
+
+    prompt_id: Annotated[str, Field(min_length=1)]
+    prompt: Conversation
+    responses: list[str]
+    finish_reasons: list[str | None] = Field(default_factory=list)
+    response_tokens: list[int] = Field(default_factory=list)
+
+
+class ShardMarker(Snake):
+    """`shard-I-of-N.done.json`, written after its shard: the shard is complete, with these counts."""
+
+    iteration: int
+    shard: int
+    shards: int
+    policy: str
+    prompts_in: Annotated[int, Field(ge=0)]  # the shard's range of the prompt set
+    prompts_out: Annotated[int, Field(ge=0)]  # lines written
+    samples: Annotated[int, Field(ge=0)]
+    left_out: list[LeftOut] = Field(default_factory=list)
+    seconds: float
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> ShardMarker:
+        if self.prompts_in != self.prompts_out + len(self.left_out):
+            raise ValueError(
+                f"does not add up: prompts_in={self.prompts_in} but prompts_out={self.prompts_out} "
+                f"+ left_out={len(self.left_out)}"
+            )
+        return self
+
+
+# -- Score -> Train ---------------------------------------------------------------------------
+class ScoredRecord(Snake):
+    """One line of `iter-NN/score/scored.jsonl`: every response of a prompt with its reward."""
+
+    prompt_id: str
+    prompt: Conversation
+    responses: list[str]
+    rewards: list[float]
+
+
+class PairRecord(Snake):
+    """One line of `iter-NN/score/pairs.jsonl`: what DPO trains on."""
+
+    prompt_id: str
+    prompt: Conversation
+    chosen: str
+    rejected: str
+    chosen_reward: float
+    rejected_reward: float
+    margin: float  # chosen_reward - rejected_reward, as the pairing strategy saw it
+
+
+class ScoreStats(Camel):
+    """`iter-NN/score/stats.json`, written last: every prompt of the round accounted for."""
+
+    prompts_in: int
+    responses_scored: int
+    mean_reward: float | None  # None when nothing was scored
+    min_reward: float | None
+    max_reward: float | None
+    pairs: int
+    ties_dropped: int
+    prompts_left_out: int
+    left_out: list[LeftOut]
+    prompts_not_k: int  # prompts with a response count other than K, paired all the same
+    truncated: int  # conversations cut to reward.maxLength
+    strategy: str
+    seconds: float
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> ScoreStats:
+        accounted = self.pairs + self.ties_dropped + self.prompts_left_out
+        if self.prompts_in != accounted:
+            raise ValueError(
+                f"prompt accounting is off: promptsIn={self.prompts_in} but pairs + tiesDropped + "
+                f"promptsLeftOut = {accounted}"
+            )
+        if self.prompts_left_out != len(self.left_out):
+            raise ValueError(f"promptsLeftOut={self.prompts_left_out} but leftOut lists {len(self.left_out)}")
+        return self
+
+
+# -- Train ------------------------------------------------------------------------------------
+class StepMetrics(BaseModel):
+    """One optimizer step's figures, under TRL's metric names."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    loss: float
+    rewards_chosen: float = Field(alias="rewards/chosen")
+    rewards_rejected: float = Field(alias="rewards/rejected")
+    rewards_accuracies: float = Field(alias="rewards/accuracies")
+    rewards_margins: float = Field(alias="rewards/margins")
+    step: int
+    epoch: float
+    learning_rate: float
+
+
+class PhaseSeconds(Camel):
+    reference_pass: float
+    training_loop: float
+    checkpoint_save: float
+
+
+class TrainMetrics(Camel):
+    """`iter-NN/train/metrics.json`, written after the checkpoint: the round is trained."""
+
+    final: StepMetrics  # loss and rewards averaged over the last epoch; step, epoch, lr of the last step
+    steps: list[StepMetrics]
+    pairs: int
+    pairs_truncated: int
+    pairs_repeated_to_fill_last_step: int
+    seconds: float
+    phase_seconds: PhaseSeconds
+    checkpoint: str
+    reference: str
+    policy: str
+    world_size: int
+
+
+# -- the run folder ---------------------------------------------------------------------------
+class RecipeMarker(Camel):
+    """`<root>/<name>/recipe.json`: which recipe owns the run folder."""
+
+    name: str
+    spec_hash: str
+
+
+# -- reading and writing ----------------------------------------------------------------------
+def read_model(path: Path, model: type[M], *, what: str | None = None) -> M:
+    """The validated contents of `path`; ContractError names the file and the field."""
+    where = what or str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ContractError(f"{where} not found") from None
+    except OSError as exc:
+        raise ContractError(f"{where}: cannot read it: {exc.strerror}") from None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise ContractError(f"{where} is not a valid {model.__name__}: {describe(exc)}") from None
+
+
+def read_lines(path: Path, model: type[M]) -> list[M]:
+    """Every non-blank line of a JSONL file, validated; ContractError names file:line and field."""
+    out: list[M] = []
+    try:
+        fh = open(path)
+    except FileNotFoundError:
+        raise ContractError(f"{path} not found") from None
+    with fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(model.model_validate_json(line))
+            except ValidationError as exc:
+                raise ContractError(f"{path}:{number} is not a valid {model.__name__}: {describe(exc)}") from None
+    return out
+
+
+def write_model(path: Path, value: BaseModel) -> None:
+    write_json(path, value.model_dump(mode="json", by_alias=True))
+
+
+def write_lines(path: Path, values: list[BaseModel]) -> int:
+    return write_jsonl(path, (v.model_dump(mode="json", by_alias=True) for v in values))
+
+
+def describe(exc: ValidationError) -> str:
+    """'field.path: message' for the first few errors (never the whole input)."""
+    parts = []
+    for err in exc.errors()[:MAX_ERRORS_SHOWN]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(the whole document)"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if err["type"] != "json_invalid" else f"not JSON ({msg})")
+    more = len(exc.errors()) - MAX_ERRORS_SHOWN
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

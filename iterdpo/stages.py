@@ -1,0 +1,455 @@
+"""The stage table: what each stage of a run is, declared once.
+
+A stage is one entry of `STAGES`, in run order. The entry says when the stage runs
+(every round, or once before round 1 as "round 0"), the exact command lines of its
+processes (the planner's argv, the same locally and in a container), the summary each
+process reports to its backend (the termination message, a typed `StageSummary`), how
+those summaries become the round's status figures, where its artifacts live and which
+files, written last, mark them complete, which pods
+it has on Kubernetes, and how a person reads it (a line per stage, columns of the
+status table). The planner, the status, the local runner, the report, the CRD and the
+operator (through its own table, `iterdpo_operator.stage_children`) all read it; none
+of them knows a stage by name.
+
+This module is the one place, with the operator's table, where stage names are
+spelled. It imports nothing else of iterdpo at run time (the spec imports it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Flag, StrEnum, auto
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from iterdpo.layout import RunLayout
+    from iterdpo.spec import IterativeDPORun
+
+T = TypeVar("T")
+
+
+class Stage(StrEnum):
+    """The one name of each stage (status.currentStage, conditions, Events, metrics)."""
+
+    GENERATE = "Generate"
+    SCORE = "Score"
+    TRAIN = "Train"
+
+
+class When(Flag):
+    """The rounds a stage runs in."""
+
+    BEFORE_ROUNDS = auto()  # once, as round 0, before round 1 (a model to train first, a baseline)
+    EVERY_ROUND = auto()  # in each of rounds 1..spec.iterations
+
+    def includes(self, iteration: int) -> bool:
+        return bool(self & When.BEFORE_ROUNDS) if iteration == 0 else bool(self & When.EVERY_ROUND)
+
+
+class SummaryError(ValueError):
+    """A stage's processes left no summary, too many, or one without the expected figures."""
+
+
+# -- what crosses from a stage program to its backend ---------------------------------------
+class StageSummary(BaseModel):
+    """What one process of a stage reports when it exits 0: its termination message.
+
+    Kubernetes keeps 4096 bytes of it, so it holds figures, not lists. `stage` says which
+    stage wrote it; a summary read for another stage is an error, not a silent mix-up."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    stage: str
+
+    def to_message(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, text: str, *, source: str):
+        """The summary in `text` (from `source`: a file, a pod), or SummaryError naming the field."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'summary'}: {e['msg']}" for e in exc.errors()[:3]
+            )
+            raise SummaryError(f"{source} left no valid {cls.__name__} ({problems})") from None
+
+
+class Figures(BaseModel):
+    """A stage's figures in status.iterations[] (camelCase, like the rest of the status)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# -- the table's vocabulary -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Command:
+    """One process of a stage."""
+
+    name: str  # unique within the stage, e.g. "generate-shard-0"
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a backend tells the planner about where the stage's processes run."""
+
+    spec_file: str  # the run file as the processes see it
+    reward_url: str  # where they reach the run's reward server
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A kind of pod on Kubernetes: its key under spec.kubernetes.resources, and the GPUs
+    it asks for when the run leaves them unset."""
+
+    key: str
+    description: str
+    default_gpus: Callable[[object], int]  # of the run's spec
+    gpus_doc: str  # the same, in words
+
+
+@dataclass(frozen=True)
+class Program:
+    """An `iterdpo` subcommand that a stage's command lines run."""
+
+    name: str
+    target: str  # "module:function", called with the remaining argv
+    help: str
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the per-round status table."""
+
+    title: str
+    cell: Callable[[BaseModel], str]  # of the round's IterationStatus
+
+
+@dataclass(frozen=True)
+class StageDef:
+    stage: Stage
+    when: When
+    status_field: str  # the status.iterations[] field holding its figures
+    folder: str  # its artifacts: <root>/<name>/iter-NN/<folder>/
+    description: str  # of that status field
+    summary: type[StageSummary]  # what each of its processes reports
+    figures: type[Figures]  # what status records once it finished
+    jobs: Callable[[IterativeDPORun, int, JobContext], tuple[Command, ...]]  # run to completion
+    figures_of: Callable[[list, float, IterativeDPORun], Figures]  # its summaries -> figures
+    line: Callable[[Figures], str]  # "64 prompts -> 512 samples ..."
+    columns: tuple[Column, ...]
+    seconds_column: str
+    pods: tuple[Pod, ...]  # its own pods (the reward server's is the run's)
+    markers: Callable[[RunLayout, int, IterativeDPORun], tuple[Path, ...]]  # written last: its work is on disk
+    programs: tuple[Program, ...] = ()
+    uses_reward_server: bool = False  # the backend runs the reward server and hands its jobs the URL and token
+    deepspeed: bool = False  # its jobs train with DeepSpeed: on CPUs the backend sets DS_ACCELERATOR=cpu
+    enabled: Callable[[IterativeDPORun], bool] = field(default=lambda run: True)  # e.g. only when configured
+
+
+def table_of(entries: Mapping[Stage, T], what: str) -> Mapping[Stage, T]:
+    """A per-stage table with exactly one entry for every Stage, checked when it is built
+    (at import): a stage added to the enum but not to a table fails at once, by name."""
+    missing = [s.value for s in Stage if s not in entries]
+    if missing:
+        raise TypeError(f"{what} has no entry for stage(s) {missing}")
+    return MappingProxyType(dict(entries))
+
+
+def _one(summaries: list, stage: Stage):
+    if len(summaries) != 1:
+        raise SummaryError(f"{stage} should leave one summary, found {len(summaries)}")
+    return summaries[0]
+
+
+def _cell(status_field: str, attr: str, fmt: str = "{}") -> Callable[[BaseModel], str]:
+    def cell(it: BaseModel) -> str:
+        figures = getattr(it, status_field)
+        value = None if figures is None else getattr(figures, attr)
+        return "-" if value is None else fmt.format(value)
+
+    return cell
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+# -- Generate: K responses per prompt with vLLM, one process (or pod) per shard ---------------
+class GenerateSummary(StageSummary):
+    stage: Literal["generate"] = "generate"
+    shard: int
+    shards: int
+    prompts: int  # given to the shard
+    prompts_out: int  # with responses
+    samples: int
+    prompts_left_out: int
+    seconds: float
+
+
+class GenerationFigures(Figures):
+    prompts: int = Field(description="Prompts given to the generator.")
+    samples: int = Field(description="Responses sampled.")
+    prompts_left_out: int = Field(
+        default=0, description="Prompts left out at generation (malformed, or longer than training.maxPromptLength)."
+    )
+    seconds: float = Field(description="Wall-clock seconds of the stage.")
+
+
+def _generate_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
+    return tuple(
+        Command(f"generate-shard-{i}", generate_argv(iteration, spec_file=ctx.spec_file, shard=i))
+        for i in range(run.spec.generation.shards)
+    )
+
+
+def generate_argv(iteration: int, *, spec_file: str, shard: int | None) -> tuple[str, ...]:
+    """One generation shard; without `shard` the program reads JOB_COMPLETION_INDEX (an Indexed Job)."""
+    argv = ("iterdpo", "generate", "--spec", spec_file, "--iteration", str(iteration))
+    return argv if shard is None else (*argv, "--shard", str(shard))
+
+
+def _generation_figures(summaries: list[GenerateSummary], seconds: float, run: IterativeDPORun) -> GenerationFigures:
+    shards = run.spec.generation.shards
+    seen = sorted(s.shard for s in summaries if s.shards == shards)
+    if seen != list(range(shards)):
+        raise SummaryError(
+            f"expected a summary from each of the {shards} generation shards, found shards {seen} "
+            f"in {len(summaries)} summaries"
+        )
+    return GenerationFigures(
+        prompts=sum(s.prompts for s in summaries),
+        samples=sum(s.samples for s in summaries),
+        prompts_left_out=sum(s.prompts_left_out for s in summaries),
+        seconds=round(seconds, 1),
+    )
+
+
+def _generation_line(f: GenerationFigures) -> str:
+    return f"{f.prompts} prompts -> {f.samples} samples ({f.prompts_left_out} prompts left out) in {f.seconds:.1f}s"
+
+
+GENERATE = StageDef(
+    stage=Stage.GENERATE,
+    when=When.EVERY_ROUND,
+    status_field="generation",
+    folder="generate",
+    description="Figures of the Generate stage, once it finished.",
+    summary=GenerateSummary,
+    figures=GenerationFigures,
+    jobs=_generate_jobs,
+    figures_of=_generation_figures,
+    line=_generation_line,
+    columns=(Column("prompts", _cell("generation", "prompts")), Column("samples", _cell("generation", "samples"))),
+    seconds_column="gen s",
+    pods=(Pod("generate", "Each generation shard's pod.", lambda spec: spec.generation.tensor_parallel_size,
+              "generation.tensorParallelSize"),),  # fmt: skip
+    markers=lambda layout, t, run: tuple(layout.shard_marker(t, i, run.spec.generation.shards)
+                                         for i in range(run.spec.generation.shards)),  # fmt: skip
+    programs=(Program("generate", "iterdpo_generator.generate:main", "stage: vLLM generation of one shard"),),
+)
+
+
+# -- Score: every response scored by the reward server over HTTP, then paired ------------------
+class ScoreSummary(StageSummary):
+    stage: Literal["score"] = "score"
+    mean_reward: float | None  # None when no response was scored (every prompt left out)
+    min_reward: float | None
+    max_reward: float | None
+    pairs: int
+    ties_dropped: int
+    prompts_left_out: int
+    seconds: float
+
+
+class ScoringFigures(Figures):
+    mean_reward: float | None = Field(
+        default=None, description="Mean reward of the round's responses (unset when none was scored)."
+    )
+    min_reward: float | None = Field(default=None, description="Lowest reward (unset when no response was scored).")
+    max_reward: float | None = Field(default=None, description="Highest reward (unset when no response was scored).")
+    pairs: int = Field(description="DPO pairs made.")
+    ties_dropped: int = Field(description="Prompts without a pair because the candidates' rewards tied.")
+    prompts_left_out: int = Field(
+        description="Prompts without a pair for another reason (left out at generation, or under 2 responses)."
+    )
+    seconds: float = Field(description="Wall-clock seconds of the stage.")
+
+
+def _score_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
+    argv = ("iterdpo", "annotate", "--spec", ctx.spec_file, "--iteration", str(iteration), "--reward-url", ctx.reward_url)
+    return (Command("annotate", argv),)
+
+
+def _scoring_figures(summaries: list[ScoreSummary], seconds: float, run: IterativeDPORun) -> ScoringFigures:
+    s = _one(summaries, Stage.SCORE)
+    return ScoringFigures(
+        mean_reward=s.mean_reward, min_reward=s.min_reward, max_reward=s.max_reward, pairs=s.pairs,
+        ties_dropped=s.ties_dropped, prompts_left_out=s.prompts_left_out, seconds=round(seconds, 1),
+    )  # fmt: skip
+
+
+def _scoring_line(f: ScoringFigures) -> str:
+    return (
+        f"mean reward {_signed(f.mean_reward)} (min {_signed(f.min_reward)}, max {_signed(f.max_reward)}), "
+        f"{f.pairs} pairs, {f.ties_dropped} ties dropped, {f.prompts_left_out} prompts left out in {f.seconds:.1f}s"
+    )
+
+
+def _left_out(it: BaseModel) -> str:
+    """Prompts without a pair: the Score stage's count once it ran, else the generator's."""
+    if it.generation is None:  # type: ignore[attr-defined]
+        return "-"
+    return str((it.scoring or it.generation).prompts_left_out)  # type: ignore[attr-defined]
+
+
+SCORE = StageDef(
+    stage=Stage.SCORE,
+    when=When.EVERY_ROUND,
+    status_field="scoring",
+    folder="score",
+    description="Figures of the Score stage (reward + pairing), once it finished.",
+    summary=ScoreSummary,
+    figures=ScoringFigures,
+    jobs=_score_jobs,
+    figures_of=_scoring_figures,
+    line=_scoring_line,
+    columns=(
+        Column("mean reward", _cell("scoring", "mean_reward", "{:+.3f}")),
+        Column("min", _cell("scoring", "min_reward", "{:+.3f}")),
+        Column("max", _cell("scoring", "max_reward", "{:+.3f}")),
+        Column("pairs", _cell("scoring", "pairs")),
+        Column("ties", _cell("scoring", "ties_dropped")),
+        Column("left out", _left_out),
+    ),
+    seconds_column="score s",
+    pods=(Pod("annotate", "The annotator's pod (calls the reward server).", lambda spec: 0, "0"),),
+    markers=lambda layout, t, run: (layout.score_stats(t),),
+    programs=(Program("annotate", "iterdpo_reward_server.annotate:annotate_main", "stage: score through the server, pair"),),
+    uses_reward_server=True,
+)
+
+
+# -- Train: DPO on the round's pairs with DeepSpeed under torchrun ------------------------------
+class TrainSummary(StageSummary):
+    stage: Literal["train"] = "train"
+    loss: float
+    reward_accuracy: float
+    reward_margin: float
+    checkpoint: str
+    seconds: float
+    pairs: int
+    pairs_truncated: int
+
+
+class TrainingFigures(Figures):
+    loss: float = Field(description="DPO loss at the end of the round's training.")
+    reward_accuracy: float = Field(
+        description="Share of pairs whose implicit DPO reward prefers the chosen response, at the end of training."
+    )
+    reward_margin: float = Field(description="Mean implicit DPO reward of chosen minus rejected, at the end of training.")
+    checkpoint: str = Field(description="The checkpoint the round produced (the next round's policy).")
+    seconds: float = Field(description="Wall-clock seconds of the stage.")
+
+
+def _train_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
+    t = run.spec.training
+    argv = ("torchrun", f"--nnodes={t.nodes}", f"--nproc-per-node={t.nproc_per_node}", "-m", "iterdpo_trainer",
+            "--spec", ctx.spec_file, "--iteration", str(iteration))  # fmt: skip
+    return (Command("train", argv),)
+
+
+def _training_figures(summaries: list[TrainSummary], seconds: float, run: IterativeDPORun) -> TrainingFigures:
+    s = _one(summaries, Stage.TRAIN)
+    return TrainingFigures(
+        loss=s.loss, reward_accuracy=s.reward_accuracy, reward_margin=s.reward_margin, checkpoint=s.checkpoint,
+        seconds=round(seconds, 1),
+    )  # fmt: skip
+
+
+def _training_line(f: TrainingFigures) -> str:
+    return (
+        f"loss {f.loss:.4f}, reward accuracy {f.reward_accuracy:.2f}, "
+        f"reward margin {f.reward_margin:+.4f} in {f.seconds:.1f}s -> {f.checkpoint}"
+    )
+
+
+TRAIN = StageDef(
+    stage=Stage.TRAIN,
+    when=When.EVERY_ROUND,
+    status_field="training",
+    folder="train",
+    description="Figures of the Train stage, once it finished.",
+    summary=TrainSummary,
+    figures=TrainingFigures,
+    jobs=_train_jobs,
+    figures_of=_training_figures,
+    line=_training_line,
+    columns=(
+        Column("loss", _cell("training", "loss", "{:.4f}")),
+        Column("acc", _cell("training", "reward_accuracy", "{:.2f}")),
+        Column("margin", _cell("training", "reward_margin", "{:+.4f}")),
+    ),
+    seconds_column="train s",
+    pods=(Pod("train", "Each training node's pod.", lambda spec: spec.training.nproc_per_node, "training.nprocPerNode"),),
+    markers=lambda layout, t, run: (layout.train_metrics(t),),
+    deepspeed=True,
+)
+
+
+# -- the table ------------------------------------------------------------------------------
+STAGES: tuple[StageDef, ...] = (GENERATE, SCORE, TRAIN)  # run order within a round
+STAGE_TABLE: Mapping[Stage, StageDef] = table_of({d.stage: d for d in STAGES}, "iterdpo.stages.STAGES")
+
+# The run's reward server: a service of the stages with uses_reward_server, not a stage.
+REWARD_SERVER = Program("serve-reward", "iterdpo_reward_server.cli:main", "stage: the reward-model HTTP server")
+REWARD_SERVER_POD = Pod("reward", "The reward server's pod.", lambda spec: 1, "1")
+PROGRAMS: tuple[Program, ...] = (*(p for d in STAGES for p in d.programs), REWARD_SERVER)
+
+
+def stage_def(stage: str) -> StageDef:
+    """The table's entry of `stage`; an unknown name is an error that names it."""
+    try:
+        return STAGE_TABLE[Stage(stage)]
+    except ValueError:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(s.value for s in Stage)}") from None
+
+
+def pods(stages: Iterable[StageDef] = STAGES) -> tuple[Pod, ...]:
+    """Every kind of pod, in run order: each stage's, the reward server's before its first user."""
+    out: dict[str, Pod] = {}
+    for d in stages:
+        for pod in ((REWARD_SERVER_POD,) if d.uses_reward_server else ()) + d.pods:
+            out.setdefault(pod.key, pod)
+    return tuple(out.values())
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The figure a run is judged by, round after round (the table's trend line, the CRD's
+    Reward column, the operator's metric): the mean reward of the round's own samples."""
+
+    stage: Stage
+    field: str
+
+    def of(self, iteration_status: BaseModel) -> float | None:
+        figures = getattr(iteration_status, STAGE_TABLE[self.stage].status_field)
+        return None if figures is None else getattr(figures, self.field)
+
+    @property
+    def json_path(self) -> str:
+        d = STAGE_TABLE[self.stage]
+        return f"{d.status_field}.{d.figures.model_fields[self.field].alias or self.field}"
+
+
+HEADLINE = Headline(Stage.SCORE, "mean_reward")

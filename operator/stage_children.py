@@ -1,0 +1,132 @@
+"""The operator's stage table: which Kubernetes object runs each stage.
+
+One entry per stage of `iterdpo.stages`, checked complete at import: the child's
+component (its name word, `<run>-iNN-<component>-aM`, its pods' label and their
+resources key), the kind of child it is (how its outcome and summary pods are read and
+how it is suspended: `iterdpo_operator.launchers`), and the builder of its manifest.
+The reconciler, the API module and `iterdpo render` read this table; none of them knows
+a stage by name. Every command comes from the planner (`builders.planned`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Mapping
+
+from iterdpo.spec import IterativeDPORun
+from iterdpo.stages import STAGE_TABLE, STAGES, Stage, generate_argv, table_of
+from iterdpo_operator import builders as b
+from iterdpo_operator.launchers import JOB, ChildKind, ChildRef, TrainingChild, launcher_for
+
+
+@dataclass(frozen=True)
+class StageChild:
+    component: str
+    kind: Callable[[IterativeDPORun], ChildKind]
+    build: Callable[[IterativeDPORun, Stage, int, int, str | None], dict]  # run, stage, round, attempt, owner
+
+
+def _meta(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None) -> dict:
+    return b._meta(run, child_name(run, iteration, stage, attempt), CHILDREN[stage].component, owner_uid,
+                   iteration=iteration, attempt=attempt)  # fmt: skip
+
+
+def _template(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, pod: dict) -> dict:
+    return {"metadata": {"labels": b.labels(run, CHILDREN[stage].component, iteration=iteration, attempt=attempt)},
+            "spec": pod}  # fmt: skip
+
+
+def generate_job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
+    """An Indexed Job: one index per shard (the program reads JOB_COMPLETION_INDEX instead of
+    the planner's --shard); a failed shard retries alone (spec.kubernetes.shardRetries)."""
+    component = CHILDREN[stage].component
+    shards = len(b.planned(run, iteration, stage).jobs)
+    main = b.container(run, component, generate_argv(iteration, spec_file=b.SPEC_FILE, shard=None), component)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(run, stage, iteration, attempt, owner_uid),
+        "spec": {
+            "completionMode": "Indexed", "completions": shards, "parallelism": shards,
+            "backoffLimitPerIndex": run.spec.kubernetes.shard_retries,
+            "template": _template(run, stage, iteration, attempt, b.pod_spec(run, [main], shm=True)),
+        },
+    }  # fmt: skip
+
+
+def job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
+    """The stage's one process as a Job, with the reward server's URL and token when it calls it."""
+    component = CHILDREN[stage].component
+    d = STAGE_TABLE[stage]
+    (command,) = b.planned(run, iteration, stage).jobs
+    env = b.token_env(run) if d.uses_reward_server else []
+    main = b.container(run, component, command.argv, component, deepspeed=d.deepspeed, extra_env=env)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(run, stage, iteration, attempt, owner_uid),
+        "spec": {
+            "backoffLimit": 0,  # the operator retries a stage as a new attempt
+            "template": _template(run, stage, iteration, attempt, b.pod_spec(run, [main])),
+        },
+    }  # fmt: skip
+
+
+def training(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
+    """The stage's torchrun command, as spec.kubernetes.launcher runs it (Job or PyTorchJob)."""
+    (command,) = b.planned(run, iteration, stage).jobs
+    child = TrainingChild(child_name(run, iteration, stage, attempt), CHILDREN[stage].component, command.argv,
+                          iteration, attempt)  # fmt: skip
+    return launcher_for(run).build(run, child, owner_uid)
+
+
+CHILDREN: Mapping[Stage, StageChild] = table_of(
+    {
+        Stage.GENERATE: StageChild("generate", lambda run: JOB, generate_job),
+        Stage.SCORE: StageChild("annotate", lambda run: JOB, job),
+        Stage.TRAIN: StageChild("train", lambda run: launcher_for(run).kind, training),
+    },
+    "iterdpo_operator.stage_children.CHILDREN",
+)
+for _d in STAGES:  # a child's component is a pod of its stage: its resources and GPUs come from there
+    if CHILDREN[_d.stage].component not in {p.key for p in _d.pods}:
+        raise TypeError(f"{_d.stage}: child component {CHILDREN[_d.stage].component!r} is none of its pods")
+
+REWARD_CLIENTS = tuple(CHILDREN[d.stage].component for d in STAGES if d.uses_reward_server)
+
+
+def child_name(run: IterativeDPORun, iteration: int, stage: Stage, attempt: int) -> str:
+    return b.child_name(run, iteration, CHILDREN[stage].component, attempt)
+
+
+def child_kind(run: IterativeDPORun, stage: Stage) -> ChildKind:
+    return CHILDREN[stage].kind(run)
+
+
+def child_ref(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int) -> ChildRef:
+    kind = child_kind(run, stage)
+    return ChildRef(kind.api_version, kind.kind, kind.plural, child_name(run, iteration, stage, attempt))
+
+
+def child_manifest(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
+    return CHILDREN[stage].build(run, stage, iteration, attempt, owner_uid)
+
+
+def reward_objects(run: IterativeDPORun, replicas: int, owner_uid: str | None = None) -> list[dict]:
+    """The run's reward server, for the stages that call it: Service, Deployment and, if asked, NetworkPolicy."""
+    objects = [b.reward_service(run, owner_uid), b.reward_deployment(run, replicas, owner_uid)]
+    if run.spec.kubernetes.reward_network_policy:
+        objects.append(b.reward_network_policy(run, REWARD_CLIENTS, owner_uid))
+    return objects
+
+
+def render_round(run: IterativeDPORun, iteration: int = 1) -> list[dict]:
+    """Every manifest of one round, in the order the operator creates them, except the
+    generated token Secret (its value is random: the operator makes it)."""
+    manifests = [b.spec_config_map(run)]
+    for d in STAGES:
+        if not (d.when.includes(iteration) and d.enabled(run)):
+            continue
+        if d.uses_reward_server and not any(m["kind"] == "Deployment" for m in manifests):
+            manifests += reward_objects(run, 1)
+        manifests.append(child_manifest(run, d.stage, iteration, 1))
+    return manifests
