@@ -20,8 +20,11 @@ What a pod gets, and how it differs from a real node (docs: tests/cluster/README
   pod IP, any other reaches it, and the real EndpointSlice controller publishes it (it
   rejects 127.0.0.0/8). Service names resolve for Python processes through
   podresolver/sitecustomize.py (a stand-in for cluster DNS + kube-proxy).
-- **Probes**: httpGet, tcpSocket and exec readiness/liveness probes run, with periods
-  capped at 1 s. Restart policies and restartCount behave as on a node (back-off 1-8 s).
+- **Probes**: httpGet, tcpSocket and exec readiness/liveness probes run; readiness periods
+  are capped at 1 s (tests see a ready pod sooner), liveness keeps its real period, so a
+  container gets the same periodSeconds x failureThreshold to come up as on a node (capped,
+  a reward server starting in 8 s under load was killed at 6 s and crash-looped).
+  Restart policies and restartCount behave as on a node (back-off 1-8 s).
 - **Logs**: `<root>/pods/<namespace>_<pod>/<container>.log` (no `kubectl logs`).
 """
 
@@ -412,7 +415,8 @@ class PodWorker(threading.Thread):
             due = c.next_probe.setdefault(kind, t + (probe.initial_delay_seconds or 0))
             if t < due:
                 continue
-            c.next_probe[kind] = t + min(PROBE_PERIOD_CAP, probe.period_seconds or 10)
+            period = probe.period_seconds or 10
+            c.next_probe[kind] = t + (min(PROBE_PERIOD_CAP, period) if kind == "readiness" else period)
             ok = self._probe_ok(c, probe)
             c.failures[kind] = 0 if ok else c.failures.get(kind, 0) + 1
             if kind == "readiness":
