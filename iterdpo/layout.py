@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from iterdpo.contracts import ContractError, RecipeMarker, read_model, write_model
+from iterdpo.errors import StageError, UsageError
 from iterdpo.spec import IterativeDPORun
 from iterdpo.stages import STAGE_TABLE, Stage
 
@@ -28,7 +30,7 @@ class RunLayout:
     @classmethod
     def of(cls, run: IterativeDPORun) -> RunLayout:
         if not run.spec.storage.root:
-            raise ValueError(
+            raise UsageError(
                 "spec.storage.root is not set: stage programs need it (the local runner and "
                 "the operator fill it in before they start a stage)"
             )
@@ -94,9 +96,6 @@ def claim_run_folder(run: IterativeDPORun) -> None:
     and storage root with a different recipe would silently reuse the old round's files.
     The first stage to run marks the folder with the spec hash; every stage checks it.
     """
-    from iterdpo.contracts import ContractError, RecipeMarker, read_model, write_model
-    from iterdpo.errors import StageError
-
     layout = RunLayout.of(run)
     want = run.spec_hash()
     if not layout.recipe_file.exists():

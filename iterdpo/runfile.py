@@ -152,9 +152,11 @@ def load_for_stage(path: str | Path, iteration: int, stage: str) -> IterativeDPO
     """The run file a stage program was given, checked before any work: the round must be
     one the stage runs in (UsageError, exit 2, otherwise). The program then checks its own
     flags and claims the run folder (`layout.claim_run_folder`) before writing anything."""
+    from iterdpo.layout import RunLayout
     from iterdpo.stages import stage_def
 
     run = load_run(path)
+    RunLayout.of(run)  # spec.storage.root must be set: a UsageError naming it otherwise
     d = stage_def(stage)
     rounds = [t for t in range(run.spec.iterations + 1) if d.when.includes(t)]
     if iteration not in rounds:

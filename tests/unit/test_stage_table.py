@@ -118,3 +118,13 @@ def test_each_stage_marks_its_finished_work_with_files_in_its_own_folder():
         markers = d.markers(layout, 2, run)
         assert markers and all(m.parent == layout.stage_dir(2, d.stage) for m in markers), d.stage
     assert len(STAGE_TABLE[Stage.GENERATE].markers(layout, 2, run)) == 3  # one per shard
+
+
+def test_a_run_file_without_a_storage_root_is_a_usage_error_naming_the_field(tmp_path, capsys):
+    from iterdpo_generator.generate import main as generate
+
+    run = tmp_path / "run.yaml"
+    run.write_text("apiVersion: iterdpo.io/v1alpha1\nkind: IterativeDPORun\nmetadata: {name: r}\n"
+                   "spec: {policy: {model: /p}, prompts: {dataset: /q}, reward: {model: /rm}}\n")  # fmt: skip
+    assert generate(["--spec", str(run), "--iteration", "1", "--shard", "0"]) == 2
+    assert capsys.readouterr().err.startswith("iterdpo generate: error: spec.storage.root is not set")
