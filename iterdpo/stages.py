@@ -137,6 +137,8 @@ class Column:
 
 @dataclass(frozen=True)
 class StageDef:
+    """One stage, all of it: what a new stage adds here (docs/architecture.md, "Add a stage")."""
+
     stage: Stage
     when: When
     status_field: str  # the status.iterations[] field holding its figures
