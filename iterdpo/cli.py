@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from iterdpo.stages import PROGRAMS
+
 DEFAULT_WORKDIR = Path("iterdpo-runs")
 
 
@@ -170,14 +172,8 @@ def _make_tiny(args) -> int:
 
 
 # Stage programs parse their own arguments (argparse's REMAINDER cannot pass "--flags" on);
-# which exist is the stage table's business (iterdpo.stages.PROGRAMS).
-def _stage_programs() -> dict:
-    from iterdpo.stages import PROGRAMS
-
-    return {p.name: p for p in PROGRAMS}
-
-
-STAGE_PROGRAMS = _stage_programs()
+# which exist is the stage table's business.
+STAGE_PROGRAMS = {p.name: p for p in PROGRAMS}
 
 
 def _stage_program(name: str, argv: list[str]) -> int:

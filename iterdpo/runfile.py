@@ -150,15 +150,17 @@ def _field_names_at(loc: list[str]) -> list[str]:
 
 def load_for_stage(path: str | Path, iteration: int, stage: str) -> IterativeDPORun:
     """The run file a stage program was given, checked before any work: the round must be
-    one the stage runs in (UsageError, exit 2, otherwise). The program then checks its own
-    flags and claims the run folder (`layout.claim_run_folder`) before writing anything."""
+    one the planner runs the stage in (UsageError, exit 2, otherwise). The program then
+    checks its own flags and claims the run folder (`layout.claim_run_folder`) before
+    writing anything."""
     from iterdpo.layout import RunLayout
+    from iterdpo.planner import stage_order
     from iterdpo.stages import stage_def
 
     run = load_run(path)
     RunLayout.of(run)  # spec.storage.root must be set: a UsageError naming it otherwise
     d = stage_def(stage)
-    rounds = [t for t in range(run.spec.iterations + 1) if d.when.includes(t)]
+    rounds = [t for t, planned in stage_order(run) if planned.stage == d.stage]
     if iteration not in rounds:
         span = f"{rounds[0]}..{rounds[-1]}" if rounds else "no round"
         raise UsageError(f"--iteration: {d.stage} runs in rounds {span} (spec.iterations is "

@@ -12,7 +12,8 @@ operator (through its own table, `iterdpo_operator.stage_children`) all read it;
 of them knows a stage by name.
 
 This module is the one place, with the operator's table, where stage names are
-spelled. It imports nothing else of iterdpo at run time (the spec imports it).
+spelled. Of iterdpo it imports only the contracts' error wording at run time (the spec
+imports it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+
+from iterdpo.contracts import describe
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -78,10 +81,7 @@ class StageSummary(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'summary'}: {e['msg']}" for e in exc.errors()[:3]
-            )
-            raise SummaryError(f"{source} left no valid {cls.__name__} ({problems})") from None
+            raise SummaryError(f"{source} left no valid {cls.__name__} ({describe(exc)})") from None
 
 
 class Figures(BaseModel):
@@ -174,10 +174,15 @@ def _one(summaries: list, stage: Stage):
     return summaries[0]
 
 
+def _figure(it: BaseModel, status_field: str, attr: str):
+    """One figure of a round's IterationStatus, None until its stage finished."""
+    figures = getattr(it, status_field)
+    return None if figures is None else getattr(figures, attr)
+
+
 def _cell(status_field: str, attr: str, fmt: str = "{}") -> Callable[[BaseModel], str]:
     def cell(it: BaseModel) -> str:
-        figures = getattr(it, status_field)
-        value = None if figures is None else getattr(figures, attr)
+        value = _figure(it, status_field, attr)
         return "-" if value is None else fmt.format(value)
 
     return cell
@@ -445,8 +450,7 @@ class Headline:
     field: str
 
     def of(self, iteration_status: BaseModel) -> float | None:
-        figures = getattr(iteration_status, STAGE_TABLE[self.stage].status_field)
-        return None if figures is None else getattr(figures, self.field)
+        return _figure(iteration_status, STAGE_TABLE[self.stage].status_field, self.field)
 
     @property
     def json_path(self) -> str:

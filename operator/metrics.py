@@ -44,8 +44,8 @@ def record(namespace: str, name: str, before: RunStatus, after: RunStatus, event
             figures = it.figures(d.stage)
             if figures is not None and (done is None or not done.stage_done(d.stage)):
                 STAGE_SECONDS.labels(d.stage.value).observe(figures.seconds)
-        if HEADLINE.of(it) is not None:
-            MEAN_REWARD.labels(namespace, name, str(it.iteration)).set(HEADLINE.of(it))
+        if (mean_reward := HEADLINE.of(it)) is not None:
+            MEAN_REWARD.labels(namespace, name, str(it.iteration)).set(mean_reward)
 
 
 def forget(namespace: str, name: str) -> None:

@@ -8,7 +8,7 @@ from iterdpo.status import RunStatus
 
 def reward_trend(status: RunStatus) -> str | None:
     """'round 1 mean reward -0.41 -> round 3 +0.87', from the first and last scored rounds."""
-    scored = [(it.iteration, HEADLINE.of(it)) for it in status.iterations if HEADLINE.of(it) is not None]
+    scored = [(it.iteration, v) for it in status.iterations if (v := HEADLINE.of(it)) is not None]
     if len(scored) < 2:
         return None
     (first, a), (last, b) = scored[0], scored[-1]

@@ -118,10 +118,11 @@ def unique_items(generations: RoundGenerations) -> tuple[list[dict], list[int]]:
     where: list[int] = []
     for record in generations.records:
         seen: dict[str, int] = {}
+        messages = [m.model_dump() for m in record.prompt]  # once per prompt, shared by its responses
         for response in record.responses:
             if response not in seen:
                 seen[response] = len(items)
-                items.append({"messages": [m.model_dump() for m in record.prompt], "response": response})
+                items.append({"messages": messages, "response": response})
             where.append(seen[response])
     return items, where
 
