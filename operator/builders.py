@@ -88,6 +88,23 @@ def _meta(run: IterativeDPORun, name: str, component: str, owner_uid: str | None
     return meta
 
 
+def pod_template(run: IterativeDPORun, component: str, pod: dict, **label_args) -> dict:
+    """A pod template of the run's `component`, labelled like its child."""
+    return {"metadata": {"labels": labels(run, component, **label_args)}, "spec": pod}
+
+
+def attempt_job(run: IterativeDPORun, name: str, component: str, pod: dict, owner_uid: str | None, *,
+                iteration: int, attempt: int) -> dict:  # fmt: skip
+    """The batch Job of one stage attempt: one pod, never retried by the Job itself (the
+    operator retries a stage as a new attempt, under a new name)."""
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(run, name, component, owner_uid, iteration=iteration, attempt=attempt),
+        "spec": {"backoffLimit": 0,
+                 "template": pod_template(run, component, pod, iteration=iteration, attempt=attempt)},
+    }  # fmt: skip
+
+
 # -- the run as the pods see it ---------------------------------------------------------
 def storage_root(run: IterativeDPORun) -> str:
     return run.spec.storage.root or str(PurePosixPath(run.spec.kubernetes.volume.mount_path) / "runs")
@@ -236,7 +253,7 @@ def reward_deployment(run: IterativeDPORun, replicas: int, owner_uid: str | None
     main["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 1}
     main["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6}
     selector = {RUN_LABEL: run.name, "app.kubernetes.io/component": "reward"}
-    template = {"metadata": {"labels": labels(run, "reward")}, "spec": pod_spec(run, [main], restart_policy="Always")}
+    template = pod_template(run, "reward", pod_spec(run, [main], restart_policy="Always"))
     meta = _meta(run, reward_name(run), "reward", owner_uid)
     meta["annotations"] = {TEMPLATE_HASH: template_hash(template)}
     return {

@@ -138,13 +138,8 @@ class JobLauncher:
 
     def build(self, run: IterativeDPORun, child: TrainingChild, owner_uid: str | None = None) -> dict:
         main = b.container(run, child.component, child.argv, child.component, deepspeed=True)
-        return {
-            "apiVersion": "batch/v1", "kind": "Job",
-            "metadata": b._meta(run, child.name, child.component, owner_uid, iteration=child.iteration, attempt=child.attempt),
-            "spec": {"backoffLimit": 0,
-                     "template": {"metadata": {"labels": b.labels(run, child.component, iteration=child.iteration, attempt=child.attempt)},
-                                  "spec": b.pod_spec(run, [main], shm=True)}},
-        }  # fmt: skip
+        return b.attempt_job(run, child.name, child.component, b.pod_spec(run, [main], shm=True), owner_uid,
+                             iteration=child.iteration, attempt=child.attempt)  # fmt: skip
 
 
 class PyTorchJobLauncher:
@@ -158,8 +153,8 @@ class PyTorchJobLauncher:
         t = run.spec.training
         # Kubeflow requires the container to be named "pytorch".
         main = b.container(run, "pytorch", child.argv, child.component, deepspeed=True)
-        template = {"metadata": {"labels": b.labels(run, child.component, iteration=child.iteration, attempt=child.attempt)},
-                    "spec": b.pod_spec(run, [main], shm=True)}  # fmt: skip
+        template = b.pod_template(run, child.component, b.pod_spec(run, [main], shm=True), iteration=child.iteration,
+                                  attempt=child.attempt)  # fmt: skip
         replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
         if t.nodes > 1:  # its own copy: one shared dict would print as YAML anchors
             replicas["Worker"] = {"replicas": t.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}

@@ -27,16 +27,6 @@ class StageChild:
     build: Callable[[IterativeDPORun, Stage, int, int, str | None], dict]  # run, stage, round, attempt, owner
 
 
-def _meta(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None) -> dict:
-    return b._meta(run, child_name(run, iteration, stage, attempt), CHILDREN[stage].component, owner_uid,
-                   iteration=iteration, attempt=attempt)  # fmt: skip
-
-
-def _template(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, pod: dict) -> dict:
-    return {"metadata": {"labels": b.labels(run, CHILDREN[stage].component, iteration=iteration, attempt=attempt)},
-            "spec": pod}  # fmt: skip
-
-
 def generate_job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
     """An Indexed Job: one index per shard (the program reads JOB_COMPLETION_INDEX instead of
     the planner's --shard); a failed shard retries alone (spec.kubernetes.shardRetries)."""
@@ -45,11 +35,13 @@ def generate_job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: in
     main = b.container(run, component, generate_argv(iteration, spec_file=b.SPEC_FILE, shard=None), component)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": _meta(run, stage, iteration, attempt, owner_uid),
+        "metadata": b._meta(run, child_name(run, iteration, stage, attempt), component, owner_uid,
+                            iteration=iteration, attempt=attempt),
         "spec": {
             "completionMode": "Indexed", "completions": shards, "parallelism": shards,
             "backoffLimitPerIndex": run.spec.kubernetes.shard_retries,
-            "template": _template(run, stage, iteration, attempt, b.pod_spec(run, [main], shm=True)),
+            "template": b.pod_template(run, component, b.pod_spec(run, [main], shm=True), iteration=iteration,
+                                       attempt=attempt),
         },
     }  # fmt: skip
 
@@ -61,14 +53,8 @@ def job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_
     (command,) = b.planned(run, iteration, stage).jobs
     env = b.token_env(run) if d.uses_reward_server else []
     main = b.container(run, component, command.argv, component, deepspeed=d.deepspeed, extra_env=env)
-    return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": _meta(run, stage, iteration, attempt, owner_uid),
-        "spec": {
-            "backoffLimit": 0,  # the operator retries a stage as a new attempt
-            "template": _template(run, stage, iteration, attempt, b.pod_spec(run, [main])),
-        },
-    }  # fmt: skip
+    return b.attempt_job(run, child_name(run, iteration, stage, attempt), component, b.pod_spec(run, [main]), owner_uid,
+                         iteration=iteration, attempt=attempt)  # fmt: skip
 
 
 def training(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
