@@ -16,12 +16,24 @@ from iterdpo.stages import PROGRAMS
 DEFAULT_WORKDIR = Path("iterdpo-runs")
 
 
+def _load_here(run_file: Path, workdir: Path):
+    """The run file, checked against this machine (its paths, the workdir) before anything is written."""
+    from iterdpo.local.runner import with_storage_root
+    from iterdpo.localpaths import check_local_paths, root_problems
+    from iterdpo.runfile import SpecError, load_run
+
+    run = with_storage_root(load_run(run_file), workdir)
+    problems = root_problems("--workdir", Path(workdir))
+    if problems:
+        raise SpecError(str(run_file), problems)
+    return check_local_paths(run, str(run_file), run_file.resolve().parent)
+
+
 def _run(args) -> int:
     from iterdpo.local.report import reward_trend, status_table
     from iterdpo.local.runner import AlreadyRunning, LocalRunner, RunFailed, SpecChanged
-    from iterdpo.runfile import load_run
 
-    run = load_run(args.run_file)
+    run = _load_here(args.run_file, args.workdir)
     try:
         status = LocalRunner(run, args.workdir).execute()
     except RunFailed as exc:
@@ -75,22 +87,21 @@ def _status(args) -> int:
 
 
 def _render(args) -> int:
-    import yaml
-
+    from iterdpo.runfile import SpecError, read_document
     from iterdpo_operator.builders import to_yaml
     from iterdpo_operator.stage_children import render_round
     from iterdpo_operator.defaults import defaults_from_env, with_defaults
     from iterdpo_operator.validation import InvalidRun, validate_resource
 
+    body = read_document(args.run_file)
+    if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
+        raise SpecError(str(args.run_file), ["the document must be a mapping with a metadata mapping"])
+    metadata = body.setdefault("metadata", {})
+    if args.namespace:
+        metadata["namespace"] = args.namespace
+    metadata.setdefault("namespace", "default")
     try:
-        body = yaml.safe_load(Path(args.run_file).read_text())
-        if args.namespace:
-            body.setdefault("metadata", {})["namespace"] = args.namespace
-        body.setdefault("metadata", {}).setdefault("namespace", "default")
         run = with_defaults(validate_resource(body), defaults_from_env())
-    except (OSError, yaml.YAMLError, AttributeError) as exc:
-        print(f"iterdpo render: cannot read {args.run_file}: {exc}", file=sys.stderr)
-        return 2
     except InvalidRun as exc:
         print(f"iterdpo render: {args.run_file} cannot run on Kubernetes:", file=sys.stderr)
         for line in str(exc).splitlines():
@@ -132,22 +143,32 @@ def _operator(args) -> int:
 
 
 def _validate(args) -> int:
-    from iterdpo.runfile import load_run
+    from iterdpo.runfile import SpecError, parse_run, read_document
 
-    run = load_run(args.run_file)
-    print(f"{args.run_file}: valid IterativeDPORun {run.name!r} ({run.spec.iterations} rounds)")
+    if args.kubernetes:
+        from iterdpo_operator.validation import kubernetes_problems
+
+        # As the operator sees it: no run file to resolve ./ paths against.
+        run = parse_run(read_document(args.run_file), source=str(args.run_file))
+        problems = kubernetes_problems(run)
+        if problems:
+            raise SpecError(str(args.run_file), problems)
+        where = "on Kubernetes"
+    else:
+        run = _load_here(args.run_file, args.workdir)
+        where = "on this machine"
+    print(f"{args.run_file}: valid IterativeDPORun {run.name!r} ({run.spec.iterations} rounds), runnable {where}")
     return 0
 
 
 def _plan(args) -> int:
     import shlex
 
-    from iterdpo.local.runner import load_status, status_path, with_storage_root
+    from iterdpo.local.runner import load_status, status_path
     from iterdpo.planner import Finished, next_step
-    from iterdpo.runfile import load_run
     from iterdpo.status import RunStatus
 
-    run = with_storage_root(load_run(args.run_file), args.workdir)
+    run = _load_here(args.run_file, args.workdir)
     status = load_status(status_path(args.workdir, run.name)) or RunStatus()
     step = next_step(run, status, spec_file=str(Path(args.workdir).resolve() / run.name / "run.json"))
     if isinstance(step, Finished):
@@ -221,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a run file without running anything")
     p.add_argument("run_file", type=Path)
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="as for iterdpo run (checked writable)")
+    p.add_argument("--kubernetes", action="store_true", help="check it as the operator will (paths under the "
+                   "volume, names, GPUs) instead of against this machine's files")  # fmt: skip
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("plan", help="print the next stage and its exact command lines")
@@ -238,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from iterdpo.runfile import SpecError
+    from iterdpo.errors import UsageError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in STAGE_PROGRAMS:
@@ -246,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as exc:
+    except UsageError as exc:  # the run file, a flag, the prompt data: exit 2, one message
         print(f"iterdpo {args.command}: {exc}", file=sys.stderr)
         return 2
 

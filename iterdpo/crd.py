@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import yaml
-from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel
+from annotated_types import Ge, Gt, Le, Lt, MaxLen
+from pydantic import AfterValidator, BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from iterdpo.spec import _NAME_RE, API_VERSION, KIND, MAX_NAME_LENGTH, RULES, IterativeDPORun, IterativeDPORunSpec, ObjectMeta, Rule
+from iterdpo.kubevalues import StringFormat
 from iterdpo.stages import HEADLINE
 from iterdpo.status import RunStatus
 
@@ -180,8 +181,17 @@ class _Walker:
                 break
         schema = self._type(annotation, path)
         for m in metadata:
-            if schema.get("type") not in ("integer", "number"):
-                raise SchemaError(f"{self._where(path)}: bound {m!r} on a {schema.get('type')}")
+            kind = schema.get("type")
+            if isinstance(m, StringFormat) and kind == "string":
+                schema.update(pattern=m.pattern, maxLength=m.max_length)
+                continue
+            if isinstance(m, MaxLen) and kind in _MAX_LENGTH:
+                schema[_MAX_LENGTH[kind]] = m.max_length
+                continue
+            if isinstance(m, AfterValidator):
+                continue  # a check only the model can make (a hub id, a template that compiles): the operator runs it
+            if kind not in ("integer", "number"):
+                raise SchemaError(f"{self._where(path)}: bound {m!r} on a {kind}")
             bound = next((b for b in _BOUNDS if isinstance(m, b.kind)), None)
             if bound is None:
                 raise SchemaError(f"{self._where(path)}: unsupported constraint {m!r}")
@@ -225,7 +235,9 @@ class _Walker:
                 raise SchemaError(f"{self._where(path)}: list items may not be None")
             return {"type": "array", "items": items}
         if origin is dict and len(args) == 2:
-            if args[0] is not str:
+            # A key's format (Annotated[str, StringFormat]) is the model's check: a CEL rule over
+            # every key would cost more than the API server allows.
+            if (typing.get_args(args[0]) or [args[0]])[0] is not str:
                 raise SchemaError(f"{self._where(path)}: map keys must be str ({annotation})")
             values, optional = self.annotation(args[1], [], path + "{}")
             if optional:
@@ -321,6 +333,8 @@ class _Unset:
 
 
 _UNSET = _Unset()
+
+_MAX_LENGTH = {"string": "maxLength", "array": "maxItems", "object": "maxProperties"}
 
 _ORDER = ("description", "type", "enum", "default", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 

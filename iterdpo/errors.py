@@ -47,6 +47,11 @@ def stage_main(prog: str, body: Callable[[], int | None]) -> int:
         return 1
 
 
+MAX_REPORT_CHARS = 4000  # whatever a message quotes, the report stays readable
+
+
 def report(prog: str, message: str) -> None:
+    if len(message) > MAX_REPORT_CHARS:
+        message = f"{message[:MAX_REPORT_CHARS]}... ({len(message)} characters)"
     first, *rest = message.splitlines() or [""]
     print("\n".join([f"{prog}: error: {first}", *rest]), file=sys.stderr, flush=True)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
 from iterdpo.errors import UsageError
 from iterdpo.spec import CrossFieldError, IterativeDPORun, nested_model
+from iterdpo.yamlfile import YamlError, clip, load_one, read_text, short
+
+MAX_PROBLEMS_SHOWN = 8  # the message stays short whatever the file; fix these, then run again
+MAX_PROBLEM_CHARS = 240
 
 
 class SpecError(UsageError):
@@ -22,9 +26,11 @@ class SpecError(UsageError):
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source} is not a valid IterativeDPORun:\n{lines}")
+        self.problems = [clip(p, MAX_PROBLEM_CHARS) for p in problems]
+        shown = self.problems[:MAX_PROBLEMS_SHOWN]
+        more = len(problems) - len(shown)
+        lines = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more else "")
+        super().__init__(f"{clip(source, 120)} is not a valid IterativeDPORun:\n{lines}")
 
 
 def is_relative_local(path: str) -> bool:
@@ -36,7 +42,8 @@ def parse_run(data: object, *, source: str = "run", base_dir: Path | None = None
     if not isinstance(data, dict):
         raise SpecError(source, [f"the document must be a mapping, got {type(data).__name__}"])
     try:
-        run = IterativeDPORun.model_validate(data)
+        # As strict as the API server: "8" is a string, samples_per_prompt an unknown field.
+        run = IterativeDPORun.model_validate(data, strict=True, by_alias=True, by_name=False)
     except ValidationError as exc:
         raise SpecError(source, [_describe(err) for err in exc.errors()]) from None
     if base_dir is not None:
@@ -47,17 +54,18 @@ def parse_run(data: object, *, source: str = "run", base_dir: Path | None = None
 def load_run(path: str | Path) -> IterativeDPORun:
     """Read and validate a run file (the YAML a user would `kubectl apply`)."""
     path = Path(path)
+    return parse_run(read_document(path), source=str(path), base_dir=path.resolve().parent)
+
+
+def read_document(path: Path) -> object:
+    """The one YAML (or JSON) document of a run file, read with every input bounded."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise SpecError(str(path), [f"not valid YAML: {exc}"]) from None
-    if len(docs) != 1:
-        raise SpecError(str(path), [f"expected exactly one YAML document, found {len(docs)}"])
-    return parse_run(docs[0], source=str(path), base_dir=path.resolve().parent)
+        data = load_one(read_text(path))
+    except YamlError as exc:
+        raise SpecError(str(path), [str(exc)]) from None
+    if data is None:
+        raise SpecError(str(path), ["the file holds no YAML document"])
+    return data
 
 
 def dump_run(run: IterativeDPORun, path: Path) -> None:
@@ -103,13 +111,14 @@ def _describe(err: dict) -> str:
     original = ctx.get("error")
     if isinstance(original, CrossFieldError):
         return f"spec.{original.field}: {original.message}"
-    path = ".".join(loc) or "(document)"
-    got = err.get("input")
+    path = clip(".".join(loc) or "(document)", 120)
+    got = short(err.get("input"))
     if kind == "literal_error":
-        return f"{path}: unknown value {got!r}; allowed: {ctx.get('expected')}"
+        return f"{path}: unknown value {got}; allowed: {ctx.get('expected')}"
     if kind == "extra_forbidden":
         allowed = _field_names_at(loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        camel = to_camel(loc[-1])
+        hint = [camel] if camel in allowed else difflib.get_close_matches(loc[-1], allowed, n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"{path}: unknown field{suggestion}; allowed fields: {', '.join(allowed)}"
     if kind == "missing":
@@ -122,9 +131,22 @@ def _describe(err: dict) -> str:
     }
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return f"{path}: must be {bounds[kind]} {limit} (got {got!r})"
-    message = err["msg"].removeprefix("Value error, ")
-    return f"{path}: {message} (got {got!r})" if kind not in ("value_error",) else f"{path}: {message}"
+        return f"{path}: must be {bounds[kind]} {limit} (got {got})"
+    message = _STRICT_WORDING.get(kind) or err["msg"].removeprefix("Value error, ")
+    return f"{path}: {message} (got {got})" if kind not in ("value_error",) else f"{path}: {message}"
+
+
+# Strict-mode messages, in the schema's words (what `kubectl apply` would say).
+_STRICT_WORDING = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string (quote it)",
+    "bool_type": "must be true or false",
+    "finite_number": "must be a finite number",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "list_type": "must be a list",
+}
 
 
 def _field_names_at(loc: list[str]) -> list[str]:
@@ -157,8 +179,11 @@ def load_for_stage(path: str | Path, iteration: int, stage: str) -> IterativeDPO
     from iterdpo.planner import stage_order
     from iterdpo.stages import stage_def
 
+    from iterdpo.localpaths import check_local_paths
+
     run = load_run(path)
     RunLayout.of(run)  # spec.storage.root must be set: a UsageError naming it otherwise
+    check_local_paths(run, str(path), Path(path).resolve().parent)
     d = stage_def(stage)
     rounds = [t for t, planned in stage_order(run) if planned.stage == d.stage]
     if iteration not in rounds:

@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from iterdpo import __version__
+from iterdpo.kubevalues import AbsolutePath, DnsLabel, DnsSubdomain, Image, LabelValue, QualifiedName, Quantity, SecretKey
 from iterdpo.stages import pods
+from iterdpo.yamlfile import short
 
 API_VERSION = "iterdpo.io/v1alpha1"
 KIND = "IterativeDPORun"
@@ -49,6 +51,15 @@ TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 40  # leaves room for child suffixes such as "-i03-generate" within 63
 
+# Upper bounds of user numbers: generous for any real recipe, and small enough that no later
+# arithmetic (timeouts, back-off, seeds, token budgets) overflows. Seeds: numpy's range.
+MAX_SEED = 2**32 - 1
+MAX_TOKENS = 1 << 21  # context lengths: 2M tokens
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_RETRY_BACKOFF_SECONDS = 24 * 3600.0
+MAX_ITEMS_PER_REQUEST = 4096  # the reward server's limit; reward.requestBatchSize may not exceed it
+LOCAL_PREFIXES = ("/", "./", "../")
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(
@@ -56,7 +67,43 @@ class _Model(BaseModel):
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
+
+
+def _model_or_hub_id(value: str) -> str:
+    """A local path (/, ./, ../) or a well-formed hub id: anything else can only fail later,
+    inside a stage, as an opaque download error."""
+    if value.startswith(LOCAL_PREFIXES) or value in (".", ".."):
+        return value
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ValueError(f"{short(value)} is neither a local path (those start with /, ./ or ../) nor a hub id "
+                         "(name or namespace/name: letters, digits, '-', '_', '.', at most 96 characters)") from None  # fmt: skip
+    return value
+
+
+def _compiles(template: str | None) -> str | None:
+    """A chat template must compile, as transformers compiles it, before any stage loads it."""
+    if template is None:
+        return None
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+                                      ).parse(template)  # fmt: skip
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"the chat template does not compile: line {exc.lineno}: {short(exc.message, 120)[1:-1]}") from None
+    return template
+
+
+ModelRef = Annotated[str, AfterValidator(_model_or_hub_id)]
+ChatTemplate = Annotated[str | None, AfterValidator(_compiles)]
 
 
 class ObjectMeta(BaseModel):
@@ -65,7 +112,7 @@ class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     name: str = Field(description="Name of the run; names its artifacts and children.")
-    namespace: str | None = Field(default=None, description="Kubernetes namespace (ignored by the local runner).")
+    namespace: DnsLabel | None = Field(default=None, description="Kubernetes namespace (ignored by the local runner).")
 
     @field_validator("name")
     @classmethod
@@ -73,7 +120,7 @@ class ObjectMeta(BaseModel):
         if len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
             raise ValueError(
                 f"must be lowercase letters, digits and '-', start with a letter and end with a letter or digit, "
-                f"at most {MAX_NAME_LENGTH} characters (got {name!r})"
+                f"at most {MAX_NAME_LENGTH} characters (got {short(name)})"
             )
         return name
 
@@ -81,11 +128,11 @@ class ObjectMeta(BaseModel):
 class PolicySpec(_Model):
     """The SFT model the first round starts from."""
 
-    model: str = Field(
+    model: ModelRef = Field(
         description="Model of round 1: a local path (absolute, or starting with ./ or ../, "
         "relative to the run file) or a hub id."
     )
-    chat_template: str | None = Field(
+    chat_template: ChatTemplate = Field(
         default=None,
         description="Jinja chat template that replaces the policy tokenizer's own, "
         "used for generation and training alike.",
@@ -95,22 +142,22 @@ class PolicySpec(_Model):
 class PromptSource(_Model):
     """A prompt dataset: JSONL, Parquet or Arrow file (or folder), or a hub id."""
 
-    dataset: str = Field(description="Local path (absolute, ./ or ../) or hub id.")
+    dataset: ModelRef = Field(description="Local path (absolute, ./ or ../) or hub id.")
     split: str = Field(default="train", description="Split to read.")
     messages_field: str = Field(
         default="messages",
         description="Field holding the prompt: a list of {role, content} messages, "
         "or a string taken as one user message.",
     )
-    max_prompts: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="Use only the first N prompts (all when unset)."
+    max_prompts: Annotated[int, Field(ge=1, le=1 << 31)] | None = Field(
+        default=None, description="Use only the first N rows (ids 0..N-1), rows left out included (all when unset)."
     )
 
 
 class PromptsSpec(PromptSource):
     """The prompt set of every round, or a different one per round."""
 
-    dataset: str | None = Field(
+    dataset: ModelRef | None = Field(
         default=None, description="Local path (absolute, ./ or ../) or hub id; required without perIteration."
     )
     per_iteration: list[PromptSource] | None = Field(
@@ -121,25 +168,25 @@ class PromptsSpec(PromptSource):
 
 
 class GenerationSpec(_Model):
-    samples_per_prompt: Annotated[int, Field(ge=2)] = Field(
+    samples_per_prompt: Annotated[int, Field(ge=2, le=1024)] = Field(
         default=8, description="Responses sampled per prompt (K); pairing needs at least 2."
     )
-    temperature: Annotated[float, Field(ge=0.0)] = Field(default=1.0, description="Sampling temperature (0: greedy).")
+    temperature: Annotated[float, Field(ge=0.0, le=100.0)] = Field(default=1.0, description="Sampling temperature (0: greedy).")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(default=1.0, description="Nucleus sampling mass.")
-    max_new_tokens: Annotated[int, Field(ge=1)] = Field(default=2048, description="Most tokens per response.")
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = Field(default=2048, description="Most tokens per response.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
         default_factory=list, description="Stop token ids, besides the tokenizer's eos."
     )
-    seed: int = Field(default=42, description="Base seed; each prompt's seed derives from it.")
-    shards: Annotated[int, Field(ge=1)] = Field(
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(default=42, description="Base seed; each prompt's seed derives from it.")
+    shards: Annotated[int, Field(ge=1, le=1024)] = Field(
         default=1, description="Generation shards (one process or pod each)."
     )
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         default=0.9,
         description="vLLM's memory fraction for weights and KV cache (on a CPU build: of host memory).",
     )
-    tensor_parallel_size: Annotated[int, Field(ge=1)] = Field(
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = Field(
         default=1, description="GPUs one vLLM engine spans (tensor parallelism)."
     )
     enforce_eager: bool = Field(
@@ -147,39 +194,39 @@ class GenerationSpec(_Model):
         description="Skip vLLM's graph compilation: faster start-up, slower decoding. "
         "Worth it for tiny models and short rounds.",
     )
-    max_model_len: Annotated[int, Field(ge=16)] | None = Field(
+    max_model_len: Annotated[int, Field(ge=16, le=MAX_TOKENS)] | None = Field(
         default=None, description="vLLM context length; default training.maxLength."
     )
 
 
 class RewardSpec(_Model):
-    model: str = Field(description="Reward model: local path or hub id.")
+    model: ModelRef = Field(description="Reward model: local path (absolute, ./ or ../) or hub id.")
     kind: Literal[tuple(SCORER_KINDS)] = Field(  # type: ignore[valid-type]
         default="bradley-terry",
         description="How to read a score from the model. " + "; ".join(f"{k}: {v}" for k, v in SCORER_KINDS.items()) + ".",
     )
-    chat_template: str | None = Field(
+    chat_template: ChatTemplate = Field(
         default=None, description="Replaces the reward tokenizer's own chat template."
     )
-    max_length: Annotated[int, Field(ge=16)] = Field(
+    max_length: Annotated[int, Field(ge=16, le=MAX_TOKENS)] = Field(
         default=4096, description="Longer conversations are truncated from the left."
     )
-    batch_tokens: Annotated[int, Field(ge=16)] = Field(
+    batch_tokens: Annotated[int, Field(ge=16, le=1 << 26)] = Field(
         default=16384, description="Most padded tokens in one forward pass of the reward server."
     )
-    request_batch_size: Annotated[int, Field(ge=1)] = Field(
-        default=64, description="Items per scoring request sent by the annotator."
+    request_batch_size: Annotated[int, Field(ge=1, le=MAX_ITEMS_PER_REQUEST)] = Field(
+        default=64, description="Items per scoring request sent by the annotator (the server takes at most 4096)."
     )
-    concurrency: Annotated[int, Field(ge=1)] = Field(
+    concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
         default=4, description="Scoring requests in flight at once."
     )
-    timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+    timeout_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] = Field(
         default=300.0, description="Timeout of one scoring request."
     )
-    max_retries: Annotated[int, Field(ge=0)] = Field(
+    max_retries: Annotated[int, Field(ge=0, le=100)] = Field(
         default=5, description="Retries of a scoring request that failed to connect, timed out or got 429/502/503/504."
     )
-    startup_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+    startup_timeout_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] = Field(
         default=900.0, description="How long to wait for the reward server's /readyz."
     )
 
@@ -191,7 +238,7 @@ class PairingSpec(_Model):
         "max_max: best vs second best; random: two random; max_min_length_penalty: "
         "best vs worst of reward - lengthPenalty x characters. Ties are dropped and counted.",
     )
-    length_penalty: Annotated[float, Field(ge=0.0)] = Field(
+    length_penalty: Annotated[float, Field(ge=0.0, le=1e6)] = Field(
         default=0.0, description="Per-character penalty of max_min_length_penalty."
     )
 
@@ -200,7 +247,7 @@ class LossSpec(_Model):
     type: Literal[tuple(LOSS_KINDS)] = Field(  # type: ignore[valid-type]
         default="sigmoid", description="DPO loss. " + "; ".join(f"{k}: {v}" for k, v in LOSS_KINDS.items()) + "."
     )
-    beta: Annotated[float, Field(gt=0.0)] = Field(
+    beta: Annotated[float, Field(gt=0.0, le=1e4)] = Field(
         default=0.1, description="Strength of the pull toward the reference model."
     )
     label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = Field(
@@ -210,25 +257,25 @@ class LossSpec(_Model):
 
 class TrainingSpec(_Model):
     loss: LossSpec = Field(default_factory=LossSpec, description="The DPO loss.")
-    learning_rate: Annotated[float, Field(gt=0.0)] = Field(default=5e-7, description="Peak learning rate (AdamW).")
-    epochs: Annotated[int, Field(ge=1)] = Field(default=2, description="Passes over each round's pairs.")
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = Field(default=5e-7, description="Peak learning rate (AdamW).")
+    epochs: Annotated[int, Field(ge=1, le=1000)] = Field(default=2, description="Passes over each round's pairs.")
     scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
         default="cosine", description="Learning-rate decay after warmup."
     )
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         default=0.03, description="Share of a round's steps spent warming up the learning rate."
     )
-    weight_decay: Annotated[float, Field(ge=0.0)] = Field(default=0.0, description="AdamW weight decay.")
-    global_batch_size: Annotated[int, Field(ge=1)] = Field(
+    weight_decay: Annotated[float, Field(ge=0.0, le=100.0)] = Field(default=0.0, description="AdamW weight decay.")
+    global_batch_size: Annotated[int, Field(ge=1, le=1 << 20)] = Field(
         default=128, description="Pairs per optimizer step, over all processes and accumulation steps."
     )
-    micro_batch_size: Annotated[int, Field(ge=1)] = Field(
+    micro_batch_size: Annotated[int, Field(ge=1, le=1 << 16)] = Field(
         default=1, description="Pairs per process per forward pass."
     )
-    max_length: Annotated[int, Field(ge=16)] = Field(
+    max_length: Annotated[int, Field(ge=16, le=MAX_TOKENS)] = Field(
         default=2048, description="Most tokens of prompt + response; longer responses are cut."
     )
-    max_prompt_length: Annotated[int, Field(ge=8)] = Field(
+    max_prompt_length: Annotated[int, Field(ge=8, le=MAX_TOKENS)] = Field(
         default=1000,
         description="Most prompt tokens; longer prompts are left out at generation, with the reason counted.",
     )
@@ -237,11 +284,11 @@ class TrainingSpec(_Model):
         default="bf16", description="Training precision (fp32 master weights are kept in every case)."
     )
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations to save memory.")
-    nodes: Annotated[int, Field(ge=1)] = Field(default=1, description="Training nodes.")
-    nproc_per_node: Annotated[int, Field(ge=1)] = Field(
+    nodes: Annotated[int, Field(ge=1, le=1024)] = Field(default=1, description="Training nodes.")
+    nproc_per_node: Annotated[int, Field(ge=1, le=64)] = Field(
         default=1, description="Training processes (GPUs) per node."
     )
-    seed: int = Field(default=42, description="Seed of the training data order.")
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(default=42, description="Seed of the training data order.")
 
 
 class StorageSpec(_Model):
@@ -255,13 +302,13 @@ class StorageSpec(_Model):
 class Resources(_Model):
     """What one pod of a stage asks the scheduler for."""
 
-    gpus: Annotated[int, Field(ge=0)] | None = Field(
+    gpus: Annotated[int, Field(ge=0, le=1024)] | None = Field(
         default=None,
         description="nvidia.com/gpu per pod. Unset: the pod's default (each pod's field says which). "
         "0 runs the stage on CPUs.",
     )
-    cpu: str | None = Field(default=None, description="CPU request and limit, e.g. '8' or '500m'.")
-    memory: str | None = Field(default=None, description="Memory request and limit, e.g. '64Gi'.")
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit, e.g. '8' or '500m'.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit, e.g. '64Gi'.")
 
 
 # One field per kind of pod, as the stage table declares them (generate, reward, annotate, train).
@@ -277,12 +324,12 @@ StageResources = create_model(
 
 
 class VolumeSpec(_Model):
-    claim_name: str | None = Field(
+    claim_name: DnsSubdomain | None = Field(
         default=None,
         description="ReadWriteMany PersistentVolumeClaim every pod mounts: models, prompts and "
         "the run's artifacts live on it. Required on Kubernetes.",
     )
-    mount_path: str = Field(
+    mount_path: AbsolutePath = Field(
         default="/iterdpo",
         description="Where pods mount the claim. Local model and prompt paths, and storage.root "
         "(default <mountPath>/runs), must be under it.",
@@ -290,21 +337,21 @@ class VolumeSpec(_Model):
 
 
 class SecretKeyRef(_Model):
-    name: str = Field(description="Secret name, in the run's namespace.")
-    key: str = Field(default="token", description="Key in the Secret.")
+    name: DnsSubdomain = Field(description="Secret name, in the run's namespace.")
+    key: SecretKey = Field(default="token", description="Key in the Secret.")
 
 
 class Toleration(_Model):
-    key: str | None = Field(default=None, description="Taint key (unset with Exists: all taints).")
+    key: QualifiedName | None = Field(default=None, description="Taint key (unset with Exists: all taints).")
     operator: Literal[TOLERATION_OPERATORS] = Field(default="Equal", description="How value is matched.")  # type: ignore[valid-type]
-    value: str | None = Field(default=None, description="Taint value, for Equal.")
+    value: LabelValue | None = Field(default=None, description="Taint value, for Equal.")
     effect: Literal[TAINT_EFFECTS] | None = Field(default=None, description="Taint effect (unset: all).")  # type: ignore[valid-type]
 
 
 class KubernetesSpec(_Model):
     """How the operator runs the stages on Kubernetes. `iterdpo run` ignores this section."""
 
-    image: str | None = Field(
+    image: Image | None = Field(
         default=None,
         description="Container image of every stage (the Dockerfile's runtime target). Unset: the "
         f"operator's default (Helm value stageDefaults.image), else {DEFAULT_IMAGE}.",
@@ -312,13 +359,17 @@ class KubernetesSpec(_Model):
     image_pull_policy: Literal[PULL_POLICIES] = Field(  # type: ignore[valid-type]
         default="IfNotPresent", description="Image pull policy of every container."
     )
-    service_account_name: str | None = Field(default=None, description="ServiceAccount of the stage pods.")
+    service_account_name: DnsSubdomain | None = Field(default=None, description="ServiceAccount of the stage pods.")
     volume: VolumeSpec = Field(default_factory=VolumeSpec, description="The shared volume of the run.")
     hub_token_secret: SecretKeyRef | None = Field(
         default=None, description="Secret holding a Hugging Face token, passed to pods as HF_TOKEN (never inline)."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels every stage pod requires.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Taints every stage pod tolerates.")
+    node_selector: Annotated[dict[QualifiedName, LabelValue], Field(max_length=64)] = Field(
+        default_factory=dict, description="Node labels every stage pod requires."
+    )
+    tolerations: Annotated[list[Toleration], Field(max_length=64)] = Field(
+        default_factory=list, description="Taints every stage pod tolerates."
+    )
     resources: StageResources = Field(default_factory=StageResources, description="Per-stage pod resources.")
     launcher: Literal[TRAIN_LAUNCHERS] = Field(  # type: ignore[valid-type]
         default="pytorchjob",
@@ -343,8 +394,8 @@ class KubernetesSpec(_Model):
     stage_retries: Annotated[int, Field(ge=0, le=10)] = Field(
         default=2, description="New attempts of a failed stage before the run fails."
     )
-    retry_backoff_seconds: Annotated[float, Field(ge=0)] = Field(
-        default=30.0, description="Wait before attempt n+1 of a stage: this x 2^(n-1) seconds."
+    retry_backoff_seconds: Annotated[float, Field(ge=0, le=3600.0)] = Field(
+        default=30.0, description="Wait before attempt n+1 of a stage: this x 2^(n-1) seconds, at most a day."
     )
     shard_retries: Annotated[int, Field(ge=0, le=10)] = Field(
         default=1, description="Retries of one failed generation shard, alone (the Job's backoffLimitPerIndex)."
@@ -469,6 +520,17 @@ class Rule:
         return obj
 
 
+def _toleration_problems(tolerations: list[Toleration]) -> list[str]:
+    """Kubernetes' own rules for a toleration, in its words."""
+    problems = []
+    for i, t in enumerate(tolerations):
+        if t.operator == "Exists" and t.value is not None:
+            problems.append(f"[{i}]: operator Exists matches any value: drop the value")
+        if t.key is None and t.operator != "Exists":
+            problems.append(f"[{i}]: without a key it matches every taint, so the operator must be Exists")
+    return problems
+
+
 def _per_step(t: TrainingSpec) -> int:
     return t.micro_batch_size * t.nproc_per_node * t.nodes
 
@@ -531,6 +593,21 @@ RULES: tuple[Rule, ...] = (
         f"(training.nodes is {s.training.nodes})",
         "self.kubernetes.launcher != 'job' || self.training.nodes == 1",
         "job runs training on one node: set training.nodes to 1 or use pytorchjob",
+    ),
+    Rule(
+        "", "generation.maxModelLen",
+        lambda s: s.generation.max_model_len is None or s.generation.max_model_len > s.training.max_prompt_length,
+        lambda s: f"must be more than training.maxPromptLength ({s.training.max_prompt_length}): vLLM refuses a "
+        f"prompt that fills the context (got {s.generation.max_model_len})",
+        "!has(self.generation.maxModelLen) || self.generation.maxModelLen > self.training.maxPromptLength",
+        "must be more than training.maxPromptLength: vLLM refuses a prompt that fills the context",
+    ),
+    Rule(
+        "kubernetes", "tolerations",
+        lambda k: not _toleration_problems(k.tolerations),
+        lambda k: "; ".join(_toleration_problems(k.tolerations)),
+        "!has(self.tolerations) || self.tolerations.all(t, (t.operator == 'Equal' || !has(t.value)) && (has(t.key) || t.operator == 'Exists'))",
+        "operator Exists takes no value, and a toleration without a key must use operator Exists",
     ),
     Rule(
         "pairing", "lengthPenalty",

@@ -14,6 +14,9 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from iterdpo import yamlfile
+from iterdpo.kubevalues import StringFormat
+
 from iterdpo.spec import RULES, IterativeDPORunSpec, nested_model
 
 _BOUNDS = ((Ge, "ge", ">="), (Gt, "gt", ">"), (Le, "le", "<="), (Lt, "lt", "<"))
@@ -37,6 +40,17 @@ def render() -> str:
         "",
         "Every field of `spec` in an `IterativeDPORun` (apiVersion `iterdpo.io/v1alpha1`).",
         "Generated from `iterdpo/spec.py` by `python -m iterdpo.specdoc`; do not edit by hand.",
+        "",
+        "How a run file is read (`iterdpo/yamlfile.py`, as strictly as the API server would): one",
+        f"UTF-8 YAML document of at most {yamlfile.MAX_BYTES} bytes; a duplicate key, nesting deeper than",
+        f"{yamlfile.MAX_DEPTH} levels, aliases expanding past {yamlfile.MAX_NODES} values and integers of more than",
+        f"{yamlfile.MAX_INT_DIGITS} digits are refused. Types are strict: `\"8\"` is a string, not a number, and",
+        "`samples_per_prompt` an unknown field; `1e-6` is a number, as kubectl reads it. Every number has",
+        "an upper bound (below), NaN and infinities are refused. `iterdpo validate`, `plan` and `run` also",
+        "check the local paths on this machine (a model folder with config.json, a non-empty prompt file,",
+        "a storage root that can be created, lengths within the model's context);",
+        "`iterdpo validate --kubernetes` checks what the operator checks instead. Each problem is one",
+        "line naming the field (at most 8 shown); the exit status is 2.",
         "",
         "Cross-field rules, checked before anything runs (by `iterdpo validate`, and by the API server",
         "through the CRD's CEL rules); each is one entry of `iterdpo.spec.RULES`:",
@@ -68,6 +82,7 @@ def _type_text(field) -> str:
         name = getattr(base, "__name__", str(base))
     metadata += [inner for m in metadata for inner in getattr(m, "metadata", ())]  # Field(...) inside Annotated
     limits = [f"{sign} {getattr(m, attr)}" for m in metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)]
+    limits += [m.name for m in metadata if isinstance(m, StringFormat)]
     return name + (f" ({', '.join(limits)})" if limits else "")
 
 

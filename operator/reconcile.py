@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from iterdpo.planner import Finished, next_step
-from iterdpo.spec import IterativeDPORun
+from iterdpo.spec import MAX_RETRY_BACKOFF_SECONDS, IterativeDPORun
 from iterdpo.stages import STAGE_TABLE, Stage, SummaryError
 from iterdpo.status import (
     RunStatus,
@@ -287,7 +287,7 @@ def _failed_attempt(run: IterativeDPORun, st: RunStatus, target: Target, limit: 
     keep_warm = run.spec.kubernetes.keep_reward_warm
     if target.attempt < limit:
         tries = max(1, target.attempt - (limit - run.spec.kubernetes.stage_retries) + 1)  # since the budget began
-        backoff = run.spec.kubernetes.retry_backoff_seconds * 2 ** (tries - 1)
+        backoff = min(MAX_RETRY_BACKOFF_SECONDS, run.spec.kubernetes.retry_backoff_seconds * 2 ** min(tries - 1, 32))
         nxt = target.attempt + 1
         conditions = set_condition(st.conditions, "Progressing", "True", "Retrying",
                                    f"round {target.iteration}: {target.stage} attempt {target.attempt} failed, attempt {nxt} "

@@ -7,10 +7,12 @@ plus the Kubernetes-only rules. Each problem names the field, as `iterdpo valida
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import PurePosixPath
 
 from iterdpo.runfile import SpecError, parse_run
 from iterdpo.spec import IterativeDPORun
+from iterdpo.yamlfile import short
 
 
 class InvalidRun(ValueError):
@@ -38,10 +40,10 @@ def path_problems(run: IterativeDPORun) -> list[str]:
         if not value or not _is_local(value):
             continue  # unset, or a hub id
         if not value.startswith("/"):
-            problems.append(f"{field}: {value!r} is relative, and a cluster run has no run file to resolve it against; "
+            problems.append(f"{field}: {short(value)} is relative, and a cluster run has no run file to resolve it against; "
                             f"use an absolute path under {mount} (the run's volume) or a hub id")  # fmt: skip
-        elif not PurePosixPath(value).is_relative_to(mount):
-            problems.append(f"{field}: {value!r} cannot exist in the pods: only the run's volume is mounted, at {mount}; "
+        elif not PurePosixPath(posixpath.normpath(value)).is_relative_to(mount):  # /iterdpo/../etc is /etc
+            problems.append(f"{field}: {short(value)} cannot exist in the pods: only the run's volume is mounted, at {mount}; "
                             f"put it under {mount} or use a hub id")  # fmt: skip
     return problems
 
@@ -61,6 +63,11 @@ def resource_problems(run: IterativeDPORun) -> list[str]:
     return problems
 
 
+def kubernetes_problems(run: IterativeDPORun) -> list[str]:
+    """What a valid spec still needs to run on a cluster ('field: problem' lines)."""
+    return path_problems(run) + resource_problems(run)
+
+
 def validate_resource(body: dict) -> IterativeDPORun:
     """The typed run of a custom resource, or InvalidRun naming each bad field."""
     manifest = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
@@ -69,7 +76,7 @@ def validate_resource(body: dict) -> IterativeDPORun:
         run = parse_run(manifest, source=f"IterativeDPORun {manifest['metadata'].get('name')}")
     except SpecError as exc:
         raise InvalidRun("\n".join(exc.problems)) from None
-    problems = path_problems(run) + resource_problems(run)
+    problems = kubernetes_problems(run)
     if problems:
         raise InvalidRun("\n".join(problems))
     return run

@@ -18,7 +18,7 @@ def tiny_run_manifest(tiny, *, name: str, storage_root: Path | None, **spec) -> 
         "policy": {"model": str(tiny.policy)},
         "prompts": {"dataset": str(tiny.prompts[0])},
         "generation": {"gpuMemoryUtilization": 0.2, "enforceEager": True},
-        "reward": {"model": str(tiny.reward)},
+        "reward": {"model": str(tiny.reward), "maxLength": 256},  # the tiny reward model has 1024 positions
         "training": {
             "precision": "fp32", "nprocPerNode": 2, "microBatchSize": 2, "globalBatchSize": 8,
             "maxLength": 128, "maxPromptLength": 64,

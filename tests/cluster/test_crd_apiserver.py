@@ -184,6 +184,16 @@ INVALID = {
         "spec.pairing.lengthPenalty",
         "is only used by strategy max_min_length_penalty (strategy is 'max_min')",
     ),
+    # What iterdpo validate refuses locally, the API server refuses too (issue 10).
+    "quoted number": ({"generation": {"samplesPerPrompt": "8"}}, "spec.generation.samplesPerPrompt", "must be of type integer"),
+    "seed range": ({"generation": {"seed": 2**32}}, "spec.generation.seed", "less than or equal to 4294967295"),
+    "quantity": ({"kubernetes": {"resources": {"train": {"memory": "64 GB"}}}}, "spec.kubernetes.resources.train.memory",
+                 "should match"),
+    "claim name": ({"kubernetes": {"volume": {"claimName": "My_Claim"}}}, "spec.kubernetes.volume.claimName", "should match"),
+    "toleration": ({"kubernetes": {"tolerations": [{"operator": "Exists", "value": "x"}]}}, "spec.kubernetes.tolerations",
+                   "operator Exists takes no value"),
+    "maxModelLen": ({"generation": {"maxModelLen": 48}}, "spec.generation.maxModelLen",
+                    "must be more than training.maxPromptLength"),
 }
 
 

@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from iterdpo import kubevalues
 import yaml
 from pydantic import BaseModel, Field
 
@@ -99,14 +101,15 @@ def test_types_bounds_enums_and_defaults(root):
     assert {k: gen["topP"][k] for k in ("type", "minimum", "exclusiveMinimum", "maximum")} == {
         "type": "number", "minimum": 0.0, "exclusiveMinimum": True, "maximum": 1.0}  # fmt: skip
     assert "exclusiveMaximum" not in gen["topP"]
-    assert gen["stopTokenIds"]["items"] == {"type": "integer", "minimum": 0}
+    assert gen["stopTokenIds"]["items"] == {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
     assert gen["maxModelLen"]["type"] == "integer" and "default" not in gen["maxModelLen"]  # int | None -> int
     training = spec["training"]["properties"]
     assert (training["zeroStage"]["type"], training["zeroStage"]["enum"]) == ("integer", [0, 1, 2, 3])
     assert training["precision"]["enum"] == ["bf16", "fp16", "fp32"]
     assert spec["pairing"]["properties"]["strategy"]["enum"][0] == "max_min"
     kube = spec["kubernetes"]["properties"]
-    assert kube["nodeSelector"]["additionalProperties"] == {"type": "string"}
+    assert kube["nodeSelector"]["additionalProperties"] == {"type": "string", "pattern": kubevalues.LABEL_VALUE.pattern, "maxLength": 63}
+    assert kube["nodeSelector"]["maxProperties"] == 64
     assert kube["hubTokenSecret"]["required"] == ["name"] and "default" not in kube["hubTokenSecret"]
     assert kube["stageRetries"]["maximum"] == 10
     assert spec["prompts"]["properties"]["perIteration"]["maxItems"] == 100
@@ -159,7 +162,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
     """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
     from iterdpo.spec import RULES
 
-    assert len(RULES) == len({r.blames for r in RULES}) == 8
+    assert len(RULES) == len({r.blames for r in RULES}) == 10
     assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
     for rule in RULES:
         node = root["properties"]["spec"]
@@ -170,7 +173,8 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
         for part in rule.field.split("."):
             target = target["properties"][part]  # fieldPath names a real field
         assert rule.message and rule.reason in ("FieldValueInvalid", "FieldValueRequired")
-        fields = {m for m in re.findall(r"self\.([\w.]+)", rule.cel)}
+        # the fields a rule reads, without a list macro's call (self.tolerations.all(t, ...))
+        fields = {re.sub(r"\.(all|exists)$", "", m) for m in re.findall(r"self\.([\w.]+)", rule.cel)}
         assert fields, rule
         for dotted in fields:  # every field a rule reads exists (and has a default, or is guarded by has())
             leaf = node
@@ -193,6 +197,8 @@ def test_each_rule_is_checked_by_the_model_and_blames_its_field():
         "prompts.perIteration": {"prompts": {"perIteration": [{"dataset": "/p/a.jsonl"}]}, "iterations": 2},
         "kubernetes.launcher": {"kubernetes": {"launcher": "job"}, "training": {"nodes": 2}},
         "pairing.lengthPenalty": {"pairing": {"lengthPenalty": 0.1}},
+        "generation.maxModelLen": {"generation": {"maxModelLen": 1000}, "training": {"maxPromptLength": 1000}},
+        "kubernetes.tolerations": {"kubernetes": {"tolerations": [{"operator": "Exists", "value": "x"}]}},
     }
     assert set(breakers) == {r.blames for r in RULES}
     for blames, change in breakers.items():

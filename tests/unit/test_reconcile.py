@@ -14,6 +14,7 @@ from iterdpo.stages import GenerateSummary
 from iterdpo_operator.reconcile import (RESUME_ANNOTATION, Create, Ensure, Observed, Patch, PodMessage, Scale, Target,
                                         current_target, decide)  # fmt: skip
 from iterdpo_operator.validation import validate_resource
+from iterdpo.spec import MAX_RETRY_BACKOFF_SECONDS
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -96,6 +97,19 @@ def test_a_summary_that_is_not_the_stages_contract_fails_the_attempt_naming_the_
     assert d.status.iteration(1).generation is None and d.status.current_attempt == 2
     assert "pod r-i01-generate-a1-x left no valid GenerateSummary (shard: Field required" in (
         d.status.condition("Progressing").message)
+
+
+def test_the_backoff_is_capped_at_a_day_whatever_the_attempt():
+    """retryBackoffSeconds x 2^(n-1) grows past any sane wait: the decision caps it (no overflow, no years)."""
+    run = make_run(stageRetries=10, retryBackoffSeconds=3600)
+    failed = Observed(True, Outcome(True, False, "BackoffLimitExceeded", "Job has reached the specified backoff limit"))
+    st = step(run, RunStatus()).status
+    waits = []
+    for attempt in range(1, 11):
+        st = st.model_copy(update={"current_attempt": attempt, "retry_after": None})
+        d = step(run, st, failed, now=NOW)
+        waits.append(d.requeue_after)
+    assert waits[:4] == [3600, 7200, 14400, 28800] and max(waits) == 86400 == MAX_RETRY_BACKOFF_SECONDS
 
 
 def test_failure_retries_after_backoff_then_fails_the_run():

@@ -19,7 +19,7 @@ def test_every_field_is_described():
 
 def test_rows_show_bounds_defaults_and_allowed_values():
     rows = {path: (kind, default) for path, kind, default, _ in field_rows(IterativeDPORunSpec)}
-    assert rows["spec.generation.samplesPerPrompt"] == ("int (>= 2)", "`8`")
-    assert rows["spec.prompts.perIteration[].maxPrompts"] == ("int (>= 1)", "unset")
+    assert rows["spec.generation.samplesPerPrompt"] == ("int (>= 2, <= 1024)", "`8`")
+    assert rows["spec.prompts.perIteration[].maxPrompts"] == ("int (>= 1, <= 2147483648)", "unset")
     assert rows["spec.pairing.strategy"][0].startswith("one of `max_min`, `max_random`")
     assert rows["spec.reward.model"] == ("str", "required")

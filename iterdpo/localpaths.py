@@ -1,0 +1,129 @@
+"""Check a run's local paths on this machine, before anything runs or is written.
+
+The model cannot: it is pure (the operator validates the same spec where the paths
+do not exist). So `iterdpo validate`, `plan`, `run` and every stage program call
+`check_local_paths` after loading, and a missing model folder, a prompt file that is
+empty or a folder, or a storage root that cannot be created is one short error
+naming the field, instead of a traceback minutes later inside vLLM or DeepSpeed.
+A value without /, ./ or ../ is a hub id; where a local folder of that name sits next
+to the run file, the error says which one was assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from iterdpo.spec import LOCAL_PREFIXES, IterativeDPORun
+from iterdpo.yamlfile import clip
+
+PROMPT_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+# Where a transformers config states its context length (vLLM reads the same keys).
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+MAX_CONFIG_BYTES = 16 << 20
+PATH_CHARS = 160  # a path is quoted whole up to this length
+
+
+def local_path_problems(run: IterativeDPORun, base_dir: Path | None = None) -> list[str]:
+    """'field: problem' lines for the run's local paths (hub ids are not looked up)."""
+    spec = run.spec
+    problems: list[str] = []
+    lengths = {"generation.maxModelLen": spec.generation_max_model_len, "training.maxLength": spec.training.max_length}
+    problems += _model_problems("spec.policy.model", spec.policy.model, lengths, base_dir)
+    problems += _model_problems("spec.reward.model", spec.reward.model, {"reward.maxLength": spec.reward.max_length}, base_dir)
+    sources = [("spec.prompts.dataset", spec.prompts.dataset)] if spec.prompts.dataset else []
+    sources += [(f"spec.prompts.perIteration[{i}].dataset", p.dataset) for i, p in enumerate(spec.prompts.per_iteration or [])]
+    for field, value in sources:
+        problems += _dataset_problems(field, value, base_dir)
+    if spec.storage.root:
+        problems += root_problems("spec.storage.root", Path(spec.storage.root))
+    return problems
+
+
+def _is_local(value: str) -> bool:
+    return value.startswith(LOCAL_PREFIXES)
+
+
+def _hub_id_problem(field: str, value: str, base_dir: Path | None) -> list[str]:
+    near = (base_dir or Path.cwd()) / value
+    if near.exists():
+        return [f"{field}: {clip(value, PATH_CHARS)!r} is taken as a hub id (local paths start with /, ./ or ../), but {near} "
+                f"exists here: write './{clip(value, PATH_CHARS)}' to use it"]  # fmt: skip
+    return []
+
+
+def _model_problems(field: str, value: str, lengths: dict[str, int], base_dir: Path | None) -> list[str]:
+    if not _is_local(value):
+        return _hub_id_problem(field, value, base_dir)
+    path = Path(value)
+    if not path.exists():
+        return [f"{field}: {clip(value, PATH_CHARS)} does not exist (a model folder, as saved by save_pretrained)"]
+    if not path.is_dir():
+        return [f"{field}: {clip(value, PATH_CHARS)} is a file; a model is a folder holding config.json and the weights"]
+    if not any(path.iterdir()):
+        return [f"{field}: {clip(value, PATH_CHARS)} is an empty folder; it needs config.json and the weights"]
+    config = path / "config.json"
+    if not config.is_file():
+        return [f"{field}: {clip(value, PATH_CHARS)} has no config.json: not a transformers model folder"]
+    try:
+        if config.stat().st_size > MAX_CONFIG_BYTES:
+            return [f"{field}: {config} is larger than {MAX_CONFIG_BYTES} bytes: not a model config"]
+        data = json.loads(config.read_bytes())
+    except (OSError, ValueError) as exc:
+        return [f"{field}: cannot read {config}: {clip(str(exc), 120)}"]
+    if not isinstance(data, dict):
+        return [f"{field}: {config} is not a JSON object"]
+    positions = next((data[k] for k in POSITION_KEYS if isinstance(data.get(k), int)), None)
+    if positions is None or data.get("rope_scaling"):  # scaled positions: vLLM derives the length itself
+        return []
+    return [f"spec.{name}: {length} is more than the model's context, {positions} tokens ({field} config.json "
+            f"{next(k for k in POSITION_KEYS if k in data)})"
+            for name, length in lengths.items() if length > positions]  # fmt: skip
+
+
+def _dataset_problems(field: str, value: str, base_dir: Path | None) -> list[str]:
+    if not _is_local(value):
+        return _hub_id_problem(field, value, base_dir)
+    path = Path(value)
+    if not path.exists():
+        return [f"{field}: {clip(value, PATH_CHARS)} does not exist (a {', '.join(PROMPT_SUFFIXES)} file, or a folder of them)"]
+    if path.is_file():
+        if path.suffix not in PROMPT_SUFFIXES:
+            return [f"{field}: {clip(value, PATH_CHARS)} has type {path.suffix or '(none)'!r}; allowed: {', '.join(PROMPT_SUFFIXES)} "
+                    "(or a folder saved with datasets)"]  # fmt: skip
+        if path.stat().st_size == 0:
+            return [f"{field}: {clip(value, PATH_CHARS)} is empty"]
+        return []
+    if path.is_dir():
+        if not any(path.iterdir()):
+            return [f"{field}: {clip(value, PATH_CHARS)} is an empty folder"]
+        return []
+    return [f"{field}: {clip(value, PATH_CHARS)} is neither a file nor a folder"]
+
+
+def root_problems(field: str, root: Path) -> list[str]:
+    """The folder must be creatable and writable: the nearest existing ancestor decides."""
+    probe = root
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe == root and not root.is_dir():
+        return [f"{field}: {clip(str(root), PATH_CHARS)} is a file; the run's artifacts need a folder"]
+    if not probe.is_dir():
+        return [f"{field}: cannot create {clip(str(root), PATH_CHARS)}: {probe} is a file"]
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == root else f"cannot be created: {probe} is not writable"
+        return [f"{field}: {clip(str(root), PATH_CHARS)} {what} by this user"]
+    return []
+
+
+def check_local_paths(run: IterativeDPORun, source: str, base_dir: Path | None = None) -> IterativeDPORun:
+    """`run`, or SpecError (exit 2) listing each local path that cannot work here."""
+    from iterdpo.runfile import SpecError
+
+    problems = local_path_problems(run, base_dir)
+    if problems:
+        raise SpecError(source, problems)
+    return run
