@@ -28,16 +28,18 @@ PATH_CHARS = 160  # a path is quoted whole up to this length
 def local_path_problems(run: IterativeDPORun, base_dir: Path | None = None) -> list[str]:
     """'field: problem' lines for the run's local paths (hub ids are not looked up)."""
     spec = run.spec
+    context = {
+        "spec.policy.model": {"generation.maxModelLen": spec.generation_max_model_len, "training.maxLength": spec.training.max_length},
+        "spec.reward.model": {"reward.maxLength": spec.reward.max_length},
+    }
     problems: list[str] = []
-    lengths = {"generation.maxModelLen": spec.generation_max_model_len, "training.maxLength": spec.training.max_length}
-    problems += _model_problems("spec.policy.model", spec.policy.model, lengths, base_dir)
-    problems += _model_problems("spec.reward.model", spec.reward.model, {"reward.maxLength": spec.reward.max_length}, base_dir)
-    sources = [("spec.prompts.dataset", spec.prompts.dataset)] if spec.prompts.dataset else []
-    sources += [(f"spec.prompts.perIteration[{i}].dataset", p.dataset) for i, p in enumerate(spec.prompts.per_iteration or [])]
-    for field, value in sources:
-        problems += _dataset_problems(field, value, base_dir)
-    if spec.storage.root:
-        problems += root_problems("spec.storage.root", Path(spec.storage.root))
+    for field, kind, value in spec.path_fields():
+        if kind == "model":
+            problems += _model_problems(field, value, context[field], base_dir)
+        elif kind == "dataset":
+            problems += _dataset_problems(field, value, base_dir)
+        else:
+            problems += root_problems(field, Path(value))
     return problems
 
 

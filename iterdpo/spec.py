@@ -446,6 +446,18 @@ class IterativeDPORunSpec(_Model):
     def generation_max_model_len(self) -> int:
         return self.generation.max_model_len or self.training.max_length
 
+    def path_fields(self) -> list[tuple[str, str, str]]:
+        """(field, kind, value) of every set path-or-hub-id field; kind is model, dataset or root.
+        The one list the local checks (iterdpo/localpaths.py) and the cluster's volume check read."""
+        fields = [("spec.policy.model", "model", self.policy.model), ("spec.reward.model", "model", self.reward.model)]
+        if self.prompts.dataset:
+            fields.append(("spec.prompts.dataset", "dataset", self.prompts.dataset))
+        fields += [(f"spec.prompts.perIteration[{i}].dataset", "dataset", p.dataset)
+                   for i, p in enumerate(self.prompts.per_iteration or [])]  # fmt: skip
+        if self.storage.root:
+            fields.append(("spec.storage.root", "root", self.storage.root))
+        return fields
+
 
 # spec.kubernetes fields that may change while a run is in progress.
 MUTABLE_KUBERNETES_FIELDS = {"image", "image_pull_policy", "service_account_name", "hub_token_secret", "node_selector",

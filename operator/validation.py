@@ -31,13 +31,8 @@ def path_problems(run: IterativeDPORun) -> list[str]:
         problems.append("spec.kubernetes.volume.claimName: required on Kubernetes (a ReadWriteMany PersistentVolumeClaim)")
     if not mount.is_absolute():
         problems.append(f"spec.kubernetes.volume.mountPath: must be an absolute path (got {str(mount)!r})")
-    paths = {"spec.policy.model": spec.policy.model, "spec.reward.model": spec.reward.model, "spec.storage.root": spec.storage.root}
-    if spec.prompts.dataset:
-        paths["spec.prompts.dataset"] = spec.prompts.dataset
-    for i, source in enumerate(spec.prompts.per_iteration or []):
-        paths[f"spec.prompts.perIteration[{i}].dataset"] = source.dataset
-    for field, value in paths.items():
-        if not value or not _is_local(value):
+    for field, _, value in spec.path_fields():
+        if not _is_local(value):
             continue  # unset, or a hub id
         if not value.startswith("/"):
             problems.append(f"{field}: {short(value)} is relative, and a cluster run has no run file to resolve it against; "
