@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,13 +165,18 @@ def test_stopped_runner_stops_its_stage_and_records_the_interruption(tiny, tmp_p
 def test_a_failing_stage_fails_the_run_with_its_reason(tiny, tmp_path):
     run_file = write_run(tmp_path, tiny, "broken")
     broken = yaml.safe_load(run_file.read_text())
-    broken["spec"]["policy"] = {"model": str(tmp_path / "no-such-model")}
+    # A prompt file that passes the up-front checks (it exists, it is not empty) but holds no
+    # usable row: the run starts, and generation fails, saying why. (A missing file is refused
+    # before anything runs: tests/unit/test_hostile_run_files.py.)
+    prompts = tmp_path / "no-such-prompts.jsonl"
+    prompts.write_text("not json\n")
+    broken["spec"]["prompts"] = {"dataset": str(prompts)}
     run_file.write_text(yaml.safe_dump(broken))
     workdir = tmp_path / "runs"
     result = run_cli("run", str(run_file), "--workdir", str(workdir))
     assert result.returncode == 1
-    assert "[round 1/2] Generate failed: generate-shard-0 exited with code 1" in result.stderr
-    assert "no-such-model" in result.stderr  # the log tail says why
+    assert "[round 1/2] Generate failed: generate-shard-0 exited with code 2" in result.stderr
+    assert "no-such-prompts.jsonl has no usable prompt" in result.stderr  # the log tail says why
     status = status_of(workdir, "broken")
     assert status["phase"] == "Failed"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
