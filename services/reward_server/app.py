@@ -3,33 +3,64 @@
 The model loads in a background thread started by the lifespan, so `/healthz`
 answers while a large checkpoint loads and `/readyz` turns 200 only when it can
 score: a client waits on readiness, never on a fixed sleep. Forward passes run
-in a worker thread, one at a time (an asyncio lock: waiting requests queue on
-the event loop, not in threads), so the loop stays free for probes and many
-concurrent clients are served in turn instead of hanging.
-"""
+in a worker thread, one at a time (`waiting.ForwardQueue`: waiting requests queue
+on the event loop, not in threads, and past `max_queue` of them a request gets 429),
+so the loop stays free for probes and many concurrent clients are served in turn.
 
-from __future__ import annotations
+What a client sends is checked in layers, each before the next costs anything: the
+`gate` (token, body size and pace) before the body is read, the request model (built
+for the settings' limits) before anything is scored; no error body echoes what was
+sent (`problems`).
+
+No `from __future__ import annotations` here: the score route's body type is built
+per settings inside `create_app`, and FastAPI must see the class itself.
+"""
 
 import asyncio
 import logging
-import secrets
 import threading
 from contextlib import asynccontextmanager
 from typing import Callable
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from iterdpo_reward_server.schemas import Liveness, Problem, Readiness, ScoreRequest, ScoreResponse
+from iterdpo_reward_server.gate import Gate
+from iterdpo_reward_server.problems import on_validation_error, problem, validation_response
+from iterdpo_reward_server.schemas import (
+    Liveness,
+    Problem,
+    Readiness,
+    ScoreResponse,
+    ValidationProblem,
+    score_request_model,
+)
 from iterdpo_reward_server.scorers import Scorer, scorer_kind
 from iterdpo_reward_server.scoring import ScoringError, UnscorableItem
 from iterdpo_reward_server.settings import Settings
+from iterdpo_reward_server.waiting import ForwardQueue, QueueFull
 
 log = logging.getLogger("iterdpo.reward_server")
 
 Loader = Callable[[Settings], Scorer]
 router = APIRouter()
+
+# Every answer /v1/score can give besides 200; the gate's and the queue's included.
+SCORE_RESPONSES: dict[int | str, dict] = {
+    400: {"model": Problem, "description": "The body cannot be read (e.g. not UTF-8, or a bad Content-Length)."},
+    401: {"model": Problem, "description": "A token is configured and the request lacks `Authorization: Bearer <token>`."},
+    408: {"model": Problem, "description": "The body did not all arrive within --body-timeout-seconds; the connection is closed."},
+    413: {"model": Problem, "description": "The body is larger than --max-body-bytes (refused before it is read)."},
+    422: {"model": ValidationProblem, "description": "Not a valid request (not JSON, a bad field, too many items or "
+          "characters, a lone surrogate, a conversation the chat template rejects); names the field, never echoes it."},  # fmt: skip
+    429: {"model": Problem, "description": "--max-queue requests already wait for the model; retry after `Retry-After` seconds.",
+          "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},  # fmt: skip
+    500: {"model": Problem, "description": "A server fault (a non-finite score, out of memory); details in the server's log."},
+    503: {"model": Problem, "description": "The model is still loading (or failed to load).",
+          "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},  # fmt: skip
+}
 
 
 def create_app(settings: Settings, *, loader: Loader | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
@@ -42,7 +73,8 @@ def create_app(settings: Settings, *, loader: Loader | None = None, on_fatal: Ca
         app.state.settings = settings
         app.state.scorer = None
         app.state.load_error = None
-        app.state.forward_lock = asyncio.Lock()
+        app.state.forward_queue = ForwardQueue(settings.max_queue)
+        app.state.forward_lock = app.state.forward_queue.lock
         loop = asyncio.get_running_loop()
 
         def load_in_background() -> None:
@@ -65,7 +97,13 @@ def create_app(settings: Settings, *, loader: Loader | None = None, on_fatal: Ca
         yield
 
     app = FastAPI(title="iterdpo reward server", version="1", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
     app.include_router(router)
+    app.add_api_route("/v1/score", _score_route(settings), methods=["POST"], response_model=ScoreResponse,
+                      responses=SCORE_RESPONSES)  # fmt: skip
+    # Outside the routing: it answers before FastAPI reads (and parses) the body.
+    app.add_middleware(Gate, token=settings.token, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_seconds=settings.body_timeout_seconds)  # fmt: skip
     return app
 
 
@@ -89,36 +127,26 @@ async def readyz(request: Request, scorer: Scorer = Depends(ready_scorer)) -> Re
     return Readiness(model=settings.reward.model, kind=settings.reward.kind)
 
 
-def authorized(request: Request) -> None:
-    """With a token configured, /v1/score needs `Authorization: Bearer <token>` (probes stay open)."""
-    token = request.app.state.settings.token
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
-        raise HTTPException(status_code=401, detail="a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+def _score_route(settings: Settings):
+    """POST /v1/score, its body validated against the settings' limits."""
+    ScoreRequest = score_request_model(settings.max_items, settings.max_item_chars)
 
-
-@router.post("/v1/score", response_model=ScoreResponse,
-             responses={401: {"model": Problem}, 503: {"model": Problem}, 500: {"model": Problem}})  # fmt: skip
-async def score(body: ScoreRequest, request: Request, _: None = Depends(authorized), scorer: Scorer = Depends(ready_scorer)):
-    items = [([m.model_dump() for m in item.messages], item.response) for item in body.items]
-    async with request.app.state.forward_lock:
+    async def score(body: ScoreRequest, request: Request, scorer: Scorer = Depends(ready_scorer)):
+        items = [([m.model_dump() for m in item.messages], item.response) for item in body.items]
         try:
-            result = await anyio.to_thread.run_sync(scorer.score, items)
+            async with request.app.state.forward_queue.turn():
+                result = await anyio.to_thread.run_sync(scorer.score, items)
+        except QueueFull as full:
+            raise HTTPException(status_code=429, headers={"Retry-After": str(full.retry_after)},
+                                detail=f"{full.waiting} requests are already waiting for the model (--max-queue)") from None  # fmt: skip
         except UnscorableItem as exc:
-            # Same shape as FastAPI's own 422s, so a client reads one format.
-            return JSONResponse(
-                status_code=422,
-                content={
-                    "detail": [
-                        {"loc": ["body", "items", exc.index, "messages"], "msg": exc.message, "type": "chat_template"}
-                    ]
-                },
-            )
+            # Same shape as the other 422s, so a client reads one format.
+            return validation_response([problem(["body", "items", exc.index, "messages"], exc.message, "chat_template")])
         except ScoringError as exc:
             raise HTTPException(status_code=500, detail=str(exc)) from None
-        except Exception as exc:  # e.g. out of memory: say what, so the client's error is actionable
+        except Exception as exc:  # e.g. out of memory: the kind of fault here, the rest in the log
             log.exception("scoring failed")
-            raise HTTPException(status_code=500, detail=f"scoring failed: {type(exc).__name__}: {exc}") from None
-    return ScoreResponse(scores=result.scores, model=request.app.state.settings.reward.model, truncated=result.truncated)
+            raise HTTPException(status_code=500, detail=f"scoring failed ({type(exc).__name__}); see the server's log") from None
+        return ScoreResponse(scores=result.scores, model=request.app.state.settings.reward.model, truncated=result.truncated)
+
+    return score

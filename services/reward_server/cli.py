@@ -15,6 +15,10 @@ import signal
 from iterdpo.errors import report, stage_main
 
 PROG = "iterdpo serve-reward"
+# An idle keep-alive connection is closed after this long: longer than the annotator's
+# httpx expiry (5 s), so the client drops idle connections first (no reuse of a connection
+# the server is closing), yet short enough that idle clients do not pile up connections.
+KEEP_ALIVE_SECONDS = 15
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings, on_fatal=on_fatal)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30,
+                       timeout_keep_alive=KEEP_ALIVE_SECONDS)  # fmt: skip
     )
     # uvicorn re-raises the signal that stopped it once shut down; with these
     # handlers in place that is a no-op, so a graceful stop exits 0.

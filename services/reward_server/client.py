@@ -9,7 +9,10 @@ and fails at once with the server's own message.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -174,19 +177,38 @@ def _parse(r: httpx.Response, expected: int) -> Batch:
 
 def _server_message(r: httpx.Response) -> str:
     try:
-        detail = r.json().get("detail", r.text)
-    except ValueError:
-        detail = r.text
-    if isinstance(detail, list):  # FastAPI validation errors: field path + message
+        body = r.json()
+        detail = body.get("detail", r.text)
+        omitted = body.get("omitted", 0)
+    except (ValueError, AttributeError):
+        detail, omitted = r.text, 0
+    if isinstance(detail, list):  # validation errors (FastAPI's shape): field path + message
         detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail)
+        if isinstance(omitted, int) and omitted > 0:
+            detail += f"; and {omitted} more"
     return str(detail)[:500]
 
 
 def _retry_after(r: httpx.Response) -> float | None:
-    try:
-        return float(r.headers["retry-after"])
-    except (KeyError, ValueError):
+    """Seconds the server asks to wait (a number or an HTTP date), or None if absent or unusable.
+
+    Never trusted blindly: a negative, non-finite or unparsable value counts as absent, and
+    `RetryPolicy.delay` caps what is left at `cap_seconds`.
+    """
+    value = r.headers.get("retry-after", "").strip()
+    if not value:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _describe_transport(exc: httpx.TransportError) -> str:

@@ -5,8 +5,8 @@ once, in the run file's `spec.reward` (`iterdpo.spec.RewardSpec`): the planner s
 the server as `serve-reward --spec RUN_FILE`. For standalone use the same options are
 flags generated from that model (`--model`, `--kind`, `--chat-template FILE`,
 `--max-length`, `--batch-tokens`), with its defaults, bounds and descriptions. How to
-serve (host, port, dtype, device) is the server's own. A bad flag fails fast (exit 2)
-and names itself.
+serve (host, port, dtype, device, and the limits on what a client may send) is the
+server's own. A bad flag fails fast (exit 2) and names itself.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from iterdpo.errors import UsageError
 from iterdpo.planner import REWARD_TOKEN_ENV
 from iterdpo.runfile import load_run
-from iterdpo.spec import RULES, RewardSpec
+from iterdpo.spec import MAX_ITEMS_PER_REQUEST, RULES, RewardSpec
 
-MAX_ITEMS_PER_REQUEST = 4096
+MAX_ITEM_CHARS = 1_000_000
+MAX_BODY_BYTES = 32 * 1024 * 1024
+# The server's own limits, one flag each (`max_body_bytes` -> --max-body-bytes); defaults live on Settings.
+LIMIT_FIELDS = ("max_body_bytes", "max_items", "max_item_chars", "max_queue", "body_timeout_seconds")
 # spec.reward's fields the server reads (the rest are the annotator's: batch size, retries, ...).
 SERVER_FIELDS = ("model", "kind", "chat_template", "max_length", "batch_tokens")
 
@@ -42,7 +45,22 @@ class Settings(BaseModel):
         default=None, description="None: float32 on the CPU, bfloat16 on CUDA."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    token: str | None = Field(default=None, repr=False, description="Bearer token /v1/score requires ($ITERDPO_REWARD_TOKEN).")
+    token: str | None = Field(default=None, repr=False, description="Bearer token every path but /healthz and /readyz requires ($ITERDPO_REWARD_TOKEN).")
+    max_body_bytes: Annotated[int, Field(ge=1)] = Field(
+        default=MAX_BODY_BYTES, description="Largest request body in bytes; a larger one gets 413 before it is read."
+    )
+    max_items: Annotated[int, Field(ge=1)] = Field(
+        default=MAX_ITEMS_PER_REQUEST, description="Most items in one scoring request (422 past it)."
+    )
+    max_item_chars: Annotated[int, Field(ge=1)] = Field(
+        default=MAX_ITEM_CHARS, description="Most characters in one message content or response (422 past it)."
+    )
+    max_queue: Annotated[int, Field(ge=0)] = Field(
+        default=64, description="Most requests waiting for the model while one is scored (429 with Retry-After past it)."
+    )
+    body_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=30.0, description="Longest time a whole request body may take to arrive (408 past it)."
+    )
 
     def resolved_device(self) -> str:
         import torch
@@ -82,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    for name in LIMIT_FIELDS:  # validated by Settings, so a bad value names its flag
+        field = Settings.model_fields[name]
+        p.add_argument(_flag(name), metavar="N", help=f"{field.description} (default {field.default})")
     return p
 
 
@@ -96,8 +117,9 @@ def settings_from_args(argv: list[str] | None) -> Settings:
     else:
         reward = _reward_from_flags(given)
     try:
+        limits = {name: getattr(args, name) for name in LIMIT_FIELDS if getattr(args, name) is not None}
         return Settings(reward=reward, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
-                        token=os.environ.get(REWARD_TOKEN_ENV) or None)  # fmt: skip
+                        token=os.environ.get(REWARD_TOKEN_ENV) or None, **limits)  # fmt: skip
     except ValidationError as exc:
         raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import signal
 import threading
 import time
@@ -25,11 +26,18 @@ pytestmark = pytest.mark.slow
 
 MAX_LENGTH = 64
 BATCH_TOKENS = 128  # small: a request of a dozen items needs several forward passes
+# The module server's limits: small, so that passing them is cheap (and the flags are tested).
+MAX_BODY_BYTES = 1_000_000
+MAX_ITEMS = 100
+MAX_ITEM_CHARS = 5_000
+BODY_TIMEOUT = 2.0
+LIMITS = ["--max-body-bytes", str(MAX_BODY_BYTES), "--max-items", str(MAX_ITEMS), "--max-item-chars", str(MAX_ITEM_CHARS),
+          "--body-timeout-seconds", str(BODY_TIMEOUT)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    args = ["--model", str(tiny.reward), "--max-length", str(MAX_LENGTH), "--batch-tokens", str(BATCH_TOKENS)]
+    args = ["--model", str(tiny.reward), "--max-length", str(MAX_LENGTH), "--batch-tokens", str(BATCH_TOKENS), *LIMITS]
     with RewardServerProcess(args) as proc:
         yield proc
 
@@ -131,8 +139,10 @@ def test_bad_bodies_are_422_with_the_field_path(server, body, loc):
 
 def test_too_many_items_is_422(server):
     item = {"messages": [{"role": "user", "content": "q"}], "response": "a"}
-    r = httpx.post(f"{server.url}/v1/score", json={"items": [item] * 4097})
+    assert _score(server.url, [item] * MAX_ITEMS)["scores"]
+    r = httpx.post(f"{server.url}/v1/score", json={"items": [item] * (MAX_ITEMS + 1)})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "items"]
+    assert f"at most {MAX_ITEMS} items" in r.json()["detail"][0]["msg"]
 
 
 def test_concurrent_requests_are_all_answered_and_probes_stay_responsive(server):
@@ -334,7 +344,213 @@ def test_the_server_reads_its_token_from_the_environment_only(tiny):
         assert "env-token" not in " ".join(server.proc.args)
         item = _items(1)[0]
         assert httpx.post(f"{server.url}/v1/score", json={"items": [item]}).status_code == 401
+        # The token is checked from the headers, before the body is read: a terabyte announced, none sent.
+        for auth, status in ([], b"401"), ([b"Authorization: Bearer nope"], b"401"), ([b"Authorization: Bearer env-token"], b"413"):
+            answer, _ = _raw(server, _post_head(10**12, *auth), wait=10)  # had it waited for the body: 408
+            assert answer.startswith(b"HTTP/1.1 " + status), auth
+            assert (b"www-authenticate: bearer" in answer.lower()) == (status == b"401")
         good = asyncio.run(RewardClient(server.url, token="env-token").score([item]))
         assert len(good.scores) == 1
         with pytest.raises(RewardClientError, match="refused the token.*ITERDPO_REWARD_TOKEN"):
             asyncio.run(RewardClient(server.url, token="other").score([item]))
+
+
+# --- hostile and careless clients: 4xx (never 5xx), short answers that echo nothing, same scores --
+
+
+@pytest.fixture(scope="module")
+def baseline(server):
+    """A fixed batch's scores, taken before any abuse: every abuse test ends by comparing."""
+    return _score(server.url, _items())["scores"]
+
+
+def _unchanged(server, baseline) -> None:
+    assert _score(server.url, _items())["scores"] == baseline
+
+
+def _raw(server, head: bytes, body: bytes = b"", *, wait: float = 30.0) -> tuple[bytes, float]:
+    """Send `head` + `body` over a plain socket, read until the server closes; (answer, seconds)."""
+    start = time.monotonic()
+    with socket.create_connection((server.host, server.port), timeout=wait) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer, time.monotonic() - start
+
+
+def _post_head(length: int, *extra: bytes) -> bytes:
+    lines = [b"POST /v1/score HTTP/1.1", b"Host: rm", b"Content-Type: application/json", b"Content-Length: %d" % length, *extra]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def test_a_declared_oversize_body_is_413_before_it_is_read(server, baseline):
+    """A terabyte announced, two bytes sent: 413, not the 408 a server waiting for the body would give."""
+    answer, _ = _raw(server, _post_head(10**12), b"{}")
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"--max-body-bytes" in answer
+    _unchanged(server, baseline)
+
+
+def test_a_chunked_oversize_body_is_413(server, baseline):
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(4 * MAX_BODY_BYTES // 65536):
+            yield b" " * 65536
+
+    r = httpx.post(f"{server.url}/v1/score", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.headers["connection"] == "close"
+    assert "--max-body-bytes" in r.json()["detail"]
+    _unchanged(server, baseline)
+
+
+def test_a_half_sent_body_is_408_after_the_body_timeout(server, baseline):
+    answer, _ = _raw(server, _post_head(100), b'{"items": [')
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"--body-timeout-seconds" in answer
+    _unchanged(server, baseline)
+
+
+def test_an_item_with_too_many_characters_is_422_naming_it_without_echo(server, baseline):
+    items = _items(5)
+    items[3] = {**items[3], "response": "kind " * (MAX_ITEM_CHARS // 5) + "SENTINEL"}
+    r = httpx.post(f"{server.url}/v1/score", json={"items": items})
+    assert r.status_code == 422 and len(r.text) < 1000 and "SENTINEL" not in r.text and "kind kind" not in r.text
+    (detail,) = r.json()["detail"]
+    assert detail["loc"] == ["body", "items", 3, "response"] and f"at most {MAX_ITEM_CHARS} characters" in detail["msg"]
+    assert set(detail) == {"loc", "msg", "type"}
+    _unchanged(server, baseline)
+
+
+SENT = "SENTINEL-" * 50  # must never come back whole
+
+
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        (b"not json " + SENT.encode(), None),  # not JSON
+        (b'{"items": NaN, "x": "' + SENT.encode() + b'"}', ["body", "items"]),
+        (b'{"items": [{"messages": [{"role": "user", "content": Infinity}], "response": -Infinity}]}',
+         ["body", "items", 0, "messages", 0, "content"]),
+        (b'{"items": [{"messages": [{"role": "user", "content": "q"}], "response": 1e999}]}', ["body", "items", 0, "response"]),
+        (b'{"items": "\xff\xfe"}', None),  # not UTF-8
+        (b"[" * 100_000 + b"]" * 100_000, None),  # nested past any parser's recursion
+        (json.dumps({"items": [{"messages": [{"role": "user", "content": "q"}], SENT: "a"}]}).encode(),
+         ["body", "items", 0, SENT[:63] + "…"]),  # a made-up field name: named, cut short
+        (json.dumps({"items": [{"messages": [{"role": "user", "content": "q"}], "response": "a"}] * 30 + [{"x": SENT}] * 50}).encode(),
+         ["body", "items", 30, "messages"]),  # many problems: the first few, and a count
+    ],
+    ids=["not-json", "nan", "infinity", "overflow-to-inf", "not-utf8", "deep", "long-key", "many-errors"],
+)  # fmt: skip
+def test_unparsable_or_non_finite_bodies_are_4xx_without_echo(server, body, loc):
+    r = httpx.post(f"{server.url}/v1/score", content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and len(r.text) < 3000, r.text[:3000]
+    assert SENT not in r.text and '"input"' not in r.text and '"ctx"' not in r.text  # a field name: cut to 64
+    if loc is not None:
+        assert r.status_code == 422 and loc in [d["loc"] for d in r.json()["detail"]]
+        assert all(set(d) == {"loc", "msg", "type"} and len(d["msg"]) <= 200 for d in r.json()["detail"])
+
+
+def test_many_problems_are_cut_to_ten_and_counted(server):
+    body = {"items": [{"x": SENT}] * MAX_ITEMS}
+    r = httpx.post(f"{server.url}/v1/score", json=body)
+    assert r.status_code == 422 and len(r.text) < 3000
+    assert len(r.json()["detail"]) == 10 and r.json()["omitted"] == 3 * MAX_ITEMS - 10  # messages, response, x
+
+
+def test_a_lone_surrogate_is_422_naming_the_item(server, baseline):
+    """JSON allows "\\ud800"; Python then holds a str no tokenizer can encode (it was a 500)."""
+    items = _items(4)
+    text = json.dumps({"items": items})  # ASCII: the escape below stays an escape
+    bad = text.replace('"response": "' + items[2]["response"], '"response": "\\ud800' + items[2]["response"], 1)
+    assert bad != text
+    r = httpx.post(f"{server.url}/v1/score", content=bad, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"loc": ["body", "items", 2, "response"], "msg": "not valid Unicode (a lone surrogate)",
+                                   "type": "string_unicode"}]  # fmt: skip
+    _unchanged(server, baseline)
+
+
+def test_the_openapi_schema_declares_every_answer_of_score(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    responses = spec["paths"]["/v1/score"]["post"]["responses"]
+    assert set(responses) == {"200", "400", "401", "408", "413", "422", "429", "500", "503"}
+    assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ValidationProblem")
+    assert "Retry-After" in responses["429"]["headers"]
+    fields = spec["components"]["schemas"]["ValidationProblem"]["properties"]
+    assert set(fields) == {"detail", "omitted"}
+    assert set(spec["components"]["schemas"]["FieldProblem"]["properties"]) == {"loc", "msg", "type"}
+    # ... and the request's limits are the ones served.
+    assert spec["components"]["schemas"]["ScoreRequest"]["properties"]["items"]["maxItems"] == MAX_ITEMS
+    assert spec["components"]["schemas"]["ScoreItem"]["properties"]["response"]["maxLength"] == MAX_ITEM_CHARS
+
+
+def test_schemathesis_finds_no_server_error_and_the_scores_stay(server, baseline):
+    """Bounded and derandomized (the same cases every run): valid and invalid bodies from the
+    schema, each answer checked against the schema (status declared, body shape) and never 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance]
+    operation = schemathesis.openapi.from_url(f"{server.url}/openapi.json")["/v1/score"]["POST"]
+    answered: dict[tuple[str, int], int] = {}
+    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+        @settings(max_examples=30, derandomize=True, deadline=None, database=None,
+                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def fuzz(case):
+            r = case.call_and_validate(checks=checks, timeout=60)
+            answered[(mode.value, r.status_code)] = answered.get((mode.value, r.status_code), 0) + 1
+
+        fuzz()
+    assert answered.get(("positive", 200)) and answered.get(("negative", 422)), answered
+    _unchanged(server, baseline)
+
+
+# --- the queue of waiting requests (in-process: a scorer that blocks until told) ------------------
+
+
+class _BlockingScorer:
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def score(self, items):
+        from iterdpo_reward_server.scoring import ScoreResult
+
+        self.entered.set()
+        assert self.release.wait(30)
+        return ScoreResult([float(len(r)) for _, r in items], 0)
+
+
+def test_past_max_queue_waiting_requests_get_429_with_retry_after(tiny):
+    scorer = _BlockingScorer()
+    app = create_app(_settings(tiny, max_queue=2), loader=lambda settings: scorer)
+    body = {"items": _items(1)}
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            while app.state.scorer is None:
+                await asyncio.sleep(0.01)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://rm") as client:
+                running = asyncio.ensure_future(client.post("/v1/score", json=body))
+                while not scorer.entered.is_set():
+                    await asyncio.sleep(0.01)
+                waiting = [asyncio.ensure_future(client.post("/v1/score", json=body)) for _ in range(2)]
+                while app.state.forward_queue.waiting < 2:
+                    await asyncio.sleep(0.01)
+                refused = await client.post("/v1/score", json=body)
+                probe = await client.get("/readyz")
+                scorer.release.set()
+                return refused, probe, await asyncio.gather(running, *waiting)
+
+    refused, probe, served = asyncio.run(go())
+    assert refused.status_code == 429 and "--max-queue" in refused.json()["detail"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert probe.status_code == 200  # a full queue never blocks the probes
+    assert [r.status_code for r in served] == [200, 200, 200]
