@@ -150,6 +150,12 @@ def test_a_huge_file_is_refused_by_its_size_before_it_is_read(tmp_path):
     assert f"is {64 << 20} bytes; a run file is at most 1048576 bytes" in refused(path)
 
 
+def test_a_folder_or_a_missing_file_is_refused(tmp_path):
+    (tmp_path / "run.yaml").mkdir()
+    assert "is a folder, not a file" in refused(tmp_path / "run.yaml")
+    assert "cannot read the file: No such file or directory" in refused(tmp_path / "missing.yaml")
+
+
 @pytest.mark.parametrize(("text", "expected"), [("", "no YAML document"), ("- a\n- b\n", "must be a mapping")])
 def test_empty_files_and_other_documents(tmp_path, text, expected):
     assert expected in refused(write(tmp_path, text))
