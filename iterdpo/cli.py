@@ -19,11 +19,11 @@ DEFAULT_WORKDIR = Path("iterdpo-runs")
 def _load_here(run_file: Path, workdir: Path):
     """The run file, checked against this machine (its paths, the workdir) before anything is written."""
     from iterdpo.local.runner import with_storage_root
-    from iterdpo.localpaths import check_local_paths, root_problems
+    from iterdpo.localpaths import check_local_paths, root_problems, runner_problems
     from iterdpo.runfile import SpecError, load_run
 
     run = with_storage_root(load_run(run_file), workdir)
-    problems = root_problems("--workdir", Path(workdir))
+    problems = runner_problems(run) + root_problems("--workdir", Path(workdir))
     if problems:
         raise SpecError(str(run_file), problems)
     return check_local_paths(run, str(run_file), run_file.resolve().parent)

@@ -121,6 +121,15 @@ def root_problems(field: str, root: Path) -> list[str]:
     return []
 
 
+def runner_problems(run: IterativeDPORun) -> list[str]:
+    """What `iterdpo run` cannot do on one machine, though a cluster can."""
+    nodes = run.spec.training.nodes
+    if nodes > 1:  # torchrun would wait forever for the other nodes to join
+        return [f"spec.training.nodes: iterdpo run trains on this machine only; set 1, or run it on Kubernetes "
+                f"(got {nodes})"]  # fmt: skip
+    return []
+
+
 def check_local_paths(run: IterativeDPORun, source: str, base_dir: Path | None = None) -> IterativeDPORun:
     """`run`, or SpecError (exit 2) listing each local path that cannot work here."""
     from iterdpo.runfile import SpecError

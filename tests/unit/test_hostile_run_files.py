@@ -237,6 +237,13 @@ def test_lengths_beyond_the_models_positions_are_refused(tmp_path):
     assert "spec.reward.maxLength: 256 is more than the model's context, 100 tokens" in err
 
 
+def test_more_than_one_training_node_is_refused_on_one_machine(tmp_path, base):
+    data = changed(base, "spec.training.nodes", 2)
+    err = refused(write(tmp_path, data), "--workdir", str(tmp_path / "w"))
+    assert "spec.training.nodes: iterdpo run trains on this machine only" in err
+    assert cli("validate", str(tmp_path / "run.yaml"), "--kubernetes")[1].count("spec.training.nodes") == 0
+
+
 # -- local paths ----------------------------------------------------------------------------
 
 
