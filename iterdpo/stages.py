@@ -293,15 +293,25 @@ class ScoringFigures(Figures):
     seconds: float = Field(description="Wall-clock seconds of the stage.")
 
 
+FIGURE_DECIMALS = 4
+
+
 def _score_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
     argv = ("iterdpo", "annotate", "--spec", ctx.spec_file, "--iteration", str(iteration), "--reward-url", ctx.reward_url)
     return (Command("annotate", argv),)
 
 
+def _rounded(value: float | None) -> float | None:
+    """A status figure: 4 decimals (stats.json and metrics.json keep every digit), so that
+    `kubectl get` and the table show 0.1235, not 0.12345678901234566."""
+    return None if value is None else round(value, FIGURE_DECIMALS)
+
+
 def _scoring_figures(summaries: list[ScoreSummary], seconds: float, run: IterativeDPORun) -> ScoringFigures:
     s = _one(summaries, Stage.SCORE)
     return ScoringFigures(
-        mean_reward=s.mean_reward, min_reward=s.min_reward, max_reward=s.max_reward, pairs=s.pairs,
+        mean_reward=_rounded(s.mean_reward), min_reward=_rounded(s.min_reward), max_reward=_rounded(s.max_reward),
+        pairs=s.pairs,
         ties_dropped=s.ties_dropped, prompts_left_out=s.prompts_left_out, seconds=round(seconds, 1),
     )  # fmt: skip
 
@@ -379,7 +389,8 @@ def _train_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[
 def _training_figures(summaries: list[TrainSummary], seconds: float, run: IterativeDPORun) -> TrainingFigures:
     s = _one(summaries, Stage.TRAIN)
     return TrainingFigures(
-        loss=s.loss, reward_accuracy=s.reward_accuracy, reward_margin=s.reward_margin, checkpoint=s.checkpoint,
+        loss=_rounded(s.loss), reward_accuracy=_rounded(s.reward_accuracy), reward_margin=_rounded(s.reward_margin),
+        checkpoint=s.checkpoint,
         seconds=round(seconds, 1),
     )  # fmt: skip
 

@@ -82,6 +82,16 @@ def test_a_round_with_nothing_scored_shows_dashes_not_a_crash():
     assert "   -" in status_table("demo", status) and reward_trend(status) is None
 
 
+def test_status_figures_have_four_decimals_so_kubectl_shows_a_short_reward():
+    from iterdpo.stages import STAGE_TABLE, ScoreSummary, Stage
+
+    score = STAGE_TABLE[Stage.SCORE]
+    summary = ScoreSummary(mean_reward=0.12345678901234566, min_reward=-1.00000000004, max_reward=2.5, pairs=3,
+                           ties_dropped=0, prompts_left_out=0, seconds=0.1)  # fmt: skip
+    figures = score.figures_of([summary], 2.0, None)
+    assert (figures.mean_reward, figures.min_reward, figures.max_reward) == (0.1235, -1.0, 2.5)
+
+
 def test_a_malformed_summary_is_a_stage_failure_not_a_crash():
     import pytest
 
