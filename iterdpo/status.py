@@ -109,6 +109,15 @@ def _with_conditions(status: RunStatus, now: str, *changes: tuple[str, str, str,
     return conditions
 
 
+def _no_failure(status: RunStatus) -> tuple[str, str, str, str]:
+    """Failed=False, keeping the reason of the transition that made it so (SpecFixed, Resumed):
+    a condition's reason says why it last changed, so a later stage does not overwrite it."""
+    old = status.condition("Failed")
+    if old is not None and old.status == "False":
+        return ("Failed", "False", old.reason, old.message)
+    return ("Failed", "False", "NoFailure", "")
+
+
 def accepted(status: RunStatus, spec_hash: str, now: str) -> RunStatus:
     """The spec passed validation."""
     conditions = _with_conditions(status, now, ("Valid", "True", "SpecValid", "the spec passed validation"))
@@ -125,7 +134,7 @@ def stage_started(status: RunStatus, iteration: int, stage: Stage, policy: str, 
         status,
         now,
         ("Progressing", "True", f"{stage}Running", f"round {iteration}: {stage} is running"),
-        ("Failed", "False", "NoFailure", ""),
+        _no_failure(status),
         ("Succeeded", "False", "InProgress", ""),
     )
     return status.model_copy(
@@ -184,7 +193,7 @@ def succeeded(status: RunStatus, final_policy: str, now: str) -> RunStatus:
         now,
         ("Succeeded", "True", "AllRoundsFinished", f"{len(status.iterations)} rounds finished"),
         ("Progressing", "False", "Finished", "all rounds finished"),
-        ("Failed", "False", "NoFailure", ""),
+        _no_failure(status),
     )
     return status.model_copy(
         update={"phase": "Succeeded", "current_stage": None, "final_policy": final_policy, "conditions": conditions}

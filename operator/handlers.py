@@ -23,7 +23,7 @@ from iterdpo_operator.builders import RUN_LABEL
 from iterdpo_operator import metrics
 from iterdpo_operator.defaults import defaults_from_env, with_defaults
 from iterdpo_operator.kube import PLURAL, Conflict, Kube, load_config
-from iterdpo_operator.reconcile import RESUME_ANNOTATION, Decision, Event, Observed, current_target, decide, invalid
+from iterdpo_operator.reconcile import RESUME_ANNOTATION, Decision, Observed, current_target, decide, invalid_decision
 from iterdpo_operator.validation import InvalidRun, validate_resource
 
 log = logging.getLogger("iterdpo.operator")
@@ -56,9 +56,7 @@ def _decide_once(k: Kube, body: dict, status: RunStatus, now: datetime) -> Decis
     try:
         run = with_defaults(validate_resource(body), DEFAULTS)
     except InvalidRun as exc:
-        new = invalid(status, str(exc), meta.get("generation"), now)
-        events = [] if new.condition("Valid") == status.condition("Valid") else [Event("Warning", "InvalidSpec", str(exc))]
-        return Decision(new, events=events)
+        return invalid_decision(status, str(exc), meta.get("generation"), now)
     target = current_target(run, status)
     observed = Observed() if isinstance(target, Finished) else k.observe(run, target)
     decision = decide(run, status, owner_uid=meta["uid"], generation=meta.get("generation"),

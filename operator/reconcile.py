@@ -137,6 +137,13 @@ def invalid(status: RunStatus, message: str, generation: int | None, now: dateti
     return status.model_copy(update={"conditions": conditions, "phase": phase, "observed_generation": generation})
 
 
+def invalid_decision(status: RunStatus, message: str, generation: int | None, now: datetime) -> Decision:
+    """`invalid`, with a Warning Event the first time (one line: `kubectl get events` shows one per row)."""
+    new = invalid(status, message, generation, now)
+    first = new.condition("Valid") != status.condition("Valid")
+    return Decision(new, events=[Event("Warning", "InvalidSpec", "; ".join(message.splitlines()))] if first else [])
+
+
 def _reward_actions(run: IterativeDPORun, owner_uid: str, replicas: int, new_token: str) -> list:
     """The reward server's objects, created if absent, and its scale."""
     actions = []
@@ -210,12 +217,15 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
     actions: list = [Create(b.spec_config_map(run, owner_uid))]
 
     if run.spec.suspend:
-        if observed.child_exists and not observed.child_suspended and not (observed.outcome and observed.outcome.done):
+        mid_stage = observed.child_exists and not (observed.outcome and observed.outcome.done)
+        if mid_stage and not observed.child_suspended:
             actions.append(Patch(ref, children.child_kind(run, target.stage).suspend_patch(True)))
         actions.append(Scale(b.reward_name(run), 0))
         if st.phase != "Suspended":
+            where = (f"suspended during round {target.iteration}'s {target.stage}: {ref.name} is suspended and continues"
+                     if mid_stage else f"suspended between stages: round {target.iteration}'s {target.stage} starts")  # fmt: skip
             conditions = set_condition(st.conditions, "Suspended", "True", "SpecSuspend", "spec.suspend is true", t)
-            conditions = set_condition(conditions, "Progressing", "False", "Suspended", "suspended between stages", t)
+            conditions = set_condition(conditions, "Progressing", "False", "Suspended", f"{where} when spec.suspend is false", t)
             st = st.model_copy(update={"phase": "Suspended", "conditions": conditions})
             events.append(Event("Normal", "Suspended", f"round {target.iteration}: {target.stage} suspended"))
         return Decision(st, actions, events)

@@ -13,6 +13,7 @@ from iterdpo_operator.launchers import Outcome
 from iterdpo.stages import GenerateSummary
 from iterdpo_operator.reconcile import (RESUME_ANNOTATION, Create, Ensure, Observed, Patch, PodMessage, Scale, Target,
                                         current_target, decide)  # fmt: skip
+from iterdpo_operator.reconcile import invalid_decision
 from iterdpo_operator.validation import validate_resource
 from iterdpo.spec import MAX_RETRY_BACKOFF_SECONDS
 
@@ -154,6 +155,28 @@ def test_suspend_suspends_the_child_and_resume_unsuspends():
     back = step(run, d.status, Observed(True, Outcome(False), child_suspended=True))
     assert any(isinstance(a, Patch) and a.patch == {"spec": {"suspend": False}} for a in back.actions)
     assert back.status.phase == "Running" and back.status.condition("Suspended").status == "False"
+
+
+def test_the_suspend_message_says_whether_a_stage_was_running():
+    run = make_run()
+    st = step(run, RunStatus()).status
+    suspended_run = run.model_copy(update={"spec": run.spec.model_copy(update={"suspend": True})})
+    mid = step(suspended_run, st, Observed(True, Outcome(False))).status.condition("Progressing").message
+    assert mid == "suspended during round 1's Generate: r-i01-generate-a1 is suspended and continues when spec.suspend is false"
+    between = step(suspended_run, st, Observed()).status.condition("Progressing").message
+    assert between == "suspended between stages: round 1's Generate starts when spec.suspend is false"
+
+
+def test_a_fixed_spec_keeps_its_reason_once_the_next_stage_starts():
+    """Failed goes True (InvalidSpec) -> False (SpecFixed); starting the stage in the same pass keeps SpecFixed."""
+    broken = invalid_decision(RunStatus(), "spec.kubernetes.volume.claimName: required\nspec.policy.model: bad", 1, NOW)
+    assert broken.status.condition("Failed").reason == "InvalidSpec"
+    (event,) = broken.events
+    assert event.message == "spec.kubernetes.volume.claimName: required; spec.policy.model: bad"  # one line
+    assert invalid_decision(broken.status, "spec.kubernetes.volume.claimName: required\nspec.policy.model: bad", 1, NOW).events == []  # said once
+    fixed = step(make_run(), broken.status)
+    assert created(fixed) and fixed.status.condition("Failed").reason == "SpecFixed"
+    assert fixed.status.condition("Failed").status == "False"
 
 
 def test_train_uses_the_launcher_and_finish_scales_reward_down():
