@@ -349,7 +349,7 @@ class Toleration(_Model):
 
 
 class KubernetesSpec(_Model):
-    """How the operator runs the stages on Kubernetes. `iterdpo run` ignores this section."""
+    """How the operator runs the stages, and what it creates for them."""
 
     image: Image | None = Field(
         default=None,
