@@ -29,13 +29,14 @@ def local_path_problems(run: IterativeDPORun, base_dir: Path | None = None) -> l
     """'field: problem' lines for the run's local paths (hub ids are not looked up)."""
     spec = run.spec
     context = {
-        "spec.policy.model": {"generation.maxModelLen": spec.generation_max_model_len, "training.maxLength": spec.training.max_length},
-        "spec.reward.model": {"reward.maxLength": spec.reward.max_length},
+        "spec.policy.model": {"spec.generation.maxModelLen": spec.generation_max_model_len,
+                              "spec.training.maxLength": spec.training.max_length},
+        "spec.reward.model": {"spec.reward.maxLength": spec.reward.max_length},
     }
     problems: list[str] = []
     for field, kind, value in spec.path_fields():
         if kind == "model":
-            problems += _model_problems(field, value, context[field], base_dir)
+            problems += model_problems(field, value, context[field], base_dir)
         elif kind == "dataset":
             problems += _dataset_problems(field, value, base_dir)
         else:
@@ -55,7 +56,9 @@ def _hub_id_problem(field: str, value: str, base_dir: Path | None) -> list[str]:
     return []
 
 
-def _model_problems(field: str, value: str, lengths: dict[str, int], base_dir: Path | None) -> list[str]:
+def model_problems(field: str, value: str, lengths: dict[str, int], base_dir: Path | None = None) -> list[str]:
+    """A model field's problems: the folder, its config.json, and `lengths` (field -> tokens)
+    that must fit in the model's context."""
     if not _is_local(value):
         return _hub_id_problem(field, value, base_dir)
     path = Path(value)
@@ -79,7 +82,7 @@ def _model_problems(field: str, value: str, lengths: dict[str, int], base_dir: P
     positions = next((data[k] for k in POSITION_KEYS if isinstance(data.get(k), int)), None)
     if positions is None or data.get("rope_scaling"):  # scaled positions: vLLM derives the length itself
         return []
-    return [f"spec.{name}: {length} is more than the model's context, {positions} tokens ({field} config.json "
+    return [f"{name}: {length} is more than the model's context, {positions} tokens ({field} config.json "
             f"{next(k for k in POSITION_KEYS if k in data)})"
             for name, length in lengths.items() if length > positions]  # fmt: skip
 
@@ -119,6 +122,17 @@ def root_problems(field: str, root: Path) -> list[str]:
         what = "is not writable" if probe == root else f"cannot be created: {probe} is not writable"
         return [f"{field}: {clip(str(root), PATH_CHARS)} {what} by this user"]
     return []
+
+
+def require_model(path: str, what: str, iteration: int) -> None:
+    """A stage's model, checked before it is loaded: a local path that is not a model folder is
+    a StageError naming it (exit 1: an earlier stage may not have run), never a hub error."""
+    from iterdpo.errors import StageError
+
+    problems = model_problems(what, path, {}) if _is_local(path) else []
+    if problems:
+        hint = f"; run the Train stage of round {iteration - 1} first" if iteration > 1 else ""
+        raise StageError(problems[0] + hint)
 
 
 def runner_problems(run: IterativeDPORun) -> list[str]:

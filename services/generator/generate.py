@@ -20,6 +20,7 @@ from pathlib import Path
 from iterdpo.contracts import GeneratedRecord, LeftOut, ShardMarker, read_model, write_lines, write_model
 from iterdpo.errors import StageError, UsageError, stage_main
 from iterdpo.layout import RunLayout, claim_run_folder, policy_for
+from iterdpo.localpaths import require_model
 from iterdpo.prompts import Prompt, load_prompt_set
 from iterdpo.runfile import load_for_stage
 from iterdpo.sharding import shard_range
@@ -73,6 +74,7 @@ def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> ShardMarker:
 
     started = time.monotonic()
     policy = policy_for(run, iteration)
+    require_model(policy, f"the policy of round {iteration}", iteration)
     source = spec.prompts_for(iteration)
     prompt_set = load_prompt_set(
         source, field_path=f"spec.prompts.perIteration[{iteration - 1}]" if spec.prompts.per_iteration else "spec.prompts"

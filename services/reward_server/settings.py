@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from iterdpo.errors import UsageError
 from iterdpo.planner import REWARD_TOKEN_ENV
+from iterdpo.localpaths import model_problems
 from iterdpo.runfile import load_run
 from iterdpo.spec import MAX_ITEMS_PER_REQUEST, RULES, RewardSpec
 
@@ -116,6 +117,10 @@ def settings_from_args(argv: list[str] | None) -> Settings:
         reward = load_run(args.spec).spec.reward
     else:
         reward = _reward_from_flags(given)
+    field, length = ("spec.reward.model", "spec.reward.maxLength") if args.spec else ("--model", "--max-length")
+    problems = model_problems(field, reward.model, {length: reward.max_length})
+    if problems:  # a local folder that cannot be the model: say so, before Hugging Face calls it a bad repo id
+        raise SettingsError("; ".join(problems))
     try:
         limits = {name: getattr(args, name) for name in LIMIT_FIELDS if getattr(args, name) is not None}
         return Settings(reward=reward, host=args.host, port=args.port, dtype=args.dtype, device=args.device,

@@ -19,6 +19,7 @@ import torch
 from iterdpo.contracts import PhaseSeconds, StepMetrics, TrainMetrics, read_model, write_model
 from iterdpo.errors import StageError
 from iterdpo.layout import RunLayout, policy_for, reference_for
+from iterdpo.localpaths import require_model
 from iterdpo.spec import IterativeDPORun
 from iterdpo.stages import TrainSummary
 
@@ -75,12 +76,6 @@ def summary_of(metrics: TrainMetrics) -> TrainSummary:
     )
 
 
-def _check_model(path: str, what: str, iteration: int) -> None:
-    if Path(path).is_absolute() and not Path(path).exists():
-        hint = f": run the Train stage of round {iteration - 1} first" if iteration > 1 else ""
-        raise StageError(f"{what} {path} not found{hint}")
-
-
 def prepare(run: IterativeDPORun, iteration: int, world_size: int) -> Inputs:
     """Read, check and tokenize the round's pairs; no process group needed."""
     try:
@@ -94,8 +89,8 @@ def prepare(run: IterativeDPORun, iteration: int, world_size: int) -> Inputs:
     if not records:
         raise StageError(f"pairs file {pairs_file} holds no pairs: nothing to train on in round {iteration}")
     policy, reference = policy_for(run, iteration), reference_for(run, iteration)
-    _check_model(policy, "policy", iteration)
-    _check_model(reference, "reference model", iteration)
+    require_model(policy, f"the policy of round {iteration}", iteration)
+    require_model(reference, f"the reference model of round {iteration}", iteration)
     ds_config = build_ds_config(run.spec.training, world_size)
 
     training = run.spec.training

@@ -372,11 +372,21 @@ def test_settings_from_the_run_file_are_spec_reward(tmp_path: Path):
 
     from tests.runfiles import write_tiny_run
 
-    tiny = SimpleNamespace(policy="/models/p", reward="/models/rm", prompts=["/data/q.jsonl"])
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text('{"max_position_embeddings": 128}')
+    tiny = SimpleNamespace(policy="/models/p", reward=str(rm), prompts=["/data/q.jsonl"])
     run_file = write_tiny_run(tmp_path / "run.yaml", tiny, name="r", reward={"maxLength": 64, "batchTokens": 128,
                                                                              "chatTemplate": "{{ messages }}"})  # fmt: skip
     s = settings_from_args(["--spec", str(run_file), "--port", "9000"])
     assert (s.reward.model, s.reward.max_length, s.reward.batch_tokens, s.reward.chat_template, s.port) == (
-        "/models/rm", 64, 128, "{{ messages }}", 9000)
+        str(rm), 64, 128, "{{ messages }}", 9000)
+    # A local reward model that is not there is a local-path error, never a hub one (issue 11).
+    missing = write_tiny_run(tmp_path / "missing.yaml", SimpleNamespace(policy="/p", reward="/models/rm", prompts=["/q.jsonl"]),
+                             name="r")  # fmt: skip
+    with pytest.raises(SettingsError, match=r"^spec.reward.model: /models/rm does not exist"):
+        settings_from_args(["--spec", str(missing)])
+    with pytest.raises(SettingsError, match=r"^--max-length: 256 is more than the model's context, 128 tokens"):
+        settings_from_args(["--model", str(rm), "--max-length", "256", "--batch-tokens", "512"])
     with pytest.raises(SettingsError, match=r"^--max-length: with --spec, spec.reward is the one place for it"):
         settings_from_args(["--spec", str(run_file), "--max-length", "32"])

@@ -429,3 +429,17 @@ def test_any_bytes_are_valid_or_a_short_error(tmp_path_factory, blob):
     path = write(tmp_path_factory.mktemp("bytes"), blob)
     code, err = cli("validate", str(path))
     assert code == 2 and "Traceback" not in err and len(err) < MAX_MESSAGE, err[:3000]
+
+
+def test_a_stage_model_that_is_not_a_model_folder_is_a_stage_error(tmp_path):
+    """A round's policy (the previous round's checkpoint) is checked before it is loaded: a local
+    path fails as a local path (exit 1, naming it), never as Hugging Face's 'Repo id must be ...'."""
+    from iterdpo.errors import StageError
+    from iterdpo.localpaths import require_model
+
+    with pytest.raises(StageError, match=r"^the policy of round 2: /nope/ckpt does not exist .*; run the Train stage of round 1 first$"):
+        require_model("/nope/ckpt", "the policy of round 2", 2)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(StageError, match="is an empty folder"):
+        require_model(str(tmp_path / "ckpt"), "the reference model of round 1", 1)
+    require_model("org/model", "the policy of round 1", 1)  # a hub id is not looked up
