@@ -21,7 +21,7 @@ from pydantic.alias_generators import to_camel
 
 from iterdpo import __version__
 from iterdpo.kubevalues import AbsolutePath, DnsLabel, DnsSubdomain, Image, LabelValue, QualifiedName, Quantity, SecretKey
-from iterdpo.stages import pods
+from iterdpo.stages import STAGES, pods
 from iterdpo.yamlfile import short
 
 API_VERSION = "iterdpo.io/v1alpha1"
@@ -323,6 +323,22 @@ StageResources = create_model(
 )
 
 
+# One deadline per stage, as the stage table declares them (generate, score, train).
+StageTimeouts = create_model(
+    "StageTimeouts",
+    __base__=_Model,
+    __module__=__name__,
+    **{
+        d.folder: (Annotated[int, Field(ge=1, le=int(MAX_SECONDS))], Field(
+            default=d.timeout_seconds,
+            description=f"Seconds one attempt of the {d.stage} stage may run (pending pods included) before it "
+            "fails and is retried.",
+        ))
+        for d in STAGES
+    },
+)
+
+
 class VolumeSpec(_Model):
     claim_name: DnsSubdomain | None = Field(
         default=None,
@@ -390,6 +406,11 @@ class KubernetesSpec(_Model):
         default=False,
         description="Keep the reward server running between scoring stages. Default: scaled to zero "
         "outside scoring, so its GPUs are free while generating and training.",
+    )
+    stage_timeout_seconds: StageTimeouts = Field(
+        default_factory=StageTimeouts,
+        description="Deadline of each stage attempt (activeDeadlineSeconds of its Job or PyTorchJob): an "
+        "unschedulable pod, a wrong image or a hung rendezvous fails the attempt instead of running forever.",
     )
     stage_retries: Annotated[int, Field(ge=0, le=10)] = Field(
         default=2, description="New attempts of a failed stage before the run fails."
@@ -461,7 +482,7 @@ class IterativeDPORunSpec(_Model):
 
 # spec.kubernetes fields that may change while a run is in progress.
 MUTABLE_KUBERNETES_FIELDS = {"image", "image_pull_policy", "service_account_name", "hub_token_secret", "node_selector",
-                             "tolerations", "resources", "keep_reward_warm", "stage_retries", "retry_backoff_seconds",
+                             "tolerations", "resources", "keep_reward_warm", "stage_timeout_seconds", "stage_retries", "retry_backoff_seconds",
                              "shard_retries"}  # fmt: skip
 
 

@@ -153,6 +153,7 @@ class StageDef:
     seconds_column: str
     pods: tuple[Pod, ...]  # its own pods (the reward server's is the run's)
     markers: Callable[[RunLayout, int, IterativeDPORun], tuple[Path, ...]]  # written last: its work is on disk
+    timeout_seconds: int  # default of spec.kubernetes.stageTimeoutSeconds.<folder>: an attempt's deadline
     programs: tuple[Program, ...] = ()
     uses_reward_server: bool = False  # the backend runs the reward server and hands its jobs the URL and token
     deepspeed: bool = False  # its jobs train with DeepSpeed: on CPUs the backend sets DS_ACCELERATOR=cpu
@@ -259,6 +260,7 @@ GENERATE = StageDef(
     line=_generation_line,
     columns=(Column("prompts", _cell("generation", "prompts")), Column("samples", _cell("generation", "samples"))),
     seconds_column="gen s",
+    timeout_seconds=6 * 3600,
     pods=(Pod("generate", "Each generation shard's pod.", lambda spec: spec.generation.tensor_parallel_size,
               "generation.tensorParallelSize"),),  # fmt: skip
     markers=lambda layout, t, run: tuple(layout.shard_marker(t, i, run.spec.generation.shards)
@@ -350,6 +352,7 @@ SCORE = StageDef(
         Column("left out", _left_out),
     ),
     seconds_column="score s",
+    timeout_seconds=6 * 3600,
     pods=(Pod("annotate", "The annotator's pod (calls the reward server).", lambda spec: 0, "0"),),
     markers=lambda layout, t, run: (layout.score_stats(t),),
     programs=(Program("annotate", "iterdpo_reward_server.annotate:annotate_main", "stage: score through the server, pair"),),
@@ -419,6 +422,7 @@ TRAIN = StageDef(
         Column("margin", _cell("training", "reward_margin", "{:+.4f}")),
     ),
     seconds_column="train s",
+    timeout_seconds=24 * 3600,
     pods=(Pod("train", "Each training node's pod.", lambda spec: spec.training.nproc_per_node, "training.nprocPerNode"),),
     markers=lambda layout, t, run: (layout.train_metrics(t),),
     deepspeed=True,

@@ -82,6 +82,8 @@ class ChildKind(Protocol):
     def summary_pods_selector(self, name: str) -> str: ...
     def suspend_patch(self, suspend: bool) -> dict: ...
     def suspended(self, obj: dict) -> bool: ...
+    def with_deadline(self, manifest: dict, seconds: int) -> dict: ...
+    def timed_out(self, outcome: Outcome) -> bool: ...
 
 
 class JobKind:
@@ -99,6 +101,14 @@ class JobKind:
     def suspended(self, obj: dict) -> bool:
         return bool((obj.get("spec") or {}).get("suspend"))
 
+    def with_deadline(self, manifest: dict, seconds: int) -> dict:
+        """The Job controller fails the Job (reason DeadlineExceeded) past `seconds` from its start."""
+        manifest["spec"]["activeDeadlineSeconds"] = seconds
+        return manifest
+
+    def timed_out(self, outcome: Outcome) -> bool:
+        return outcome.reason == "DeadlineExceeded"
+
 
 class PyTorchJobKind:
     api_version, kind, plural = "kubeflow.org/v1", "PyTorchJob", "pytorchjobs"
@@ -114,6 +124,14 @@ class PyTorchJobKind:
 
     def suspended(self, obj: dict) -> bool:
         return bool(((obj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+
+    def with_deadline(self, manifest: dict, seconds: int) -> dict:
+        manifest["spec"]["runPolicy"]["activeDeadlineSeconds"] = seconds
+        return manifest
+
+    def timed_out(self, outcome: Outcome) -> bool:
+        # training-operator v1.8: reason <Kind>Failed, "... was active longer than specified deadline"
+        return "active longer than specified deadline" in outcome.message
 
 
 JOB, PYTORCHJOB = JobKind(), PyTorchJobKind()

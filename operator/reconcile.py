@@ -284,6 +284,10 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
             if calls_reward and not keep_warm:
                 actions = [a for a in actions if not isinstance(a, Scale)] + [Scale(b.reward_name(run), 0)]
             return Decision(st, actions, events, again=True)
+    if children.child_kind(run, target.stage).timed_out(outcome):  # past its activeDeadlineSeconds
+        key = STAGE_TABLE[target.stage].folder
+        failure += (f"; it ran longer than spec.kubernetes.stageTimeoutSeconds.{key} = "
+                    f"{children.stage_timeout(run, target.stage)} s (pending pods count)")  # fmt: skip
     if observed.failure_detail:
         failure += f"; {observed.failure_detail}"
 

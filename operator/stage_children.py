@@ -94,7 +94,13 @@ def child_ref(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int) 
 
 
 def child_manifest(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
-    return CHILDREN[stage].build(run, stage, iteration, attempt, owner_uid)
+    """The child of one stage attempt, with its deadline (spec.kubernetes.stageTimeoutSeconds)."""
+    manifest = CHILDREN[stage].build(run, stage, iteration, attempt, owner_uid)
+    return child_kind(run, stage).with_deadline(manifest, stage_timeout(run, stage))
+
+
+def stage_timeout(run: IterativeDPORun, stage: Stage) -> int:
+    return getattr(run.spec.kubernetes.stage_timeout_seconds, STAGE_TABLE[stage].folder)
 
 
 def reward_objects(run: IterativeDPORun, replicas: int, owner_uid: str | None = None) -> list[dict]:

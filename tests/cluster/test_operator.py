@@ -134,6 +134,22 @@ def test_failed_stage_is_retried_then_fails_the_run_then_resumes(control_plane, 
     assert "flaky-i01-annotate-a3" in children(control_plane, ns, "flaky")["jobs"]
 
 
+def test_a_stage_past_its_timeout_fails_through_the_real_job_controller(control_plane, operator, ns):
+    """spec.kubernetes.stageTimeoutSeconds -> the Job's activeDeadlineSeconds: kube-controller-manager's
+    Job controller ends the held attempt (DeadlineExceeded) and the operator fails it, naming the field."""
+    control_plane.kubelet.rule = summaries(hold={"generate"})
+    body = run_body("slow", iterations=1, kubernetes={"volume": {"claimName": "iterdpo-data"}, "stageRetries": 0,
+                                                      "stageTimeoutSeconds": {"generate": 3}})  # fmt: skip
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    wait_for("run slow Failed", phase_is(control_plane, ns, "slow", operator, "Failed"), control_plane, timeout=90)
+    failed = condition(get_run(control_plane, ns, "slow"), "Failed")
+    assert "DeadlineExceeded" in failed["message"], failed["message"]
+    assert "it ran longer than spec.kubernetes.stageTimeoutSeconds.generate = 3 s" in failed["message"]
+    assert children(control_plane, ns, "slow")["jobs"] == ["slow-i01-generate-a1"]
+    control_plane.kubelet.rule = summaries()
+    control_plane.kubelet.release()
+
+
 def test_operator_killed_mid_stage_creates_no_duplicates(control_plane, operator, ns):
     control_plane.kubelet.rule = summaries(hold={"generate"})
     custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run_body("crash", iterations=1))

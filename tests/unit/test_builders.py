@@ -188,6 +188,18 @@ def test_every_child_is_controlled_by_the_run(run):
     assert all("ownerReferences" not in m["metadata"] for m in children(run, None))
 
 
+@pytest.mark.parametrize("launcher", ["job", "pytorchjob"])
+def test_every_stage_attempt_has_its_deadline(launcher):
+    """spec.kubernetes.stageTimeoutSeconds: activeDeadlineSeconds on each Job, runPolicy's on a PyTorchJob."""
+    run = variant("small", spec__kubernetes__launcher=launcher, spec__kubernetes__stageTimeoutSeconds={"generate": 600})
+    generate, score, train = (sc.child_manifest(run, stage, 1, 1) for stage in (Stage.GENERATE, Stage.SCORE, Stage.TRAIN))
+    assert generate["spec"]["activeDeadlineSeconds"] == 600  # as set
+    assert score["spec"]["activeDeadlineSeconds"] == 6 * 3600  # the stage table's defaults
+    deadline = train["spec"]["activeDeadlineSeconds"] if launcher == "job" else train["spec"]["runPolicy"]["activeDeadlineSeconds"]
+    assert deadline == 24 * 3600
+    assert run.spec_hash() == variant("small", spec__kubernetes__launcher=launcher).spec_hash()  # may change mid-run
+
+
 def test_children_carry_the_run_namespace(run):
     for m in children(run):
         assert m["metadata"].get("namespace") == run.metadata.namespace

@@ -113,6 +113,21 @@ def test_the_backoff_is_capped_at_a_day_whatever_the_attempt():
     assert waits[:4] == [3600, 7200, 14400, 28800] and max(waits) == 86400 == MAX_RETRY_BACKOFF_SECONDS
 
 
+@pytest.mark.parametrize(("launcher", "outcome"), [
+    ("job", Outcome(True, False, "DeadlineExceeded", "Job was active longer than specified deadline")),
+    ("pytorchjob", Outcome(True, False, "PyTorchJobFailed", "Job r-i01-train-a1 has failed because it was active longer than specified deadline")),
+])  # fmt: skip
+def test_a_stage_past_its_deadline_is_a_failed_attempt_naming_the_timeout(launcher, outcome):
+    run = make_run(launcher=launcher, stageTimeoutSeconds={"train": 90})
+    st = RunStatus(current_iteration=1, current_stage="Train")
+    target = Target(1, "Train", "/iterdpo/p", 1)
+    d = decide(run, st, owner_uid="u", generation=1, annotations={}, target=target, observed=Observed(True, outcome),
+               now=NOW, new_token="tok")  # fmt: skip
+    message = d.status.condition("Progressing").message
+    assert d.status.current_attempt == 2 and "attempt 2 in 10s" in message
+    assert "it ran longer than spec.kubernetes.stageTimeoutSeconds.train = 90 s (pending pods count)" in message
+
+
 def test_failure_retries_after_backoff_then_fails_the_run():
     run = make_run()
     st = step(run, RunStatus()).status
