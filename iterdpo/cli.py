@@ -60,7 +60,16 @@ def _cluster_status(name: str, namespace: str | None):
     body = Kube(load_config()).read_run(namespace, name)
     if body is None:
         raise LookupError(f"no IterativeDPORun {name!r} in namespace {namespace!r}")
+    if not body.get("status"):
+        print(unclaimed_hint(name, namespace), file=sys.stderr)
     return RunStatus.of_resource(body), (body.get("spec") or {}).get("iterations")
+
+
+def unclaimed_hint(name: str, namespace: str) -> str:
+    """What to check when a run in the cluster has no status: no operator has looked at it."""
+    return (f"iterdpo status: {namespace}/{name} has no status yet: no iterdpo operator has picked it up. Check that "
+            f"one runs (kubectl get pods -A -l app.kubernetes.io/name=iterdpo) and watches namespace {namespace!r} "
+            "(its --namespace flags; Helm value watch.namespaces), or apply the run in a namespace it watches.")  # fmt: skip
 
 
 def _status(args) -> int:
