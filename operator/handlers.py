@@ -93,6 +93,19 @@ def _write_status(k: Kube, body: dict, status: RunStatus) -> bool:
     return False
 
 
+def _log_decision(namespace: str, name: str, before: RunStatus, decision: Decision) -> None:
+    """One INFO line per change a decision makes: where the run now is, and each Event (a stage
+    started, finished with its figures, is retried in T s, failed because ...)."""
+    after = decision.status
+    where = (after.phase, after.current_iteration, after.current_stage, after.current_attempt)
+    if where != (before.phase, before.current_iteration, before.current_stage, before.current_attempt):
+        stage = f", round {after.current_iteration} {after.current_stage}" if after.current_stage else ""
+        attempt = f" attempt {after.current_attempt}" if after.current_attempt else ""
+        log.info("run %s/%s: %s%s%s", namespace, name, after.phase, stage, attempt)
+    for e in decision.events:
+        (log.warning if e.type == "Warning" else log.info)("run %s/%s: %s: %s", namespace, name, e.reason, e.message)
+
+
 def reconcile(namespace: str, name: str) -> float | None:
     """Bring the run one or more steps forward; returns seconds until it wants a look again
     (None: no particular time; the run was deleted if it is gone)."""
@@ -110,6 +123,7 @@ def reconcile(namespace: str, name: str) -> float | None:
                 metrics.RECONCILES.labels("conflict").inc()
                 continue
             metrics.RECONCILES.labels("ok").inc()
+            _log_decision(namespace, name, status, decision)
             for e in decision.events:
                 k.event(body, e.type, e.reason, e.message)
             metrics.record(namespace, name, status, decision.status, [e.reason for e in decision.events])

@@ -163,7 +163,8 @@ class Kube:
         ns = run.metadata.namespace
         for action in actions:
             if isinstance(action, Create):
-                self.create(action.manifest, ns)
+                if self.create(action.manifest, ns):
+                    log.info("created %s %s/%s", action.manifest["kind"], ns, action.manifest["metadata"]["name"])
             elif isinstance(action, Ensure):
                 self.ensure(action.manifest, ns)
             elif isinstance(action, Scale):
@@ -171,6 +172,7 @@ class Kube:
             elif isinstance(action, Patch):
                 self._resource(action.ref.api_version, action.ref.kind).patch(
                     name=action.ref.name, namespace=ns, body=action.patch, content_type="application/merge-patch+json")
+                log.info("patched %s %s/%s: %s", action.ref.kind, ns, action.ref.name, action.patch)
             else:
                 raise TypeError(f"unknown action {action!r}")
 
@@ -207,6 +209,7 @@ class Kube:
             raise
         if dep.spec.replicas != replicas:
             self.apps.patch_namespaced_deployment(name, namespace, {"spec": {"replicas": replicas}})
+            log.info("scaled Deployment %s/%s to %d", namespace, name, replicas)
 
     def event(self, body: dict, type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the run (what `kubectl describe` shows); best effort."""
