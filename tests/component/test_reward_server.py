@@ -164,7 +164,7 @@ def test_concurrent_requests_are_all_answered_and_probes_stay_responsive(server)
 
 
 def test_sigterm_stops_it_cleanly(tiny):
-    proc = RewardServerProcess(["--model", str(tiny.reward)]).start()
+    proc = RewardServerProcess(["--model", str(tiny.reward), "--max-length", str(MAX_LENGTH)]).start()
     try:
         proc.wait_ready()
         proc.proc.send_signal(signal.SIGTERM)
@@ -183,7 +183,7 @@ def test_wrong_kind_for_the_checkpoint_fails_at_start_naming_kind(tiny, tmp_path
     config = json.loads((model / "config.json").read_text())
     config.update(id2label={"0": "A", "1": "B"}, label2id={"A": 0, "B": 1})
     (model / "config.json").write_text(json.dumps(config))
-    assert serve_main(["--model", str(model), "--port", "1"]) == 1
+    assert serve_main(["--model", str(model), "--max-length", str(MAX_LENGTH), "--port", "1"]) == 1
     err = capsys.readouterr().err
     assert "kind bradley-terry (spec.reward.kind)" in err and "num_labels=2" in err
 
@@ -194,7 +194,7 @@ def test_a_causal_lm_is_refused(tiny, tmp_path, capsys):
     config = json.loads((model / "config.json").read_text())
     config["architectures"] = ["LlamaForCausalLM"]
     (model / "config.json").write_text(json.dumps(config))
-    assert serve_main(["--model", str(model), "--port", "1"]) == 1
+    assert serve_main(["--model", str(model), "--max-length", str(MAX_LENGTH), "--port", "1"]) == 1
     assert "score head would be random" in capsys.readouterr().err
 
 
@@ -205,7 +205,7 @@ def test_missing_chat_template_fails_at_start(tiny, tmp_path, capsys):
     config = json.loads((model / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    assert serve_main(["--model", str(model), "--port", "1"]) == 1
+    assert serve_main(["--model", str(model), "--max-length", str(MAX_LENGTH), "--port", "1"]) == 1
     assert "has no chat template" in capsys.readouterr().err
     # ... and the override makes it servable.
     template = tmp_path / "t.jinja"
