@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from iterdpo.spec import LOCAL_PREFIXES, IterativeDPORun
+from iterdpo.spec import IterativeDPORun, is_local
 from iterdpo.yamlfile import clip
 
 PROMPT_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
@@ -44,10 +44,6 @@ def local_path_problems(run: IterativeDPORun, base_dir: Path | None = None) -> l
     return problems
 
 
-def _is_local(value: str) -> bool:
-    return value.startswith(LOCAL_PREFIXES)
-
-
 def _hub_id_problem(field: str, value: str, base_dir: Path | None) -> list[str]:
     near = (base_dir or Path.cwd()) / value
     if near.exists():
@@ -59,7 +55,7 @@ def _hub_id_problem(field: str, value: str, base_dir: Path | None) -> list[str]:
 def model_problems(field: str, value: str, lengths: dict[str, int], base_dir: Path | None = None) -> list[str]:
     """A model field's problems: the folder, its config.json, and `lengths` (field -> tokens)
     that must fit in the model's context."""
-    if not _is_local(value):
+    if not is_local(value):
         return _hub_id_problem(field, value, base_dir)
     path = Path(value)
     if not path.exists():
@@ -88,7 +84,7 @@ def model_problems(field: str, value: str, lengths: dict[str, int], base_dir: Pa
 
 
 def _dataset_problems(field: str, value: str, base_dir: Path | None) -> list[str]:
-    if not _is_local(value):
+    if not is_local(value):
         return _hub_id_problem(field, value, base_dir)
     path = Path(value)
     if not path.exists():
@@ -129,7 +125,7 @@ def require_model(path: str, what: str, iteration: int) -> None:
     a StageError naming it (exit 1: an earlier stage may not have run), never a hub error."""
     from iterdpo.errors import StageError
 
-    problems = model_problems(what, path, {}) if _is_local(path) else []
+    problems = model_problems(what, path, {}) if is_local(path) else []
     if problems:
         hint = f"; run the Train stage of round {iteration - 1} first" if iteration > 1 else ""
         raise StageError(problems[0] + hint)

@@ -71,10 +71,15 @@ class _Model(BaseModel):
     )
 
 
+def is_local(value: str) -> bool:
+    """A model or dataset value names a local path (else it is a hub id): the spec's one rule."""
+    return value.startswith(LOCAL_PREFIXES) or value in (".", "..")
+
+
 def _model_or_hub_id(value: str) -> str:
     """A local path (/, ./, ../) or a well-formed hub id: anything else can only fail later,
     inside a stage, as an opaque download error."""
-    if value.startswith(LOCAL_PREFIXES) or value in (".", ".."):
+    if is_local(value):
         return value
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id

@@ -11,16 +11,12 @@ import posixpath
 from pathlib import PurePosixPath
 
 from iterdpo.runfile import SpecError, parse_run
-from iterdpo.spec import IterativeDPORun
+from iterdpo.spec import IterativeDPORun, is_local
 from iterdpo.yamlfile import short
 
 
 class InvalidRun(ValueError):
     """The run cannot run on Kubernetes; the message names every offending field."""
-
-
-def _is_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~"))
 
 
 def path_problems(run: IterativeDPORun) -> list[str]:
@@ -32,7 +28,7 @@ def path_problems(run: IterativeDPORun) -> list[str]:
     if not mount.is_absolute():
         problems.append(f"spec.kubernetes.volume.mountPath: must be an absolute path (got {str(mount)!r})")
     for field, _, value in spec.path_fields():
-        if not _is_local(value):
+        if not is_local(value):
             continue  # unset, or a hub id
         if not value.startswith("/"):
             problems.append(f"{field}: {short(value)} is relative, and a cluster run has no run file to resolve it against; "
