@@ -14,11 +14,15 @@ What a pod gets, and how it differs from a real node (docs: tests/cluster/README
   hostPath/local path, so pods share it), hostPath, configMap, secret, downwardAPI,
   projected (incl. the service-account token). The termination message file is bound the
   same way. Mount points are created on the host if missing and removed at stop if empty.
-- **Network**: a per-pod /etc/hosts maps the pod's hostname to its IP (as a kubelet's
-  does; torch's C++ rendezvous resolves the master pod's own name that way). Every pod gets its own address from a /24 that is made local with an AnyIP
-  route on `lo` (`ip route add local <cidr> dev lo table local`): a process can bind its
-  pod IP, any other reaches it, and the real EndpointSlice controller publishes it (it
-  rejects 127.0.0.0/8). Service names resolve for Python processes through
+- **Network**: each pod's processes run in their own UTS namespace with the pod's host
+  name (spec.hostname or the pod name), and a per-pod /etc/hosts maps it to the pod IP, as
+  a kubelet's does (torchrun publishes `socket.getfqdn()` as MASTER_ADDR; torch's C++
+  rendezvous resolves a PyTorchJob master's own name). Every pod gets its own address
+  from a /24 that is made local with an AnyIP route on `lo` (`ip route add local <cidr>
+  dev lo table local`), and is put on `lo` while the pod runs (gloo looks up the
+  interface of the address the host name resolves to): a process can bind its pod IP,
+  any other reaches it, and the real EndpointSlice controller publishes it (it rejects
+  127.0.0.0/8). Service names resolve for Python processes through
   podresolver/sitecustomize.py (a stand-in for cluster DNS + kube-proxy).
 - **Probes**: httpGet, tcpSocket and exec readiness/liveness probes run; readiness periods
   are capped at 1 s (tests see a ready pod sooner), liveness keeps its real period, so a
@@ -69,11 +73,13 @@ class PodSetupError(Exception):
 
 
 class PodAddresses:
-    """Pod IPs from a random 10.244.X.0/24 made local by an AnyIP route on `lo`."""
+    """Pod IPs from a random 10.244.X.0/24 made local by an AnyIP route on `lo` (so a stale pod
+    IP is refused at once rather than routed away); each running pod's IP is also on `lo`."""
 
     def __init__(self) -> None:
         self.cidr = ipaddress.ip_network(f"10.244.{random.randint(1, 250)}.0/24")
         self._free = [str(ip) for ip in list(self.cidr.hosts())[1:]]
+        self._held: set[str] = set()
         self._lock = threading.Lock()
 
     def setup(self) -> None:
@@ -83,13 +89,28 @@ class PodAddresses:
             raise PodSetupError(f"local-exec needs a local route for pod IPs ({' '.join(route)}): {proc.stderr.strip()}")
 
     def teardown(self) -> None:
+        for ip in set(self._held):  # pods not released in time
+            self.release(ip)
         subprocess.run(["ip", "route", "del", "local", str(self.cidr), "dev", "lo", "table", "local"], capture_output=True)
 
     def acquire(self) -> str:
+        """A free pod IP, also put on `lo` while the pod runs: as on a node, the address its host
+        name resolves to is an interface's (gloo, torch.distributed on CPU, looks that interface up)."""
         with self._lock:
-            return self._free.pop(0)
+            ip = self._free.pop(0)
+            self._held.add(ip)
+        proc = subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"], capture_output=True, text=True)
+        if proc.returncode != 0 and "File exists" not in proc.stderr:
+            self.release(ip)
+            raise PodSetupError(f"ip addr add {ip}/32 dev lo: {proc.stderr.strip()}")
+        return ip
 
     def release(self, ip: str) -> None:
+        with self._lock:
+            if ip not in self._held:
+                return
+            self._held.discard(ip)
+        subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], capture_output=True)
         with self._lock:
             self._free.append(ip)
 
@@ -98,6 +119,12 @@ def _expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes `$(VAR)` expansion: defined names are replaced, `$$` escapes, others stay."""
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)  # fmt: skip
+
+
+def pod_hostname(pod: client.V1Pod) -> str:
+    """The pod's host name, as a kubelet picks it: spec.hostname or the pod name, cut to 63
+    characters without a trailing '-' or '.'."""
+    return (pod.spec.hostname or pod.metadata.name)[:63].rstrip("-.")
 
 
 def _field(pod: client.V1Pod, path: str) -> str:
@@ -142,6 +169,7 @@ class PodWorker(threading.Thread):
         super().__init__(name=f"pod-{pod.metadata.namespace}/{pod.metadata.name}", daemon=True)
         self.kubelet, self.pod = kubelet, pod
         self.dir = kubelet.root / "pods" / f"{pod.metadata.namespace}_{pod.metadata.name}"
+        self.hostname = pod_hostname(pod)
         self.ip: str | None = None
         self.mounts: dict[str, Path] = {}
         self.containers: list[Container] = []
@@ -267,7 +295,7 @@ class PodWorker(threading.Thread):
 
     def _env(self, spec: client.V1Container) -> dict[str, str]:
         env = dict(self.kubelet.base_env)
-        env.update(HOSTNAME=self.pod.metadata.name, **self.kubelet.service_env(self.pod.metadata.namespace))
+        env.update(HOSTNAME=self.hostname, **self.kubelet.service_env(self.pod.metadata.namespace))
         for source in spec.env_from or []:
             ref = source.config_map_ref or source.secret_ref
             kind = "configMap" if source.config_map_ref is not None else "secret"
@@ -308,8 +336,7 @@ class PodWorker(threading.Thread):
 
     def _hosts_file(self) -> Path:
         """The pod's /etc/hosts, as a kubelet writes it: its own hostname -> its pod IP, plus hostAliases."""
-        spec, ns = self.pod.spec, self.pod.metadata.namespace
-        hostname = spec.hostname or self.pod.metadata.name
+        spec, ns, hostname = self.pod.spec, self.pod.metadata.namespace, self.hostname
         names = [hostname] + ([f"{hostname}.{spec.subdomain}.{ns}.svc.cluster.local"] if spec.subdomain else [])
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{self.ip}\t{' '.join(names)}"]
         lines += [f"{a.ip}\t{' '.join(a.hostnames or [])}" for a in spec.host_aliases or []]
@@ -349,8 +376,10 @@ class PodWorker(threading.Thread):
         self.kubelet.mount_point(message_target, is_file=True)
         binds.append([str(c.message_path), message_target, False])
         plan = self.dir / f"{c.spec.name}.plan.json"
-        plan.write_text(json.dumps({"mounts": binds, "workingDir": c.spec.working_dir, "argv": c.argv, "env": c.env}))
-        argv = ("unshare", "--mount", "--propagation", "private", "--", sys.executable, str(HERE / "mountexec.py"), str(plan))
+        plan.write_text(json.dumps({"mounts": binds, "hostname": self.hostname, "workingDir": c.spec.working_dir,
+                                    "argv": c.argv, "env": c.env}))  # fmt: skip
+        argv = ("unshare", "--mount", "--uts", "--propagation", "private", "--",
+                sys.executable, str(HERE / "mountexec.py"), str(plan))  # fmt: skip
         c.proc = start_process(argv, env={"PATH": os.environ.get("PATH", os.defpath)}, log_path=c.log_path, inherit_env=False)
         c.started_at, c.ready, c.restart_at, c.exited = now(), False, None, False
         c.failures.clear()

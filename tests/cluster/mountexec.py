@@ -1,10 +1,11 @@
-"""Container entry for the local-exec kubelet: run inside a private mount namespace
-(`unshare --mount --propagation private`), bind each volume at its mountPath, then exec
-the container's command. The binds are invisible outside the namespace and vanish with
-it, so two pods can mount different folders at the same path.
+"""Container entry for the local-exec kubelet: run inside a private mount and UTS namespace
+(`unshare --mount --uts --propagation private`), set the pod's host name, bind each volume
+at its mountPath, then exec the container's command. The binds and the name are invisible
+outside the namespaces and vanish with them, so two pods can mount different folders at
+the same path, and each has its own host name.
 
 Usage: python mountexec.py PLAN.json, where the plan is
-{"mounts": [[host_path, container_path, read_only], ...], "workingDir": str|null,
+{"mounts": [[host_path, container_path, read_only], ...], "hostname": str, "workingDir": str|null,
  "argv": [...], "env": {...}}. Mount points the kubelet did not make are made here, inside
 the mounts made before them.
 """
@@ -13,6 +14,7 @@ import ctypes
 import json
 import os
 import shutil
+import socket
 import sys
 
 MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
@@ -28,6 +30,7 @@ def _mount(source: str | None, target: str, flags: int) -> None:
 def main() -> None:
     with open(sys.argv[1]) as f:
         plan = json.load(f)
+    socket.sethostname(plan["hostname"])  # this UTS namespace's only
     # Open every source before mounting anything, and mount from the descriptor (the mount
     # syscall follows /proc/self/fd/N to the original folder): a bind at /tmp or above the
     # checkout would otherwise hide sources that lie under it.

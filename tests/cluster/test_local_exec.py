@@ -1,12 +1,13 @@
 """The local-exec kubelet runs pods' commands as real local processes: env and the Job's
 completion index, volumes (a PVC bound to a hostPath PV, a ConfigMap, emptyDir),
 termination messages, exit codes, readiness probes, Services reached by their cluster
-DNS name, and SIGTERM on delete."""
+DNS name, SIGTERM on delete, and each pod's own host name."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import textwrap
 
@@ -187,3 +188,42 @@ def test_resource_field_refs_come_from_the_containers_resources(control_plane, l
     assert core.read_namespaced_pod("limited", ns).status.container_statuses[0].state.terminated.message == "2"
     unlimited = core.read_namespaced_pod("unlimited", ns).status
     assert unlimited.reason == "LocalExecSetupFailed" and "limits.cpu" in unlimited.message  # never a made-up value
+
+
+def test_each_pod_has_its_own_host_name_resolving_to_its_ip(control_plane, local_exec, ns, tmp_path):
+    """As on a node: `hostname`, socket.gethostname() and $HOSTNAME are spec.hostname or the pod
+    name, and socket.getfqdn() (what torchrun publishes as MASTER_ADDR) resolves to the pod IP.
+    The pod waits for its exec readiness probe, which runs with the container's env."""
+    core = client.CoreV1Api(control_plane.api_client)
+    machine = socket.gethostname()
+    script = textwrap.dedent("""
+        import json, os, pathlib, socket, subprocess, time
+        mark = pathlib.Path(os.environ["MARK"])
+        while not mark.exists():
+            time.sleep(0.1)
+        fqdn = socket.getfqdn()
+        pathlib.Path("/dev/termination-log").write_text(json.dumps({
+            "hostname": subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip(),
+            "gethostname": socket.gethostname(), "env": os.environ["HOSTNAME"], "fqdn": fqdn,
+            "ip": socket.gethostbyname(fqdn), "probe": mark.read_text()}))
+    """)  # fmt: skip
+
+    def pod(name: str, **spec) -> dict:
+        probe = "import os, pathlib; pathlib.Path(os.environ['MARK']).write_text(os.environ['HOSTNAME'])"
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"restartPolicy": "Never", **spec, "containers": [{
+            "name": "main", "image": "python:3.11", "command": [PY, "-c", script],
+            "env": [{"name": "MARK", "value": str(tmp_path / f"probed-{name}")}],
+            "readinessProbe": {"exec": {"command": [PY, "-c", probe]}, "periodSeconds": 1}}]}}  # fmt: skip
+
+    core.create_namespaced_pod(ns, pod("plain"))
+    core.create_namespaced_pod(ns, pod("member", hostname="trainer-0", subdomain="workers"))
+    phase = lambda n: core.read_namespaced_pod(n, ns).status.phase  # noqa: E731
+    wait_for("both pods done", lambda: {phase("plain"), phase("member")} <= {"Succeeded", "Failed"}, control_plane, timeout=60)
+    fqdn = f"trainer-0.workers.{ns}.svc.cluster.local"
+    for name, hostname, full in (("plain", "plain", "plain"), ("member", "trainer-0", fqdn)):
+        status = core.read_namespaced_pod(name, ns).status
+        assert status.phase == "Succeeded", local_exec.log_path(ns, name, "main").read_text()
+        seen = json.loads(status.container_statuses[0].state.terminated.message)
+        assert seen == {"hostname": hostname, "gethostname": hostname, "env": hostname, "fqdn": full,
+                        "ip": status.pod_ip, "probe": hostname}  # fmt: skip
+    assert socket.gethostname() == machine  # the machine's own name is untouched

@@ -1,7 +1,8 @@
-"""The whole system through Kubernetes objects: the kopf operator drives a real 2-round run
-on the tiny models. Generation (vLLM) runs in an Indexed Job's pods, the reward server in a
+"""The whole system through Kubernetes objects: the kopf operator drives real runs on the
+tiny models. Generation (vLLM) runs in an Indexed Job's pods, the reward server in a
 Deployment behind a Service that the annotate Job reaches by its DNS name, and DeepSpeed
-training in a PyTorchJob that Kubeflow's training operator turns into a master pod. The
+training in a PyTorchJob that Kubeflow's training operator turns into a master pod
+(`launcher: pytorchjob`, 2 rounds) or in a plain batch Job (`launcher: job`, 1 round). The
 local-exec kubelet runs every container's command as a real process on this machine."""
 
 from __future__ import annotations
@@ -17,54 +18,97 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 GROUP, VERSION, PLURAL = "iterdpo.io", "v1alpha1", "iterativedporuns"
 
 
-def test_operator_runs_two_real_rounds_through_kubernetes(control_plane, local_exec, operator, ns, tiny, tmp_path):
-    volume = tmp_path / "pv"  # the PV behind the run's claim (the operator fixture binds it)
-    for source in (tiny.policy, tiny.reward, *tiny.prompts):
-        copy = shutil.copytree if source.is_dir() else shutil.copy
-        copy(source, volume / "tiny" / source.name)
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "IterativeDPORun", "metadata": {"name": "real"},
+def _tiny_run(name: str, tiny, volume, *, iterations: int, launcher: str, generation: dict, training: dict,
+              max_prompts: int | None = None) -> dict:  # fmt: skip
+    """An IterativeDPORun on the tiny models, copied onto the PV behind the run's claim
+    (`volume`, bound by the operator fixture and mounted at /iterdpo)."""
+    for source in (tiny.policy, tiny.reward, *tiny.prompts[:iterations]):
+        if not (volume / "tiny" / source.name).exists():
+            copy = shutil.copytree if source.is_dir() else shutil.copy
+            copy(source, volume / "tiny" / source.name)
+    limit = {"maxPrompts": max_prompts} if max_prompts else {}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "IterativeDPORun", "metadata": {"name": name},
         "spec": {
-            "iterations": 2,
+            "iterations": iterations,
             "policy": {"model": "/iterdpo/tiny/policy"},
-            "prompts": {"perIteration": [{"dataset": f"/iterdpo/tiny/{p.name}"} for p in tiny.prompts[:2]]},
-            "generation": {"samplesPerPrompt": 8, "maxNewTokens": 24, "shards": 2, "gpuMemoryUtilization": 0.1, "enforceEager": True},
+            "prompts": {"perIteration": [{"dataset": f"/iterdpo/tiny/{p.name}", **limit} for p in tiny.prompts[:iterations]]},
+            "generation": {"maxNewTokens": 24, "gpuMemoryUtilization": 0.1, "enforceEager": True, **generation},
             "reward": {"model": "/iterdpo/tiny/reward", "maxLength": 256, "batchTokens": 8192, "startupTimeoutSeconds": 120},
-            "training": {"learningRate": 5e-3, "epochs": 2, "scheduler": "constant", "warmupRatio": 0.0, "globalBatchSize": 16,
-                         "microBatchSize": 4, "nprocPerNode": 2, "maxLength": 128, "maxPromptLength": 48, "zeroStage": 2,
-                         "precision": "fp32", "gradientCheckpointing": False},
-            "kubernetes": {"volume": {"claimName": "iterdpo-data"}, "launcher": "pytorchjob", "stageRetries": 0,
+            "training": {"learningRate": 5e-3, "scheduler": "constant", "warmupRatio": 0.0, "microBatchSize": 4,
+                         "nprocPerNode": 2, "maxLength": 128, "maxPromptLength": 48, "zeroStage": 2, "precision": "fp32",
+                         "gradientCheckpointing": False, **training},
+            "kubernetes": {"volume": {"claimName": "iterdpo-data"}, "launcher": launcher, "stageRetries": 0,
                            "resources": {s: {"gpus": 0} for s in ("generate", "reward", "annotate", "train")}},
         },
     }  # fmt: skip
+
+
+def _run_to_the_end(control_plane, local_exec, operator, ns: str, body: dict, timeout: float) -> dict:
+    """Create the run, wait until it is Succeeded or Failed; its status, which must be Succeeded."""
     api = client.CustomObjectsApi(control_plane.api_client)
     api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    name = body["metadata"]["name"]
+    status = lambda: api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name).get("status") or {}  # noqa: E731
 
     def finished():
         operator.check_alive()
-        return (api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "real").get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        return status().get("phase") in ("Succeeded", "Failed")
 
     try:
-        wait_for("run real finished", finished, control_plane, timeout=900, interval=2)
+        wait_for(f"run {name} finished", finished, control_plane, timeout=timeout, interval=2)
     finally:
-        print(json.dumps(api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "real").get("status"), indent=1))
-    status = api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "real")["status"]
-    assert status["phase"] == "Succeeded", _logs(local_exec, ns)
+        print(json.dumps(status(), indent=1))
+    final = status()
+    assert final["phase"] == "Succeeded", _logs(local_exec, ns)
+    for it in final["iterations"]:
+        samples = body["spec"]["generation"]["samplesPerPrompt"]
+        assert it["generation"]["samples"] == samples * it["generation"]["prompts"]
+        assert it["scoring"]["pairs"] + it["scoring"]["tiesDropped"] + it["scoring"]["promptsLeftOut"] == it["generation"]["prompts"]
+        assert it["training"]["checkpoint"].startswith(f"/iterdpo/runs/{name}/")
+    return final
+
+
+def _pods(control_plane, ns: str, local_exec) -> list[client.V1Pod]:
+    pods = client.CoreV1Api(control_plane.api_client).list_namespaced_pod(ns).items
+    assert pods and {p.spec.node_name for p in pods} == {local_exec.node_name}
+    return pods
+
+
+def test_operator_runs_two_real_rounds_through_kubernetes(control_plane, local_exec, operator, ns, tiny, tmp_path):
+    volume = tmp_path / "pv"  # the PV behind the run's claim (the operator fixture binds it)
+    body = _tiny_run("real", tiny, volume, iterations=2, launcher="pytorchjob",
+                     generation={"samplesPerPrompt": 8, "shards": 2},
+                     training={"epochs": 2, "globalBatchSize": 16})  # fmt: skip
+    status = _run_to_the_end(control_plane, local_exec, operator, ns, body, timeout=900)
 
     first, second = status["iterations"]
-    for it in (first, second):
-        assert it["generation"]["samples"] == 8 * it["generation"]["prompts"]
-        assert it["scoring"]["pairs"] + it["scoring"]["tiesDropped"] + it["scoring"]["promptsLeftOut"] == it["generation"]["prompts"]
-        assert it["training"]["checkpoint"].startswith("/iterdpo/runs/real/")
     assert second["policy"] == first["training"]["checkpoint"]  # round 2 generated with round 1's policy
     assert second["scoring"]["meanReward"] > first["scoring"]["meanReward"]  # DPO on the tiny RM's pairs helps
     # the artifacts are on the volume, where the pods wrote them
     checkpoint = volume / "runs" / "real" / "iter-02" / "train" / "policy"
     assert (checkpoint / "config.json").exists() and (volume / "runs" / "real" / "iter-01" / "score" / "stats.json").exists()
-    pods = client.CoreV1Api(control_plane.api_client).list_namespaced_pod(ns).items
-    assert pods and {p.spec.node_name for p in pods} == {local_exec.node_name}
-    masters = [p for p in pods if (p.metadata.labels or {}).get("training.kubeflow.org/replica-type") == "master"]
+    masters = [p for p in _pods(control_plane, ns, local_exec)
+               if (p.metadata.labels or {}).get("training.kubeflow.org/replica-type") == "master"]  # fmt: skip
     assert len(masters) == 2  # one PyTorchJob master per round, created by Kubeflow's operator
+
+
+def test_operator_trains_in_a_plain_job_with_launcher_job(control_plane, local_exec, operator, ns, tiny, tmp_path):
+    """`launcher: job`: torchrun alone in a batch Job's pod. Its rendezvous publishes the pod's
+    host name (socket.getfqdn()) as MASTER_ADDR, which must resolve to the pod IP there."""
+    volume = tmp_path / "pv"
+    body = _tiny_run("plain", tiny, volume, iterations=1, launcher="job", max_prompts=16,
+                     generation={"samplesPerPrompt": 4, "shards": 1},
+                     training={"epochs": 1, "globalBatchSize": 8})  # fmt: skip
+    (it,) = _run_to_the_end(control_plane, local_exec, operator, ns, body, timeout=600)["iterations"]
+    assert it["generation"]["prompts"] == 16
+    assert (volume / "runs" / "plain" / "iter-01" / "train" / "policy" / "config.json").exists()
+
+    train = [p for p in _pods(control_plane, ns, local_exec) if p.metadata.labels.get("app.kubernetes.io/component") == "train"]
+    assert [(o.kind, o.name) for p in train for o in p.metadata.owner_references] == [("Job", "plain-i01-train-a1")]
+    assert not any(k.startswith("training.kubeflow.org/") for p in train for k in p.metadata.labels)
+    pytorchjobs = client.CustomObjectsApi(control_plane.api_client).list_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs")
+    assert pytorchjobs["items"] == []
 
 
 def _logs(local_exec, ns: str) -> str:
