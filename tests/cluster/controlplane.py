@@ -38,6 +38,8 @@ CONTROLLERS = (
     "ttl-after-finished-controller",
     "root-ca-certificate-publisher-controller",
     "clusterrole-aggregation-controller",
+    "persistentvolumeclaim-protection-controller",  # a claim in use is not deleted; one no pod uses is
+    "persistentvolume-protection-controller",
 )
 
 
