@@ -105,7 +105,9 @@ def claim_run_folder(run: IterativeDPORun) -> None:
         have = read_model(layout.recipe_file, RecipeMarker).spec_hash
     except ContractError:
         raise StageError(f"{layout.recipe_file} is not a recipe marker; remove it if the folder is yours") from None
-    if have != want:
+    if have != want and run.extended_from(have) is not None:  # spec.iterations raised: the same recipe, grown
+        write_model(layout.recipe_file, RecipeMarker(name=run.name, spec_hash=want))
+    elif have != want:
         raise StageError(
             f"{layout.root} holds the artifacts of another recipe (spec hash {have}; this run's is {want}): "
             "give the run another metadata.name or spec.storage.root, or remove that folder"

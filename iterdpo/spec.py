@@ -506,14 +506,26 @@ class IterativeDPORun(BaseModel):
     def name(self) -> str:
         return self.metadata.name
 
-    def spec_hash(self) -> str:
+    def spec_hash(self, rounds: int | None = None) -> str:
         """Stable digest of the recipe: a resumed run must be the run that was started.
         `suspend` and most of the `kubernetes` section (image, resources, scheduling,
         retries) may change mid-run: they change how stages run, not what they compute.
-        The volume and the launcher may not: artifacts and children are found through them."""
+        The volume and the launcher may not: artifacts and children are found through them.
+        `rounds`: the digest this recipe has when cut to its first `rounds` rounds
+        (spec.iterations and prompts.perIteration cut), which `extended_from` compares."""
         recipe = self.spec.model_dump(mode="json", by_alias=True, exclude={"suspend": True, "kubernetes": MUTABLE_KUBERNETES_FIELDS})
+        if rounds is not None:
+            recipe["iterations"] = rounds
+            if recipe["prompts"].get("perIteration") is not None:
+                recipe["prompts"]["perIteration"] = recipe["prompts"]["perIteration"][:rounds]
         blob = json.dumps(recipe, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def extended_from(self, old_hash: str) -> int | None:
+        """The rounds of the recipe `old_hash` digests, if this recipe is that one with rounds
+        added (spec.iterations raised, a prompt set per added round): a finished or running run
+        may grow. None when it is another recipe (then resuming would mix two)."""
+        return next((k for k in range(1, self.spec.iterations) if self.spec_hash(k) == old_hash), None)
 
     def to_manifest(self) -> dict:
         """The resource as YAML/JSON-ready data, without status."""

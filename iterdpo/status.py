@@ -124,6 +124,19 @@ def accepted(status: RunStatus, spec_hash: str, now: str) -> RunStatus:
     return status.model_copy(update={"conditions": conditions, "spec_hash": spec_hash})
 
 
+def extended(status: RunStatus, old_rounds: int, rounds: int, now: str) -> RunStatus:
+    """spec.iterations was raised from `old_rounds` to `rounds` (the recipe otherwise the same):
+    a Succeeded run runs the added rounds, from its last policy."""
+    added = f"round {rounds}" if rounds == old_rounds + 1 else f"rounds {old_rounds + 1}-{rounds}"
+    message = f"spec.iterations raised from {old_rounds} to {rounds}: {added} to run"
+    conditions = _with_conditions(status, now, ("Succeeded", "False", "Extended", message))
+    if status.phase != "Succeeded":
+        return status.model_copy(update={"conditions": conditions})
+    conditions = _with_conditions(status.model_copy(update={"conditions": conditions}), now,
+                                  ("Progressing", "True", "Extended", message))  # fmt: skip
+    return status.model_copy(update={"phase": "Running", "final_policy": None, "conditions": conditions})
+
+
 def stage_started(status: RunStatus, iteration: int, stage: Stage, policy: str, now: str) -> RunStatus:
     stage = Stage(stage)  # model_copy does not validate: a plain "Generate" becomes the enum here
     iterations = list(status.iterations)

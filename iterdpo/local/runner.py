@@ -29,6 +29,7 @@ from iterdpo.stages import STAGE_TABLE, Command, StageSummary, SummaryError
 from iterdpo.status import (
     RunStatus,
     accepted,
+    extended,
     interrupted,
     now_rfc3339,
     stage_failed,
@@ -144,12 +145,17 @@ class LocalRunner:
     def _initial_status(self) -> RunStatus:
         status = load_status(self.paths.status_file)
         spec_hash = self.run.spec_hash()
+        old_rounds = self.run.extended_from(status.spec_hash) if status and status.spec_hash else None
         if status is None:
             status = RunStatus()
+        elif old_rounds is not None:
+            status = extended(status, old_rounds, self.run.spec.iterations, now_rfc3339())
+            self._say(status.condition("Succeeded").message)
         elif status.spec_hash and status.spec_hash != spec_hash:
             raise SpecChanged(
                 f"the spec of run {self.run.name!r} changed since it started "
                 f"(spec hash {status.spec_hash} -> {spec_hash}); resuming would mix two recipes. "
+                "Only spec.iterations may be raised (with a prompts.perIteration entry per added round). "
                 f"Give the run a new metadata.name, or delete {self.paths.home} to start over."
             )
         elif status.phase == "Succeeded":

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.slow
 ITERDPO = [sys.executable, "-m", "iterdpo.cli"]
 
 
-def write_run(tmp_path: Path, tiny, name: str) -> Path:
+def write_run(tmp_path: Path, tiny, name: str, rounds: int = 2) -> Path:
     return write_tiny_run(
         tmp_path / f"{name}.yaml",
         tiny,
         name=name,
-        iterations=2,
-        prompts={"dataset": None, "perIteration": [{"dataset": str(p), "maxPrompts": 16} for p in tiny.prompts[:2]]},
+        iterations=rounds,
+        prompts={"dataset": None, "perIteration": [{"dataset": str(p), "maxPrompts": 16} for p in tiny.prompts[:rounds]]},
         generation={"samplesPerPrompt": 4, "maxNewTokens": 16},
         reward={"maxLength": 256, "batchTokens": 4096},
         training={"learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0,
@@ -79,6 +79,19 @@ def test_two_rounds_reach_succeeded(tiny, tmp_path):
     # Running a finished run again does nothing and still succeeds.
     again = run_cli("run", str(run_file), "--workdir", str(workdir))
     assert again.returncode == 0 and "already succeeded" in again.stdout
+
+    # Raising spec.iterations (a prompt set for the added round) runs round 3 only, from round 2's policy.
+    finished = [RunLayout(workdir.resolve() / "two-rounds").score_stats(i) for i in (1, 2)]
+    mtimes = [path.stat().st_mtime_ns for path in finished]
+    grown = run_cli("run", str(write_run(tmp_path, tiny, "two-rounds", rounds=3)), "--workdir", str(workdir))
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert "spec.iterations raised from 2 to 3: round 3 to run" in grown.stdout
+    assert "[round 2/3]" not in grown.stdout and "[round 3/3] Train: loss" in grown.stdout
+    assert [path.stat().st_mtime_ns for path in finished] == mtimes
+    status = status_of(workdir, "two-rounds")
+    assert status["phase"] == "Succeeded" and [it["iteration"] for it in status["iterations"]] == [1, 2, 3]
+    assert status["iterations"][2]["policy"] == status["iterations"][1]["training"]["checkpoint"]
+    assert status["finalPolicy"] == status["iterations"][2]["training"]["checkpoint"]
 
 
 def _wait_for(predicate, timeout: float, what: str):

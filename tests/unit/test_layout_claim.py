@@ -30,4 +30,13 @@ def test_first_stage_marks_the_folder_and_the_same_recipe_passes(tmp_path):
 def test_another_recipe_is_refused_with_what_to_do(tmp_path):
     claim_run_folder(run_at(tmp_path))
     with pytest.raises(StageError, match="holds the artifacts of another recipe.*metadata.name or spec.storage.root"):
-        claim_run_folder(run_at(tmp_path, iterations=5))
+        claim_run_folder(run_at(tmp_path, generation={"seed": 7}))
+
+
+def test_added_rounds_are_the_same_recipe_grown_and_the_marker_follows(tmp_path):
+    claim_run_folder(run_at(tmp_path))  # 3 rounds
+    grown = run_at(tmp_path, iterations=5)
+    claim_run_folder(grown)
+    assert json.loads(RunLayout.of(grown).recipe_file.read_text())["specHash"] == grown.spec_hash()
+    with pytest.raises(StageError, match="another recipe"):  # rounds cannot be taken away again
+        claim_run_folder(run_at(tmp_path))

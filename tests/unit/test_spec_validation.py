@@ -139,6 +139,28 @@ def test_spec_hash_changes_with_the_spec():
     assert parse_run(VALID).spec_hash() != parse_run(with_change("spec.iterations", 3)).spec_hash()
 
 
+def test_a_recipe_with_rounds_added_extends_the_old_one_and_nothing_else_does():
+    two, four = parse_run(VALID), parse_run(with_change("spec.iterations", 4))
+    assert four.extended_from(two.spec_hash()) == 2
+    assert four.spec_hash(rounds=4) == four.spec_hash()
+    assert two.extended_from(four.spec_hash()) is None  # fewer rounds is another recipe
+    assert two.extended_from(two.spec_hash()) is None  # the same recipe is not an extension
+    other = with_change("spec.iterations", 4)
+    other["spec"]["generation"] = {"seed": 1}
+    assert parse_run(other).extended_from(two.spec_hash()) is None
+
+
+def test_per_round_prompt_sets_extend_only_when_the_old_rounds_keep_theirs():
+    def run(*sets):
+        data = with_change("spec.iterations", len(sets))
+        data["spec"]["prompts"] = {"perIteration": [{"dataset": d} for d in sets]}
+        return parse_run(data)
+
+    old = run("org/a", "org/b").spec_hash()
+    assert run("org/a", "org/b", "org/c").extended_from(old) == 2
+    assert run("org/a", "org/x", "org/c").extended_from(old) is None  # round 2's prompts changed
+
+
 def test_prompts_need_a_dataset_or_per_iteration_sets():
     data = copy.deepcopy(VALID)
     data["spec"]["prompts"] = {"maxPrompts": 5}
