@@ -36,12 +36,21 @@ def local_path_problems(run: IterativeDPORun, base_dir: Path | None = None) -> l
     problems: list[str] = []
     for field, kind, value in spec.path_fields():
         if kind == "model":
-            problems += model_problems(field, value, context[field], base_dir)
+            problems += model_problems(field, value, context[field], base_dir, where=_on_volume(run, value))
         elif kind == "dataset":
-            problems += _dataset_problems(field, value, base_dir)
+            problems += _dataset_problems(field, value, base_dir, where=_on_volume(run, value))
         else:
             problems += root_problems(field, Path(value))
     return problems
+
+
+def _on_volume(run: IterativeDPORun, value: str) -> str:
+    """' on the volume (...)' for a path under the run's mount path, when it names a claim: in a
+    pod (the stage programs read the pod's copy of the run) that is where it was looked for."""
+    volume = run.spec.kubernetes.volume
+    if volume.claim_name and is_local(value) and Path(value).is_relative_to(volume.mount_path):
+        return f" on the volume (claim {volume.claim_name}, mounted at {volume.mount_path} in the pods)"
+    return ""
 
 
 def _hub_id_problem(field: str, value: str, base_dir: Path | None) -> list[str]:
@@ -52,14 +61,15 @@ def _hub_id_problem(field: str, value: str, base_dir: Path | None) -> list[str]:
     return []
 
 
-def model_problems(field: str, value: str, lengths: dict[str, int], base_dir: Path | None = None) -> list[str]:
+def model_problems(field: str, value: str, lengths: dict[str, int], base_dir: Path | None = None,
+                   where: str = "") -> list[str]:  # fmt: skip
     """A model field's problems: the folder, its config.json, and `lengths` (field -> tokens)
-    that must fit in the model's context."""
+    that must fit in the model's context. `where`: where it was looked for, if not here."""
     if not is_local(value):
         return _hub_id_problem(field, value, base_dir)
     path = Path(value)
     if not path.exists():
-        return [f"{field}: {clip(value, PATH_CHARS)} does not exist (a model folder, as saved by save_pretrained)"]
+        return [f"{field}: {clip(value, PATH_CHARS)} does not exist{where} (a model folder, as saved by save_pretrained)"]
     if not path.is_dir():
         return [f"{field}: {clip(value, PATH_CHARS)} is a file; a model is a folder holding config.json and the weights"]
     if not any(path.iterdir()):
@@ -83,12 +93,12 @@ def model_problems(field: str, value: str, lengths: dict[str, int], base_dir: Pa
             for name, length in lengths.items() if length > positions]  # fmt: skip
 
 
-def _dataset_problems(field: str, value: str, base_dir: Path | None) -> list[str]:
+def _dataset_problems(field: str, value: str, base_dir: Path | None, where: str = "") -> list[str]:
     if not is_local(value):
         return _hub_id_problem(field, value, base_dir)
     path = Path(value)
     if not path.exists():
-        return [f"{field}: {clip(value, PATH_CHARS)} does not exist (a {', '.join(PROMPT_SUFFIXES)} file, or a folder of them)"]
+        return [f"{field}: {clip(value, PATH_CHARS)} does not exist{where} (a {', '.join(PROMPT_SUFFIXES)} file, or a folder of them)"]
     if path.is_file():
         if path.suffix not in PROMPT_SUFFIXES:
             return [f"{field}: {clip(value, PATH_CHARS)} has type {path.suffix or '(none)'!r}; allowed: {', '.join(PROMPT_SUFFIXES)} "

@@ -252,6 +252,16 @@ def test_a_missing_model_names_the_field(tmp_path, base):
     assert f"spec.policy.model: {tmp_path}/nope does not exist" in err
 
 
+def test_a_missing_path_under_the_runs_volume_says_it_was_looked_for_on_the_volume(tmp_path, base):
+    """A stage program in a pod reads the pod's copy of the run: a missing /iterdpo/... path is
+    missing from the claim, and the message says so (never a hub error)."""
+    data = changed(changed(base, "spec.policy.model", "/iterdpo/tiny/policy"), "spec.kubernetes", {"volume": {"claimName": "data"}})
+    data["spec"]["prompts"] = {"dataset": "/iterdpo/tiny/prompts.jsonl"}
+    err = refused(write(tmp_path, data))
+    assert "spec.policy.model: /iterdpo/tiny/policy does not exist on the volume (claim data, mounted at /iterdpo in the pods)" in err
+    assert "spec.prompts.dataset: /iterdpo/tiny/prompts.jsonl does not exist on the volume" in err
+
+
 def test_a_model_that_is_a_file_or_empty_or_has_no_config(tmp_path, base):
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
