@@ -31,7 +31,7 @@ POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
                       "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
 RUN_LABEL = "iterdpo.io/run"
-TEMPLATE_HASH = "iterdpo.io/template-hash"  # on long-lived children: the pod template they were built with
+TEMPLATE_HASH = "iterdpo.io/template-hash"  # on long-lived children: the pod template (or data) they were built with
 
 
 # -- names and labels ----------------------------------------------------------------
@@ -119,8 +119,10 @@ def pod_run(run: IterativeDPORun) -> IterativeDPORun:
 def spec_config_map(run: IterativeDPORun, owner_uid: str | None = None) -> dict:
     manifest = pod_run(run).to_manifest()
     manifest["metadata"] = {k: v for k, v in manifest["metadata"].items() if k in ("name", "namespace")}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(run, spec_config_map_name(run), "spec", owner_uid),
-            "data": {"run.yaml": yaml.safe_dump(manifest, sort_keys=False)}}  # fmt: skip
+    data = {"run.yaml": yaml.safe_dump(manifest, sort_keys=False)}
+    meta = _meta(run, spec_config_map_name(run), "spec", owner_uid)
+    meta["annotations"] = {TEMPLATE_HASH: template_hash(data)}  # kept current (Ensure): spec.iterations may grow
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
 
 
 # -- pods ------------------------------------------------------------------------------

@@ -14,13 +14,16 @@ from iterdpo.spec import API_VERSION, IterativeDPORun
 from iterdpo.stages import STAGE_TABLE
 from iterdpo_operator import builders as b
 from iterdpo_operator.launchers import ChildRef
-from iterdpo_operator.reconcile import (RESUME_ANNOTATION, Create, Ensure, Observed, Patch, PodMessage, Scale, Target,
-                                        child_ref)  # fmt: skip
-from iterdpo_operator.stage_children import child_kind
+from iterdpo_operator.reconcile import (RESUME_ANNOTATION, Create, Ensure, Observed, Patch, PodMessage, PodProblem, Scale,
+                                        Target, child_ref, pod_problem)  # fmt: skip
+from iterdpo_operator.stage_children import CHILDREN, child_kind
+from iterdpo_operator.validation import Reference, references
 
 log = logging.getLogger(__name__)
 PLURAL = "iterativedporuns"
 MAX_DETAIL = 600  # characters of a failed pod's message kept in the run's condition
+# Ask for an object's metadata only: whether a Secret exists, never its data (the verb is still get).
+METADATA_ONLY = {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"}
 
 
 class Conflict(Exception):
@@ -145,18 +148,46 @@ class Kube:
             raise
         return bool(dep.status.available_replicas) and (dep.spec.replicas or 0) > 0
 
+    def _exists(self, ref: Reference, namespace: str) -> bool:
+        """Whether the object is there; only its metadata is read (404 -> False, 403 raises)."""
+        read = {"PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
+                "Secret": self.core.read_namespaced_secret}[ref.kind]  # fmt: skip
+        try:
+            response = read(ref.name, namespace, _headers=METADATA_ONLY, _preload_content=False)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        response.read()  # the body is not used; reading it returns the connection to the pool
+        return True
+
+    def missing_references(self, run: IterativeDPORun) -> tuple[Reference, ...]:
+        """The claim and Secrets the spec names that are not in the run's namespace."""
+        return tuple(r for r in references(run) if not self._exists(r, run.metadata.namespace))
+
+    def pod_problem(self, namespace: str, labels: dict[str, str]) -> PodProblem | None:
+        """Why one of the pods with these labels cannot start (unschedulable, image, crash loop), if one cannot."""
+        pods = self._pods(namespace, ",".join(f"{k}={v}" for k, v in labels.items()))
+        return pod_problem([self.api_client.sanitize_for_serialization(p) for p in pods])
+
     def observe(self, run: IterativeDPORun, target: Target) -> Observed:
         ns = run.metadata.namespace
         ref = child_ref(run, target)
         obj = self._get(ref, ns)
-        reward = self.reward_available(run) if STAGE_TABLE[target.stage].uses_reward_server else False
-        if obj is None:
-            return Observed(child_exists=False, reward_available=reward)
+        calls_reward = STAGE_TABLE[target.stage].uses_reward_server
+        reward = self.reward_available(run) if calls_reward else False
+        if obj is None:  # a child may be created next: what it needs must exist, and the reward server must be up
+            reward_problem = self.pod_problem(ns, b.labels(run, "reward")) if calls_reward and not reward else None
+            return Observed(child_exists=False, reward_available=reward, missing=self.missing_references(run),
+                            reward_problem=reward_problem)  # fmt: skip
         controller = child_kind(run, target.stage)
         outcome, selector, suspended = controller.outcome(obj), controller.summary_pods_selector(ref.name), controller.suspended(obj)
         summaries = self._summaries(ns, selector) if outcome.done and outcome.succeeded else []
         detail = self._failure_detail(ns, selector) if outcome.done and not outcome.succeeded else ""
-        return Observed(True, outcome, summaries, detail, suspended, reward)
+        # Every pod of the attempt (a PyTorchJob's workers too), by the labels its pod template carries.
+        attempt_pods = b.labels(run, CHILDREN[target.stage].component, target.iteration, target.attempt)
+        problem = None if outcome.done or suspended else self.pod_problem(ns, attempt_pods)
+        return Observed(True, outcome, summaries, detail, suspended, reward, pod_problem=problem)
 
     # -- acting -------------------------------------------------------------------------
     def apply(self, run: IterativeDPORun, actions: list) -> None:
@@ -186,17 +217,20 @@ class Kube:
 
     def ensure(self, manifest: dict, namespace: str) -> None:
         """Create if absent; if the existing object was built from another pod template, replace
-        its template (a Deployment then rolls its pods). Replicas are Scale's business."""
+        its template (a Deployment then rolls its pods; a ConfigMap's data is replaced). Replicas
+        are Scale's business."""
         if self.create(manifest, namespace):
+            log.info("created %s %s/%s", manifest["kind"], namespace, manifest["metadata"]["name"])
             return
         resource = self._resource(manifest["apiVersion"], manifest["kind"])
         name = manifest["metadata"]["name"]
         want = manifest["metadata"]["annotations"][b.TEMPLATE_HASH]
         have = ((resource.get(name=name, namespace=namespace).to_dict().get("metadata") or {}).get("annotations") or {}).get(b.TEMPLATE_HASH)
         if have != want:
-            log.info("%s %s/%s: pod template changed (%s -> %s); updating it", manifest["kind"], namespace, name, have, want)
+            what = ("data", manifest["data"]) if manifest["kind"] == "ConfigMap" else ("spec/template", manifest["spec"]["template"])
+            log.info("%s %s/%s: %s changed (%s -> %s); updating it", manifest["kind"], namespace, name, what[0], have, want)
             key = b.TEMPLATE_HASH.replace("~", "~0").replace("/", "~1")
-            patch = [{"op": "replace", "path": "/spec/template", "value": manifest["spec"]["template"]},  # whole: keys go too
+            patch = [{"op": "replace", "path": f"/{what[0]}", "value": what[1]},  # whole: keys go too
                      {"op": "add", "path": f"/metadata/annotations/{key}", "value": want}]  # fmt: skip
             resource.patch(name=name, namespace=namespace, body=patch, content_type="application/json-patch+json")
 

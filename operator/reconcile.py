@@ -9,6 +9,7 @@ moment never makes two children for one attempt.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -16,17 +17,21 @@ from iterdpo.planner import Finished, next_step
 from iterdpo.spec import MAX_RETRY_BACKOFF_SECONDS, IterativeDPORun
 from iterdpo.stages import STAGE_TABLE, Stage, SummaryError
 from iterdpo.status import (
+    Condition,
     RunStatus,
     accepted,
+    extended,
     set_condition,
     stage_failed,
     stage_finished,
     stage_started,
     succeeded,
 )
+from iterdpo.yamlfile import clip
 from iterdpo_operator import builders as b
 from iterdpo_operator import stage_children as children
 from iterdpo_operator.launchers import ChildRef, Outcome
+from iterdpo_operator.validation import Reference
 
 RESUME_ANNOTATION = "iterdpo.io/resume"
 
@@ -74,6 +79,75 @@ class PodMessage:
     text: str
 
 
+# Why a pod cannot start, as the scheduler or the kubelet says it -> the kind of problem, which is
+# the Event's reason. Each needs a change to the spec or the cluster to clear; the kubelet alternates
+# ErrImagePull and ImagePullBackOff on each retry of a pull, so the two are one kind (one Event, not one per retry).
+POD_PROBLEMS = {
+    "Unschedulable": "Unschedulable",  # condition PodScheduled=False: no node fits (GPUs, selector, taints, claim)
+    "ErrImagePull": "ErrImagePull", "ImagePullBackOff": "ErrImagePull",
+    "ErrImageNeverPull": "ErrImageNeverPull", "InvalidImageName": "InvalidImageName",
+    "CrashLoopBackOff": "CrashLoopBackOff",  # restartPolicy Always: the reward server
+    "CreateContainerConfigError": "CreateContainerConfigError",  # e.g. a key missing from a Secret
+    "CreateContainerError": "CreateContainerError",
+}  # fmt: skip
+POD_DETAIL = 300  # characters of the scheduler's or kubelet's message kept
+
+
+@dataclass(frozen=True)
+class PodProblem:
+    """One pod that cannot start: its name, the reason (a key of POD_PROBLEMS) and the message."""
+
+    pod: str
+    reason: str
+    message: str = ""
+
+    @property
+    def kind(self) -> str:
+        return POD_PROBLEMS[self.reason]
+
+    def line(self) -> str:
+        """One short line: `pod NAME: REASON: message`."""
+        detail = clip(" ".join(self.message.split()), POD_DETAIL)
+        return f"pod {self.pod}: {self.reason}" + (f": {detail}" if detail else "")
+
+
+_PROBLEM_LINE = re.compile(r"\bpod [a-z0-9][a-z0-9.-]*: (" + "|".join(POD_PROBLEMS) + r")\b.*")
+
+
+def said_problem(condition: Condition | None, reason: str) -> re.Match | None:
+    """The pod problem a condition of `reason` already reports (its `PodProblem.line()`), if any."""
+    if condition is None or condition.reason != reason:
+        return None
+    return _PROBLEM_LINE.search(condition.message)
+
+
+def _waiting_reason(statuses: list[dict]) -> tuple[str, str] | None:
+    """(reason, message) of the first container waiting for a reason of POD_PROBLEMS (not ContainerCreating)."""
+    for cs in statuses:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in POD_PROBLEMS:
+            return waiting["reason"], waiting.get("message") or ""
+    return None
+
+
+def pod_problem(pods: list[dict]) -> PodProblem | None:
+    """The first pod (by name) that cannot start, from pods as the API serves them (JSON): the
+    scheduler's Unschedulable condition, else a container's waiting reason of POD_PROBLEMS.
+    Finished and deleted pods do not count."""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        status = pod.get("status") or {}
+        if pod["metadata"].get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        name = pod["metadata"]["name"]
+        for c in status.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return PodProblem(name, "Unschedulable", c.get("message") or "")
+        found = _waiting_reason((status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []))
+        if found:
+            return PodProblem(name, *found)
+    return None
+
+
 @dataclass(frozen=True)
 class Observed:
     """What the API shows for the target: its child, and the reward server."""
@@ -84,6 +158,9 @@ class Observed:
     failure_detail: str = ""  # the failed pod's termination message (log tail), for the condition
     child_suspended: bool = False
     reward_available: bool = False
+    missing: tuple[Reference, ...] = ()  # objects the spec names that are not there (looked up while no child exists)
+    pod_problem: PodProblem | None = None  # a pod of the running child that cannot start
+    reward_problem: PodProblem | None = None  # a reward server pod that cannot start (while Score waits for it)
 
 
 # -- actions and events ------------------------------------------------------------------
@@ -94,7 +171,7 @@ class Create:
 
 @dataclass(frozen=True)
 class Ensure:
-    manifest: dict  # created if absent; its pod template replaced if it differs (by the template-hash annotation)
+    manifest: dict  # created if absent; its pod template (a ConfigMap: its data) replaced if it differs (template-hash annotation)
 
 
 @dataclass(frozen=True)
@@ -178,9 +255,14 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
     events: list[Event] = []
 
     spec_hash = run.spec_hash()
-    if st.spec_hash is not None and st.spec_hash != spec_hash:
-        message = ("the recipe changed after the run started (only spec.suspend and spec.kubernetes, except its "
-                   "volume and launcher, may change); revert the change, or delete the run and create a new one")  # fmt: skip
+    old_rounds = run.extended_from(st.spec_hash) if st.spec_hash not in (None, spec_hash) else None
+    if old_rounds is not None:  # spec.iterations raised: the added rounds run from the last policy
+        st = extended(st, old_rounds, run.spec.iterations, t)
+        events.append(Event("Normal", "Extended", st.condition("Succeeded").message))
+    elif st.spec_hash is not None and st.spec_hash != spec_hash:
+        message = ("the recipe changed after the run started (only spec.suspend, spec.kubernetes except its volume "
+                   "and launcher, and spec.iterations, raised with a prompt set per added round, may change); "
+                   "revert the change, or delete the run and create a new one")  # fmt: skip
         if st.condition("Valid") is not None and st.condition("Valid").reason != "SpecChanged":
             events.append(Event("Warning", "SpecChanged", message))
         conditions = set_condition(st.conditions, "Valid", "False", "SpecChanged", message, t)
@@ -214,7 +296,7 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         return Decision(st, actions, events)
 
     ref = child_ref(run, target)
-    actions: list = [Create(b.spec_config_map(run, owner_uid))]
+    actions: list = [Ensure(b.spec_config_map(run, owner_uid))]  # current: new pods read the grown spec
 
     if run.spec.suspend:
         mid_stage = observed.child_exists and not (observed.outcome and observed.outcome.done)
@@ -247,16 +329,20 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         retry_after = parse_time(st.retry_after)
         if retry_after and now < retry_after:
             return Decision(st, actions, events, requeue_after=(retry_after - now).total_seconds())
+        if observed.missing:  # nothing is created, not even the reward server: its pods need them too
+            return Decision(_references_missing(run, st, status.condition("Valid"), target, observed.missing, events, t),
+                            events=events)  # fmt: skip
         if calls_reward and not observed.reward_available:
             since = parse_time(st.waiting_since) or now
             deadline = run.spec.reward.startup_timeout_seconds
+            problem = observed.reward_problem
             if (now - since).total_seconds() <= deadline:
-                conditions = set_condition(st.conditions, "Progressing", "True", "WaitingForRewardServer",
-                                           f"round {target.iteration}: waiting for Deployment {b.reward_name(run)} to be available", t)  # fmt: skip
-                st = st.model_copy(update={"conditions": conditions, "waiting_since": rfc3339(since)})
+                waiting = f"round {target.iteration}: waiting for Deployment {b.reward_name(run)} to be available"
+                st = _pod_problem_said(st, "WaitingForRewardServer", waiting, problem, events, t)
+                st = st.model_copy(update={"waiting_since": rfc3339(since)})
                 return Decision(st, actions, events, requeue_after=2.0)
             failure = (f"Deployment {b.reward_name(run)} was not Available within {deadline:g} s "
-                       "(spec.reward.startupTimeoutSeconds): see its pods' events and logs")  # fmt: skip
+                       "(spec.reward.startupTimeoutSeconds): " + (problem.line() if problem else "see its pods' events and logs"))  # fmt: skip
             st = st.model_copy(update={**bookkeeping, "waiting_since": None})
             return _failed_attempt(run, st, target, limit, failure, actions, events, now)
         actions.append(Create(child_manifest(run, target, owner_uid)))
@@ -267,9 +353,10 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
 
     outcome = observed.outcome or Outcome(False)
     if not outcome.done:
-        if st.current_child != ref.name or st.phase != "Running":
+        progressing = st.condition("Progressing")  # after a suspension or a fixed spec: running again
+        if st.current_child != ref.name or st.phase != "Running" or not progressing or progressing.reason != f"{target.stage}Running":
             st = stage_started(st, target.iteration, target.stage, target.policy, t).model_copy(update=bookkeeping)
-        return Decision(st, actions, events)
+        return Decision(_running(st, target, observed.pod_problem, events, t), actions, events)
 
     failure = f"{ref.kind} {ref.name}: {outcome.reason}" + (f": {outcome.message}" if outcome.message else "")
     if outcome.succeeded:
@@ -290,8 +377,48 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
                     f"{children.stage_timeout(run, target.stage)} s (pending pods count)")  # fmt: skip
     if observed.failure_detail:
         failure += f"; {observed.failure_detail}"
+    elif said := said_problem(st.condition("Progressing"), f"{target.stage}Running"):  # its pods never started
+        failure += f"; last seen: {said.group(0)}"
 
     return _failed_attempt(run, st, target, limit, failure, actions, events, now)
+
+
+def _references_missing(run: IterativeDPORun, st: RunStatus, valid_before: Condition | None, target: Target,
+                        missing: tuple[Reference, ...], events: list[Event], t: str) -> RunStatus:  # fmt: skip
+    """Valid=False naming each missing object, Progressing=False, one Warning Event per new message.
+    Not Failed: kube.py looks again on every pass, and the run goes on by itself once they exist."""
+    message = "; ".join(ref.not_found(run.metadata.namespace or "default") for ref in missing)
+    # `accepted` set Valid=True earlier in this pass: start from the condition as it was read, so
+    # its lastTransitionTime stays put while the objects are missing (no status write per pass).
+    conditions = [valid_before if c.type == "Valid" and valid_before is not None else c for c in st.conditions]
+    conditions = set_condition(conditions, "Valid", "False", "ReferenceNotFound", message, t)
+    conditions = set_condition(conditions, "Progressing", "False", "ReferenceNotFound",
+                               f"round {target.iteration}: {target.stage} starts once every object the Valid "
+                               "condition names exists", t)  # fmt: skip
+    if valid_before is None or (valid_before.reason, valid_before.message) != ("ReferenceNotFound", message):
+        events.append(Event("Warning", "ReferenceNotFound", message))
+    return st.model_copy(update={"conditions": conditions, "waiting_since": None})
+
+
+def _pod_problem_said(st: RunStatus, reason: str, doing: str, problem: PodProblem | None, events: list[Event],
+                      t: str) -> RunStatus:  # fmt: skip
+    """Progressing=True (`reason`): `doing`, then why a pod cannot start, if one cannot. A Warning
+    Event (reason: the problem's kind) only when that kind is new, not on every pass."""
+    message = f"{doing}; {problem.line()}" if problem else doing
+    if problem is not None:
+        said = said_problem(st.condition("Progressing"), reason)
+        if said is None or POD_PROBLEMS[said.group(1)] != problem.kind:
+            events.append(Event("Warning", problem.kind, message))
+    return st.model_copy(update={"conditions": set_condition(st.conditions, "Progressing", "True", reason, message, t)})
+
+
+def _running(st: RunStatus, target: Target, problem: PodProblem | None, events: list[Event], t: str) -> RunStatus:
+    """A running stage's Progressing message: `round N: Stage is running`, or why its pods cannot start."""
+    reason = f"{target.stage}Running"
+    progressing = st.condition("Progressing")
+    if problem is None and (progressing is None or progressing.reason != reason or said_problem(progressing, reason) is None):
+        return st  # as stage_started left it
+    return _pod_problem_said(st, reason, f"round {target.iteration}: {target.stage} is running", problem, events, t)
 
 
 def _failed_attempt(run: IterativeDPORun, st: RunStatus, target: Target, limit: int, failure: str,

@@ -1,17 +1,21 @@
-"""What the schema cannot check but a cluster needs: paths that can exist in the pods.
+"""What the schema cannot check but a cluster needs: paths that can exist in the pods, and
+the objects the spec names (its claim and Secrets), which must exist in the run's namespace.
 
 The API server has already applied the CRD's schema and CEL rules; this runs the same
 pydantic model the local runner uses (so a rule missing from the CRD is still caught)
 plus the Kubernetes-only rules. Each problem names the field, as `iterdpo validate` does.
+Whether a named object exists is the API's to say: `references` lists them, `kube.py` looks.
 """
 
 from __future__ import annotations
 
 import posixpath
+import typing
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from iterdpo.runfile import SpecError, parse_run
-from iterdpo.spec import IterativeDPORun, is_local
+from iterdpo.spec import IterativeDPORun, KubernetesSpec, SecretKeyRef, is_local
 from iterdpo.yamlfile import short
 
 
@@ -71,3 +75,36 @@ def validate_resource(body: dict) -> IterativeDPORun:
     if problems:
         raise InvalidRun("\n".join(problems))
     return run
+
+
+# -- objects the spec names ------------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """An object the spec names but the operator does not create: the pods cannot start without it."""
+
+    field: str  # the spec field naming it, e.g. spec.kubernetes.volume.claimName
+    kind: str  # PersistentVolumeClaim | Secret
+    name: str
+
+    def not_found(self, namespace: str) -> str:
+        """The one-line problem, naming the field and the object."""
+        return (f'{self.field}: {self.kind} "{self.name}" not found in namespace "{namespace}"; '
+                "create it (docs/kubernetes.md) or fix the field")  # fmt: skip
+
+
+# Every Secret field of spec.kubernetes, read from the model: a new one is checked too.
+SECRET_FIELDS = tuple((f.alias or name, name) for name, f in KubernetesSpec.model_fields.items()
+                      if SecretKeyRef in (f.annotation, *typing.get_args(f.annotation)))  # fmt: skip
+
+
+def references(run: IterativeDPORun) -> list[Reference]:
+    """The claim and each Secret the spec names (not the token Secret the operator makes itself)."""
+    k = run.spec.kubernetes
+    refs = []
+    if k.volume.claim_name:
+        refs.append(Reference("spec.kubernetes.volume.claimName", "PersistentVolumeClaim", k.volume.claim_name))
+    for alias, name in SECRET_FIELDS:
+        ref = getattr(k, name)
+        if ref is not None:
+            refs.append(Reference(f"spec.kubernetes.{alias}.name", "Secret", ref.name))
+    return refs

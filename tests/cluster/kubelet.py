@@ -8,7 +8,9 @@ project's machines; this stands in for one.
 
 - `InstantKubelet` (this file): each pod runs and exits at once, with the exit code and
   termination message that `rule(pod)` returns; pods with restartPolicy Always
-  (Deployments) stay Running and Ready.
+  (Deployments) stay Running and Ready. A pod with an image whose name contains
+  MISSING_IMAGE never starts: the kubelet's stand-in reports the pull failure a real kubelet
+  reports for an image that does not exist (ErrImagePull, then ImagePullBackOff).
 - `LocalExecKubelet` (`localexec.py`): each container's command really runs as a local
   process.
 """
@@ -31,6 +33,8 @@ Rule = Callable[[client.V1Pod], "tuple[int, str] | None"]  # None: keep the pod 
 NODE = "iterdpo-node-0"
 CAPACITY = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8"}
 KUBELET_VERSION = "v1.34.4"
+MISSING_IMAGE = "does-not-exist"  # in an image name: the instant kubelet cannot "pull" it
+PULL_BACKOFF_SECONDS = 1.0  # ErrImagePull -> ImagePullBackOff (a real kubelet: 10 s, doubling to 5 min)
 
 
 def succeed(pod: client.V1Pod) -> tuple[int, str]:
@@ -194,6 +198,10 @@ class InstantKubelet(TestKubelet):
             self._held.pop(pod.metadata.uid, None)
 
     def _admit(self, pod: client.V1Pod) -> None:
+        missing = [c for c in pod.spec.containers if MISSING_IMAGE in (c.image or "")]
+        if missing:
+            self._fail_pull(pod, missing)
+            return
         # Instant pods never listen, so their IPs only need to be valid endpoint
         # addresses (the EndpointSlice API rejects loopback ones): TEST-NET-3.
         ip, t = f"203.0.113.{next(self._ips)}", now()
@@ -207,6 +215,40 @@ class InstantKubelet(TestKubelet):
             "containerStatuses": running})  # fmt: skip
         if pod.spec.restart_policy != "Always":
             self._finish(pod)
+
+    def _fail_pull(self, pod: client.V1Pod, missing: list[client.V1Container]) -> None:
+        """A stand-in, not a runtime: what a real kubelet (containerd) writes for an image the
+        registry does not have. The pod stays Pending with its sandbox up (IPs, startTime); the
+        container waits with ErrImagePull, then ImagePullBackOff. A real kubelet goes back to
+        ErrImagePull on each retry of the pull; this one stays in ImagePullBackOff."""
+        ip, t = f"203.0.113.{next(self._ips)}", now()
+        names = [c.name for c in pod.spec.containers]
+
+        def status(reason: str) -> dict:
+            def waiting(c: client.V1Container) -> dict:
+                if c not in missing:
+                    return {"reason": "ContainerCreating"}
+                if reason == "ErrImagePull":
+                    message = (f'rpc error: code = NotFound desc = failed to pull and unpack image "{c.image}": '
+                               f'failed to resolve reference "{c.image}": {c.image}: not found')  # fmt: skip
+                else:
+                    message = f'Back-off pulling image "{c.image}"'
+                return {"reason": reason, "message": message}
+
+            conditions = pod_conditions(False, t)
+            for cond in conditions:
+                if cond["type"] in ("Ready", "ContainersReady"):
+                    cond.update(reason="ContainersNotReady", message=f"containers with unready status: [{' '.join(names)}]")
+            return {"phase": "Pending", "hostIP": self.node_ip, "hostIPs": [{"ip": self.node_ip}], "podIP": ip,
+                    "podIPs": [{"ip": ip}], "startTime": t, "conditions": conditions,
+                    "containerStatuses": [{"name": c.name, "image": c.image, "imageID": "", "ready": False, "started": False,
+                                           "restartCount": 0, "state": {"waiting": waiting(c)}}
+                                          for c in pod.spec.containers]}  # fmt: skip
+
+        self.patch_status(pod, status("ErrImagePull"))
+        backoff = threading.Timer(PULL_BACKOFF_SECONDS, self.patch_status, (pod, status("ImagePullBackOff")))
+        backoff.daemon = True
+        backoff.start()
 
     def _finish(self, pod: client.V1Pod) -> None:
         outcome = self.rule(pod)

@@ -128,9 +128,13 @@ def test_wrong_value_fails_the_install(control_plane, helm, ns, release):
 
 
 # -- least privilege: the operator with the chart's ServiceAccount token -------------------
+HUB_SECRET = "hf-token"
+
+
 def chart_run(name: str) -> dict:
-    """One round; rewardNetworkPolicy: the operator then creates a NetworkPolicy too (one more rule to prove)."""
-    return run_body(name, iterations=1, kubernetes={"rewardNetworkPolicy": True})
+    """One round; rewardNetworkPolicy: the operator then creates a NetworkPolicy too, and
+    hubTokenSecret: it checks that Secret exists (two more rules to prove)."""
+    return run_body(name, iterations=1, kubernetes={"rewardNetworkPolicy": True, "hubTokenSecret": {"name": HUB_SECRET}})
 
 
 def service_account_kubeconfig(cluster, ns: str, sa: str, path: Path) -> Path:
@@ -225,6 +229,8 @@ class ChartOperator:
 @pytest.fixture()
 def chart_operator(control_plane, crd, helm, ns, release, tmp_path):
     bound_claim(control_plane, ns, tmp_path / "pv", name="iterdpo-data")
+    client.CoreV1Api(control_plane.api_client).create_namespaced_secret(
+        ns, {"metadata": {"name": HUB_SECRET}, "stringData": {"token": "hf_test"}})  # chart_run's hubTokenSecret
     co = ChartOperator(control_plane, helm, ns, release, tmp_path)
     yield co
     co.stop()
@@ -286,7 +292,8 @@ def without(rules: list[dict], group: str, resource: str, verb: str) -> list[dic
 # operator's Role in the watched namespace, "kopf" the small ClusterRole of kopf's reads.
 #   "stuck": the API server refuses it (403 in the operator log) and the run makes no progress;
 #   "works": the run still Succeeds; only the Warning Events are lost (logged as refused).
-# Scenario "run": a 1-round run; "suspend": the run is suspended while its generate Job runs.
+# Scenario "run": a 1-round run; "suspend": the run is suspended while its generate Job runs;
+# "extend": the 1-round run, once Succeeded, gets spec.iterations 2.
 # Rules not listed here, found by hand with the same test (docs/install.md has the table):
 # runs watch, jobs/deployments/pytorchjobs list+watch (kopf's watches: without them the
 # run still finishes, on the timer and kopf's re-lists, only slower to react); runs patch
@@ -306,8 +313,12 @@ CASES = [
     ("role", "kubeflow.org", "pytorchjobs", "create", "run", "stuck"),
     ("role", "", "pods", "list", "run", "stuck"),
     ("role", "", "configmaps", "create", "run", "stuck"),
+    ("role", "", "configmaps", "get", "run", "stuck"),  # kube.ensure: is the spec ConfigMap current?
+    ("role", "", "configmaps", "patch", "extend", "stuck"),  # kube.ensure: spec.iterations raised, the pods' copy follows
     ("role", "", "services", "create", "run", "stuck"),
     ("role", "", "secrets", "create", "run", "stuck"),
+    ("role", "", "secrets", "get", "run", "stuck"),  # missing_references: hubTokenSecret exists?
+    ("role", "", "persistentvolumeclaims", "get", "run", "stuck"),  # missing_references: the claim exists?
     ("role", "networking.k8s.io", "networkpolicies", "create", "run", "stuck"),
     ("role", "", "events", "create", "run", "works"),
     # kopf's namespace observer (-n): it retries the list for ~55 s (its error back-offs,
@@ -338,6 +349,11 @@ def test_each_rule_is_needed(control_plane, chart_operator, ns, role, group, res
         batch = client.BatchV1Api(control_plane.api_client)
         wait_for("the generate Job", lambda: exists(batch.read_namespaced_job, f"{name}-i01-generate-a1", ns), control_plane)
         custom(control_plane).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"suspend": True}})
+    elif scenario == "extend":  # a finished 1-round run gets a second round
+        control_plane.kubelet.rule = summaries()
+        custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, chart_run(name))
+        wait_for("round 1 to finish", lambda: phase(control_plane, ns, name) == "Succeeded", control_plane, timeout=60)
+        custom(control_plane).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"iterations": 2}})
     else:
         control_plane.kubelet.rule = summaries()
         custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, chart_run(name))
@@ -364,5 +380,8 @@ def test_each_rule_is_needed(control_plane, chart_operator, ns, role, group, res
     if without_it == "stuck":
         time.sleep(3)  # a few more timer passes (1 s apart): still no progress past the refusal
         status = custom(control_plane).get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name).get("status") or {}
-        assert status.get("phase") not in ("Succeeded", "Suspended"), status
+        if scenario == "extend":  # still Succeeded with one round: round 2 never started
+            assert [it["iteration"] for it in status.get("iterations", [])] == [1], status
+        else:
+            assert status.get("phase") not in ("Succeeded", "Suspended"), status
     assert set(forbidden(op.log())) == expected, forbidden(op.log())  # nothing else was refused

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import yaml
-from clusterutil import wait_for
+from clusterutil import bound_claim, wait_for
 from scenarios import GROUP, PLURAL, VERSION, run_body, summaries
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -251,3 +251,106 @@ def test_a_new_image_mid_run_rolls_the_reward_server(control_plane, operator, ns
                                                          {"spec": {"kubernetes": {"image": "registry.example/iterdpo:2"}}})  # fmt: skip
     wait_for("reward Deployment on the new image", lambda: reward_image() == "registry.example/iterdpo:2", control_plane)
     assert condition(get_run(control_plane, ns, "roll"), "Valid")["status"] == "True"
+
+
+# -- the run says what is wrong ------------------------------------------------------------
+def passes(operator) -> float:
+    """Reconcile passes the operator has finished (its metric): a test waits for more of them
+    instead of sleeping, to show that something is said once and not on every pass."""
+    line = next((l for l in operator.metrics().splitlines() if l.startswith('iterdpo_reconciles_total{result="ok"}')), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def after_more_passes(cluster, operator, n: int = 3) -> None:
+    start = passes(operator)
+    wait_for(f"{n} more reconcile passes", lambda: passes(operator) >= start + n, cluster, timeout=60)
+
+
+def progressing_says(cluster, ns, name, operator, *words):
+    def check():
+        operator.check_alive()
+        status = get_run(cluster, ns, name).get("status") or {}
+        message = next((c["message"] for c in status.get("conditions", []) if c["type"] == "Progressing"), "")
+        return all(w in message for w in words) and message
+    return check
+
+
+def test_a_missing_claim_and_secret_are_named_then_the_run_goes_on_when_they_exist(control_plane, operator, ns, tmp_path):
+    body = run_body("refs", iterations=1, kubernetes={"volume": {"claimName": "later-data"}, "hubTokenSecret": {"name": "later-hf"}})
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+
+    def valid_false():
+        operator.check_alive()
+        conditions = (get_run(control_plane, ns, "refs").get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "Valid" and c["reason"] == "ReferenceNotFound"), None)
+
+    valid = wait_for("Valid=False ReferenceNotFound", valid_false, control_plane)
+    assert valid["status"] == "False"
+    assert valid["message"] == (f'spec.kubernetes.volume.claimName: PersistentVolumeClaim "later-data" not found in namespace "{ns}"; '
+                                "create it (docs/kubernetes.md) or fix the field; "
+                                f'spec.kubernetes.hubTokenSecret.name: Secret "later-hf" not found in namespace "{ns}"; '
+                                "create it (docs/kubernetes.md) or fix the field")  # fmt: skip
+    after_more_passes(control_plane, operator)
+    run = get_run(control_plane, ns, "refs")
+    assert run["status"]["phase"] == "Pending" and condition(run, "Progressing")["reason"] == "ReferenceNotFound"
+    assert events(control_plane, ns, "refs") == ["ReferenceNotFound"]  # once, not once per pass
+    assert children(control_plane, ns, "refs") == {"jobs": [], "pytorchjobs": [], "deployments": [], "services": [], "configmaps": []}
+
+    core = client.CoreV1Api(control_plane.api_client)
+    core.create_namespaced_secret(ns, {"metadata": {"name": "later-hf"}, "stringData": {"token": "hf_x"}})
+    wait_for("only the claim still missing", lambda: "later-hf" not in valid_false()["message"], control_plane)
+    control_plane.kubelet.rule = summaries()
+    bound_claim(control_plane, ns, tmp_path / "later", name="later-data")
+    wait_for("run refs Succeeded", phase_is(control_plane, ns, "refs", operator, "Succeeded", "Failed"), control_plane, timeout=120)
+    run = get_run(control_plane, ns, "refs")
+    assert run["status"]["phase"] == "Succeeded" and condition(run, "Valid")["reason"] == "SpecValid"
+    assert condition(run, "Failed")["status"] == "False"
+
+
+def test_a_stage_asking_for_more_gpus_than_any_node_has_says_unschedulable(control_plane, operator, ns):
+    """The real scheduler marks the pod PodScheduled=False (Unschedulable); the run's Progressing
+    message carries its message, and one Warning Event says it."""
+    body = run_body("big", iterations=1, kubernetes={"resources": {"generate": {"gpus": 16}}})
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    message = wait_for("Progressing says Unschedulable",
+                       progressing_says(control_plane, ns, "big", operator, "Unschedulable", "nvidia.com/gpu"), control_plane)  # fmt: skip
+    assert message.startswith("round 1: Generate is running; pod big-i01-generate-a1-"), message
+    assert "Insufficient nvidia.com/gpu" in message and "\n" not in message
+    after_more_passes(control_plane, operator)
+    assert sorted(events(control_plane, ns, "big")) == ["StageStarted", "Unschedulable"]
+    assert get_run(control_plane, ns, "big")["status"]["phase"] == "Running"
+    # the fix docs/kubernetes.md gives: change spec.kubernetes, delete the attempt's child; the
+    # operator creates it again, under the same name, from the current spec
+    control_plane.kubelet.rule = summaries()
+    custom(control_plane).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "big",
+                                                         {"spec": {"kubernetes": {"resources": {"generate": {"gpus": 1}}}}})  # fmt: skip
+    client.BatchV1Api(control_plane.api_client).delete_namespaced_job("big-i01-generate-a1", ns, propagation_policy="Background")
+    wait_for("run big Succeeded", phase_is(control_plane, ns, "big", operator, "Succeeded", "Failed"), control_plane, timeout=120)
+    run = get_run(control_plane, ns, "big")
+    assert run["status"]["phase"] == "Succeeded" and children(control_plane, ns, "big")["jobs"] == ["big-i01-annotate-a1", "big-i01-generate-a1"]
+
+
+def test_waiting_for_the_reward_server_says_why_its_pod_cannot_start(control_plane, operator, ns):
+    control_plane.kubelet.rule = summaries()
+    body = run_body("rw", iterations=1, kubernetes={"resources": {"reward": {"gpus": 16}}})
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    message = wait_for("WaitingForRewardServer says Unschedulable",
+                       progressing_says(control_plane, ns, "rw", operator, "Unschedulable"), control_plane, timeout=90)  # fmt: skip
+    assert message.startswith("round 1: waiting for Deployment rw-reward to be available; pod rw-reward-"), message
+    assert "Insufficient nvidia.com/gpu" in message
+    assert condition(get_run(control_plane, ns, "rw"), "Progressing")["reason"] == "WaitingForRewardServer"
+    after_more_passes(control_plane, operator)
+    assert events(control_plane, ns, "rw").count("Unschedulable") == 1
+
+
+def test_an_image_that_does_not_exist_says_the_pull_failure_once(control_plane, operator, ns):
+    """The instant kubelet's stand-in for a failed pull (kubelet.MISSING_IMAGE): ErrImagePull,
+    then ImagePullBackOff, as a real kubelet reports them; one Event for both."""
+    body = run_body("img", iterations=1, kubernetes={"image": "registry.example/iterdpo:does-not-exist"})
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    message = wait_for("Progressing says ImagePullBackOff",
+                       progressing_says(control_plane, ns, "img", operator, "ImagePullBackOff"), control_plane)  # fmt: skip
+    assert 'Back-off pulling image "registry.example/iterdpo:does-not-exist"' in message, message
+    after_more_passes(control_plane, operator)
+    reasons = events(control_plane, ns, "img")
+    assert reasons.count("ErrImagePull") == 1 and "ImagePullBackOff" not in reasons, reasons

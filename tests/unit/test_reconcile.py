@@ -10,7 +10,7 @@ import pytest
 from iterdpo.planner import Finished
 from iterdpo.status import RunStatus
 from iterdpo_operator.launchers import Outcome
-from iterdpo.stages import GenerateSummary
+from iterdpo.stages import GenerateSummary, ScoreSummary, TrainSummary
 from iterdpo_operator.reconcile import (RESUME_ANNOTATION, Create, Ensure, Observed, Patch, PodMessage, Scale, Target,
                                         current_target, decide)  # fmt: skip
 from iterdpo_operator.reconcile import invalid_decision
@@ -212,6 +212,52 @@ def test_changed_recipe_stops_the_run():
     assert d.status.condition("Valid").reason == "SpecChanged" and not d.actions
 
 
+def make_rounds(rounds: int, **spec):
+    run = make_run()
+    return run.model_copy(update={"spec": run.spec.model_copy(update={"iterations": rounds, **spec})})
+
+
+def succeed(run, st):
+    """Drive the run to its end, every child succeeding with its stage's summary."""
+    summaries = {
+        "Generate": GEN,
+        "Score": [PodMessage("a", ScoreSummary(mean_reward=0.5, min_reward=0.0, max_reward=1.0, pairs=5, ties_dropped=0,
+                                               prompts_left_out=0, seconds=1.0).to_message())],
+        "Train": [PodMessage("t", TrainSummary(loss=0.5, reward_accuracy=0.8, reward_margin=0.2, checkpoint="/c",
+                                               seconds=1.0, pairs=5, pairs_truncated=0).to_message())],
+    }  # fmt: skip
+    for _ in range(40):
+        target = current_target(run, st)
+        if isinstance(target, Finished):
+            return step(run, st)
+        st = step(run, st, Observed(reward_available=True)).status  # the child is created
+        st = step(run, st, Observed(True, DONE, summaries=summaries[target.stage], reward_available=True)).status
+    raise AssertionError("the run did not finish")
+
+
+def test_raising_iterations_on_a_succeeded_run_runs_the_added_rounds_from_the_last_policy():
+    one = succeed(make_rounds(1), RunStatus())
+    assert one.status.phase == "Succeeded"
+    three = make_rounds(3)
+    d = step(three, one.status)
+    assert d.status.condition("Valid").status == "True" and [e.reason for e in d.events][:1] == ["Extended"]
+    assert "rounds 2-3" in d.events[0].message and d.status.phase == "Running"
+    assert "r-i02-generate-a1" in created(d)  # round 2 starts at once, from round 1's checkpoint
+    assert d.status.iteration(2).policy.endswith("iter-01/train/policy")
+    (spec_map,) = [a.manifest for a in d.actions if isinstance(a, Ensure) and a.manifest["kind"] == "ConfigMap"]
+    assert "iterations: 3" in spec_map["data"]["run.yaml"]  # the pods read the grown spec
+    done = succeed(three, d.status)
+    assert done.status.phase == "Succeeded" and [it.iteration for it in done.status.iterations] == [1, 2, 3]
+    assert done.events[-1].reason == "Succeeded"
+
+
+def test_fewer_rounds_or_changed_prompts_for_done_rounds_are_refused():
+    two = succeed(make_rounds(2), RunStatus()).status
+    for changed in (make_rounds(1), make_rounds(3, generation=make_run().spec.generation.model_copy(update={"seed": 9}))):
+        d = step(changed, two)
+        assert d.status.condition("Valid").reason == "SpecChanged" and "spec.iterations, raised" in d.events[0].message
+
+
 def test_a_resume_asked_before_any_failure_is_not_kept_for_later():
     run = make_run(stageRetries=0)
     st = step(run, RunStatus(), annotations={RESUME_ANNOTATION: "early"}).status
@@ -261,3 +307,127 @@ def test_the_runs_next_look_is_what_the_decision_asked_within_bounds():
     assert failed.requeue_after == 10 and next_look(failed.requeue_after) == TIMER_INTERVAL  # the interval first
     waiting = step(run, failed.status, Observed(), now=NOW + timedelta(seconds=8))
     assert next_look(waiting.requeue_after) == pytest.approx(2.0)  # then exactly when the back-off ends
+
+
+# -- the run says what is wrong: missing objects, pods that cannot start -------------------------
+from iterdpo_operator.reconcile import POD_DETAIL, PodProblem, pod_problem  # noqa: E402
+from iterdpo_operator.validation import Reference, references  # noqa: E402
+
+CLAIM = Reference("spec.kubernetes.volume.claimName", "PersistentVolumeClaim", "data")
+
+
+def test_the_claim_and_each_named_secret_are_references_but_not_the_operators_token():
+    assert references(make_run()) == [CLAIM]  # the generated <run>-reward-token is the operator's own
+    run = make_run(hubTokenSecret={"name": "hf"}, rewardTokenSecret={"name": "rt", "key": "k"})
+    assert references(run) == [CLAIM, Reference("spec.kubernetes.hubTokenSecret.name", "Secret", "hf"),
+                               Reference("spec.kubernetes.rewardTokenSecret.name", "Secret", "rt")]  # fmt: skip
+
+
+def test_a_missing_claim_is_valid_false_naming_the_field_creates_nothing_and_says_it_once():
+    run = make_run()
+    d = step(run, RunStatus(), Observed(missing=(CLAIM,)))
+    valid, progressing = d.status.condition("Valid"), d.status.condition("Progressing")
+    assert (valid.status, valid.reason) == ("False", "ReferenceNotFound")
+    assert valid.message == ('spec.kubernetes.volume.claimName: PersistentVolumeClaim "data" not found in namespace "ml"; '
+                             "create it (docs/kubernetes.md) or fix the field")  # fmt: skip
+    assert (progressing.status, progressing.reason) == ("False", "ReferenceNotFound")
+    assert d.actions == [] and d.status.phase == "Pending" and d.status.condition("Failed") is None
+    assert [(e.type, e.reason, e.message) for e in d.events] == [("Warning", "ReferenceNotFound", valid.message)]
+    again = step(run, d.status, Observed(missing=(CLAIM,)), now=NOW + timedelta(seconds=30))
+    assert again.status == d.status and again.events == [] and again.actions == []  # no write, no Event per pass
+    found = step(run, again.status, Observed(), now=NOW + timedelta(seconds=60))  # the claim was created
+    assert "r-i01-generate-a1" in created(found) and [e.reason for e in found.events] == ["StageStarted"]
+    assert found.status.condition("Valid").status == "True" and found.status.condition("Progressing").reason == "GenerateRunning"
+
+
+def test_a_missing_secret_between_stages_holds_the_next_stage_and_a_new_message_is_said_again():
+    run = make_run(hubTokenSecret={"name": "hf"})
+    st = step(run, step(run, RunStatus()).status, Observed(True, DONE, summaries=GEN)).status  # Generate done
+    hf = Reference("spec.kubernetes.hubTokenSecret.name", "Secret", "hf")
+    d = step(run, st, Observed(missing=(CLAIM, hf)))
+    assert d.actions == [] and d.status.phase == "Running"
+    assert 'PersistentVolumeClaim "data"' in d.status.condition("Valid").message
+    assert d.status.condition("Valid").message.endswith('Secret "hf" not found in namespace "ml"; create it (docs/kubernetes.md) or fix the field')
+    assert "\n" not in d.status.condition("Valid").message
+    assert d.status.condition("Progressing").message == "round 1: Score starts once every object the Valid condition names exists"
+    fewer = step(run, d.status, Observed(missing=(hf,)))
+    assert [e.reason for e in fewer.events] == ["ReferenceNotFound"] and "claimName" not in fewer.events[0].message
+
+
+def test_pod_problem_reads_the_scheduler_and_the_kubelet_and_skips_finished_pods():
+    def pod(name, phase="Pending", conditions=(), waiting=None, deleting=False):
+        meta = {"name": name, **({"deletionTimestamp": "2026-11-27T12:00:00Z"} if deleting else {})}
+        statuses = [{"name": "c", "state": {"waiting": waiting}}] if waiting else []
+        return {"metadata": meta, "status": {"phase": phase, "conditions": list(conditions), "containerStatuses": statuses}}
+
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                     "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}  # fmt: skip
+    assert pod_problem([]) is None
+    assert pod_problem([pod("b", conditions=[unschedulable]), pod("a", waiting={"reason": "ErrImagePull", "message": "not found"})]) == (
+        PodProblem("a", "ErrImagePull", "not found"))  # the first by name
+    assert pod_problem([pod("a", conditions=[unschedulable])]) == PodProblem("a", "Unschedulable", unschedulable["message"])
+    assert pod_problem([pod("a", waiting={"reason": "ContainerCreating"})]) is None  # starting, not stuck
+    assert pod_problem([pod("a", "Failed", waiting={"reason": "CrashLoopBackOff"}),
+                        pod("b", waiting={"reason": "CrashLoopBackOff"}, deleting=True)]) is None  # fmt: skip
+    assert PodProblem("p", "ImagePullBackOff").kind == "ErrImagePull"  # the kubelet alternates the two
+    line = PodProblem("p", "CreateContainerConfigError", "couldn't find key\ntoken " + "x" * 1000).line()
+    assert "\n" not in line and len(line) < POD_DETAIL + 60
+    assert line.startswith("pod p: CreateContainerConfigError: couldn't find key token xxx")
+
+
+def test_a_running_stage_whose_pod_cannot_start_says_why_with_one_event_per_new_reason():
+    run = make_run()
+    st = step(run, RunStatus()).status
+    unschedulable = PodProblem("r-i01-generate-a1-0-x", "Unschedulable", "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")
+    d = step(run, st, Observed(True, Outcome(False), pod_problem=unschedulable))
+    progressing = d.status.condition("Progressing")
+    assert (progressing.status, progressing.reason) == ("True", "GenerateRunning")
+    assert progressing.message == ("round 1: Generate is running; pod r-i01-generate-a1-0-x: Unschedulable: "
+                                   "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")  # fmt: skip
+    assert [(e.type, e.reason, e.message) for e in d.events] == [("Warning", "Unschedulable", progressing.message)]
+    same = step(run, d.status, Observed(True, Outcome(False), pod_problem=unschedulable))
+    assert same.status == d.status and same.events == []
+    pull = PodProblem("r-i01-generate-a1-0-x", "ErrImagePull", "pull access denied")
+    pulling = step(run, same.status, Observed(True, Outcome(False), pod_problem=pull))
+    assert [e.reason for e in pulling.events] == ["ErrImagePull"]
+    backoff = step(run, pulling.status, Observed(True, Outcome(False), pod_problem=PodProblem(pull.pod, "ImagePullBackOff")))
+    assert backoff.events == [] and "ImagePullBackOff" in backoff.status.condition("Progressing").message  # one kind
+    started = step(run, backoff.status, Observed(True, Outcome(False)))
+    assert started.status.condition("Progressing").message == "round 1: Generate is running" and started.events == []
+
+
+def test_an_attempt_that_times_out_with_pods_that_never_started_says_what_was_last_seen():
+    run = make_run(stageRetries=0)
+    st = step(run, RunStatus()).status
+    problem = PodProblem("r-i01-generate-a1-0-x", "Unschedulable", "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")
+    st = step(run, st, Observed(True, Outcome(False), pod_problem=problem)).status
+    deadline = Outcome(True, False, "DeadlineExceeded", "Job was active longer than specified deadline")
+    failed = step(run, st, Observed(True, deadline))
+    assert failed.status.phase == "Failed"
+    assert "; last seen: pod r-i01-generate-a1-0-x: Unschedulable: 0/2 nodes are available" in failed.status.condition("Failed").message
+
+
+def test_waiting_for_the_reward_server_says_why_its_pod_cannot_start():
+    run = make_run(stageRetries=0)
+    st = step(run, step(run, RunStatus()).status, Observed(True, DONE, summaries=GEN)).status  # Generate done
+    problem = PodProblem("r-reward-5d8-x", "Unschedulable", "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")
+    waiting = step(run, st, Observed(reward_problem=problem))
+    progressing = waiting.status.condition("Progressing")
+    assert progressing.reason == "WaitingForRewardServer"
+    assert progressing.message == ("round 1: waiting for Deployment r-reward to be available; pod r-reward-5d8-x: "
+                                   "Unschedulable: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")  # fmt: skip
+    assert [e.reason for e in waiting.events] == ["Unschedulable"]
+    assert step(run, waiting.status, Observed(reward_problem=problem), now=NOW + timedelta(seconds=2)).events == []
+    late = NOW + timedelta(seconds=run.spec.reward.startup_timeout_seconds + 1)
+    failed = step(run, waiting.status, Observed(reward_problem=problem), now=late)
+    assert "(spec.reward.startupTimeoutSeconds): pod r-reward-5d8-x: Unschedulable" in failed.status.condition("Failed").message
+
+
+def test_a_stage_running_again_after_a_suspension_says_it_is_running():
+    run = make_run()
+    st = step(run, RunStatus()).status
+    suspended_run = run.model_copy(update={"spec": run.spec.model_copy(update={"suspend": True})})
+    paused = step(suspended_run, st, Observed(True, Outcome(False))).status
+    back = step(run, paused, Observed(True, Outcome(False), child_suspended=True))
+    assert back.status.condition("Progressing").status == "True"
+    assert back.status.condition("Progressing").message == "round 1: Generate is running"

@@ -108,24 +108,37 @@ removes them one at a time.
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# The reward Service and the run's spec ConfigMap: kube.py create only (never read,
-#   never changed; a 409 means it exists).
+# The reward Service: kube.py create only (never read, never changed; a 409 means it exists).
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
+  resources: ["services"]
   verbs: ["create"]
+# The run's spec ConfigMap (the run file the pods read): kube.py ensure creates it, and
+#   get + patch replace its data when the spec changed (spec.iterations raised).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
 # create: kube.py create of <run>-reward-token, the reward server's bearer token, made
 #   once with a random value unless the run names its own (spec.kubernetes.rewardTokenSecret).
-#   Never read back (pods get it through a secretKeyRef), so no get/list/watch on Secrets.
+# get: kube.py missing_references, whether each Secret the spec names (hubTokenSecret,
+#   rewardTokenSecret) exists before a child is created; it asks for the metadata only
+#   (PartialObjectMetadata), never reads a value (pods get them through secretKeyRefs).
+#   No list/watch on Secrets.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["create"]
+  verbs: ["create", "get"]
+# get: kube.py missing_references, whether spec.kubernetes.volume.claimName exists before
+#   a child is created (metadata only). Never created, changed or listed.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
 # create: kube.py create of the run's NetworkPolicy <run>-reward (only with
 #   spec.kubernetes.rewardNetworkPolicy: true).
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create"]
 # list: kube.py _pods, the stage summaries and failure details from the pods'
-#   termination messages (selected by job-name or the PyTorchJob master's labels).
+#   termination messages (selected by job-name or the PyTorchJob master's labels), and
+#   kube.py pod_problem, why a running attempt's or the reward server's pods cannot start.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
