@@ -122,50 +122,80 @@ def to_messages(value: object) -> tuple[list[dict], str | None]:
         return [], f"prompt is not a non-empty list of messages or a string (got {_kind(value)})"
     messages = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            return [], f"message {i} has no string 'content'"
-        if not message["content"].strip():
-            return [], f"message {i} has empty content"
-        if message.get("role") not in ROLES:
-            return [], f"message {i} has role {_quote(message.get('role'))}; allowed: {', '.join(ROLES)}"
+        if why := message_problem(message, i):
+            return [], why
         messages.append({"role": message["role"], "content": message["content"]})
     if messages[-1]["role"] == "assistant":
         return [], "the last message is the assistant's: nothing to respond to"
     return messages, None
 
 
-def _read_rows(source: PromptSource, field_path: str) -> Iterator[Row]:
-    """The first `maxPrompts` rows (all when unset): JSONL line by line, anything else through `datasets`."""
-    location = source.dataset
+def message_problem(message: object, index: int) -> str | None:
+    """Why `message` (number `index` of its list) is not a {role, content} chat message; None if it is one."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        return f"message {index} has no string 'content'"
+    if not message["content"].strip():
+        return f"message {index} has empty content"
+    if message.get("role") not in ROLES:
+        return f"message {index} has role {_quote(message.get('role'))}; allowed: {', '.join(ROLES)}"
+    return None
+
+
+def read_rows(
+    location: str,
+    *,
+    split: str,
+    limit: int | None = None,
+    field_path: str,
+    error: type[UsageError] = PromptDataError,
+) -> tuple[list[str] | None, Iterator[Row]]:
+    """The first `limit` rows (all when None) of a dataset, with its column names (None for JSONL).
+
+    JSONL is streamed line by line (a bad line is one row, its reason naming the line);
+    anything else (JSON, Parquet, Arrow, a saved folder, a hub id) goes through `datasets`,
+    imported only then. Problems with the dataset as a whole raise `error` naming
+    `{field_path}.dataset`. Shared by the prompt sets and the preference data.
+    """
     path = Path(location)
     if path.is_absolute() or path.exists():
         if not path.exists():
-            raise PromptDataError(f"{field_path}.dataset: {location} does not exist")
+            raise error(f"{field_path}.dataset: {location} does not exist")
         if path.is_file() and path.suffix not in _FORMATS:
-            raise PromptDataError(
+            raise error(
                 f"{field_path}.dataset: unknown file type {_quote(path.suffix)}; allowed: "
                 f"{', '.join(_FORMATS)} (or a folder saved with datasets)"
             )
         if path.is_file() and path.suffix == ".jsonl":
-            return _jsonl_rows(path, source.max_prompts, field_path)
-    return _dataset_rows(_load_dataset(source, field_path), source, field_path)
+            return None, _jsonl_rows(path, limit, field_path, error)
+    loaded = _load_dataset(location, split, field_path, error)
+    return list(loaded.column_names), _dataset_rows(loaded, limit)
 
 
-def _jsonl_rows(path: Path, limit: int | None, field_path: str) -> Iterator[Row]:
+def _read_rows(source: PromptSource, field_path: str) -> Iterator[Row]:
+    """The first `maxPrompts` rows (all when unset): JSONL line by line, anything else through `datasets`."""
+    columns, rows = read_rows(source.dataset, split=source.split, limit=source.max_prompts, field_path=field_path)
+    if columns is not None and source.messages_field not in columns:
+        raise PromptDataError(
+            f"{field_path}.messagesField: the dataset has no field {_quote(source.messages_field)}; "
+            f"its fields are: {_names(columns)}"
+        )
+    return rows
+
+
+def _jsonl_rows(path: Path, limit: int | None, field_path: str, error: type[UsageError]) -> Iterator[Row]:
     """Stream the file: memory stays bounded by its largest line, and a bad line costs one row."""
     try:
         with open(path, "rb") as lines:
             for line_no, line in enumerate(islice(lines, limit), 1):
                 yield f"line {line_no}", parse_jsonl_line(line, line_no)
     except OSError as exc:
-        raise PromptDataError(f"{field_path}.dataset: cannot read {path}: {exc.strerror or exc}") from None
+        raise error(f"{field_path}.dataset: cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _load_dataset(source: PromptSource, field_path: str):
+def _load_dataset(location: str, split: str, field_path: str, error: type[UsageError]):
     import datasets
 
     datasets.disable_progress_bars()
-    location, split = source.dataset, source.split
     path = Path(location)
     try:
         if path.is_dir() and (path / "dataset_info.json").exists():
@@ -175,22 +205,17 @@ def _load_dataset(source: PromptSource, field_path: str):
             return datasets.load_dataset(_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
         return datasets.load_dataset(str(path) if path.exists() else location, split=split)
     except Exception as exc:  # datasets raises many types; the user needs the gist, not a page of it
-        raise PromptDataError(
+        raise error(
             f"{field_path}.dataset: cannot load {location!r} (split {split!r}): "
             f"{_clip(str(exc) or type(exc).__name__)}"
         ) from None
 
 
-def _dataset_rows(loaded, source: PromptSource, field_path: str) -> Iterator[Row]:
+def _dataset_rows(loaded, limit: int | None) -> Iterator[Row]:
     """A loaded dataset's rows; a shape problem is left out by its 0-based row index (= its id)."""
-    if source.messages_field not in loaded.column_names:
-        raise PromptDataError(
-            f"{field_path}.messagesField: the dataset has no field {_quote(source.messages_field)}; "
-            f"its fields are: {_names(loaded.column_names)}"
-        )
     loaded = loaded.with_format(None)  # plain Python values, whatever format it was saved with
-    if source.max_prompts is not None:
-        loaded = loaded.select(range(min(source.max_prompts, len(loaded))))
+    if limit is not None:
+        loaded = loaded.select(range(min(limit, len(loaded))))
     index = 0
     for batch in loaded.iter(batch_size=1024):
         for values in zip(*batch.values()):
@@ -215,6 +240,26 @@ class _Constant(ValueError):
 
 def _refuse_constant(name: str) -> NoReturn:
     raise _Constant(name)  # NaN, Infinity, -Infinity: not JSON, and never a prompt
+
+
+def json_kind(value: object) -> str:
+    """The JSON name of a value's type ("object", "string", "null", ...), for reasons."""
+    return _kind(value)
+
+
+def quoted(value: object, limit: int = 40) -> str:
+    """A bounded repr of `value`, however large, for reasons."""
+    return _quote(value, limit)
+
+
+def clipped(text: str, limit: int = REASON_CHARS) -> str:
+    """`text` on one line and at most `limit` characters: a reason never echoes a whole row."""
+    return _clip(text, limit)
+
+
+def field_names(names) -> str:
+    """At most ten names, each clipped, for an error listing a dataset's fields."""
+    return _names(names)
 
 
 def _kind(value: object) -> str:
