@@ -83,6 +83,9 @@ def save_checkpoint(
         config = copy.deepcopy(model.config)
         config.dtype = dtype  # save_pretrained writes the module's (training) dtype instead
         config.use_cache = True  # turned off for training; generation wants it
+        # the class trained, e.g. a score head on a causal-LM base (save_pretrained sets it on the
+        # module's config, not on this copy, which still names the base's class)
+        config.architectures = [type(model).__name__]
         with atomic_path(destination) as tmp:
             model.save_pretrained(tmp, state_dict=state)
             config.save_pretrained(tmp)  # replaces the config.json just written

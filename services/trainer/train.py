@@ -110,12 +110,12 @@ def prepare(run: IterativeDPORun, iteration: int, world_size: int) -> Inputs:
     )
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _original_dtype(path: str) -> torch.dtype:
+def original_dtype(path: str) -> torch.dtype:
     from transformers import AutoConfig
 
     dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None)
@@ -124,25 +124,94 @@ def _original_dtype(path: str) -> torch.dtype:
     return dtype or torch.float32
 
 
+# -- shared by the DPO loop and the reward-model loop (rm_train.py) ------------------------
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed() -> Distributed:
+    """The process group (NCCL on CUDA, gloo on CPU) and this rank's device."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    on_cuda = get_accelerator().device_name() == "cuda"
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device(get_accelerator().device_name(local_rank) if on_cuda else "cpu")
+    return Distributed(dist.get_rank(), dist.get_world_size(), device)
+
+
+def plan_steps(pairs: int, training, world_size: int, ds_config: dict, what: str = "pairs") -> tuple[StepPlan, int]:
+    """The step plan and its warmup steps, logged (with a warning for repeated pairs)."""
+    plan = StepPlan(pairs=pairs, global_batch=training.global_batch_size, epochs=training.epochs)
+    warmup = warmup_steps(plan.total_steps, training.warmup_ratio)
+    if plan.repeated_per_epoch:
+        log.warning(
+            "%d %s do not fill whole global batches of %d: %d %s are repeated per epoch to fill the last step",
+            plan.pairs, what, plan.global_batch, plan.repeated_per_epoch, what,
+        )
+    log.info(
+        "training %d %s: %d epoch(s) x %d step(s), warmup %d, world size %d, gradient accumulation %d",
+        plan.pairs, what, plan.epochs, plan.steps_per_epoch, warmup, world_size,
+        ds_config["gradient_accumulation_steps"],
+    )
+    return plan, warmup
+
+
+def prepare_model(model, training) -> None:
+    """Training settings on the module before DeepSpeed wraps it: no KV cache, checkpointing."""
+    model.config.use_cache = False
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def initialize_engine(model, training, plan: StepPlan, warmup: int, ds_config: dict):
+    """deepspeed.initialize with the shared learning-rate curve; the engine in train mode."""
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, plan.total_steps, warmup, training.scheduler)
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), lr_scheduler=scheduler, config=ds_config
+    )
+    engine.train()
+    return engine
+
+
+def reduce_means(sums: torch.Tensor) -> list[float]:
+    """All-reduce per-rank sums whose last entry is the count; the means of the others."""
+    import torch.distributed as dist
+
+    dist.all_reduce(sums)
+    return (sums[:-1] / sums[-1]).tolist()
+
+
+def require_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise StageError(f"loss is {loss} at step {step}: training diverged (lower learningRate?)")
+
+
 def train(inputs: Inputs, *, started: float) -> TrainMetrics:
     """Run DPO for the round on every rank; rank 0 writes the checkpoint and metrics.json.
 
     Returns the metrics (on every rank).
     """
-    import deepspeed
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM
 
     training = inputs.run.spec.training
-    on_cuda = get_accelerator().device_name() == "cuda"
-    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if on_cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device(get_accelerator().device_name(local_rank) if on_cuda else "cpu")
-    _seed_everything(training.seed)
+    distributed = init_distributed()
+    rank, world_size, device = distributed.rank, distributed.world_size, distributed.device
+    seed_everything(training.seed)
     dtype = DTYPES[training.precision]
     pad_id = data.pad_token_id(inputs.tokenizer)
 
@@ -171,34 +240,12 @@ def train(inputs: Inputs, *, started: float) -> TrainMetrics:
         world_size=world_size,
     )
 
-    plan = StepPlan(pairs=len(inputs.pairs), global_batch=training.global_batch_size, epochs=training.epochs)
-    warmup = warmup_steps(plan.total_steps, training.warmup_ratio)
-    if plan.repeated_per_epoch:
-        log.warning(
-            "%d pairs do not fill whole global batches of %d: %d pairs are repeated per epoch to fill the last step",
-            plan.pairs, plan.global_batch, plan.repeated_per_epoch,
-        )
-    log.info(
-        "training %d pairs: %d epoch(s) x %d step(s), warmup %d, world size %d, gradient accumulation %d",
-        plan.pairs, plan.epochs, plan.steps_per_epoch, warmup, world_size,
-        inputs.ds_config["gradient_accumulation_steps"],
-    )
+    plan, warmup = plan_steps(len(inputs.pairs), training, world_size, inputs.ds_config)
 
-    original_dtype = _original_dtype(inputs.policy)
+    dtype_to_save = original_dtype(inputs.policy)
     model = AutoModelForCausalLM.from_pretrained(inputs.policy, dtype=dtype)
-    model.config.use_cache = False
-    if training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, plan.total_steps, warmup, training.scheduler)
-        )
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), lr_scheduler=scheduler, config=inputs.ds_config
-    )
-    engine.train()
+    prepare_model(model, training)
+    engine = initialize_engine(model, training, plan, warmup, inputs.ds_config)
     beta, smoothing = training.loss.beta, training.loss.label_smoothing
     loss_fn = LOSSES[training.loss.type]
 
@@ -232,8 +279,7 @@ def train(inputs: Inputs, *, started: float) -> TrainMetrics:
                     (chosen_rewards > rejected_rewards).float().sum(),
                     torch.tensor(float(len(indices)), device=device),
                 ]).double()
-            dist.all_reduce(sums)
-            loss, chosen_r, rejected_r, accuracy = (sums[:4] / sums[4]).tolist()
+            loss, chosen_r, rejected_r, accuracy = reduce_means(sums)
             record = {
                 "step": epoch * plan.steps_per_epoch + step_in_epoch + 1,
                 "epoch": round(epoch + (step_in_epoch + 1) / plan.steps_per_epoch, 4),
@@ -251,15 +297,14 @@ def train(inputs: Inputs, *, started: float) -> TrainMetrics:
                 record["step"], plan.total_steps, record["epoch"], loss, chosen_r, rejected_r,
                 accuracy, record["rewards/margins"], learning_rate,
             )
-            if not math.isfinite(loss):
-                raise StageError(f"loss is {loss} at step {record['step']}: training diverged (lower learningRate?)")
+            require_finite(loss, record["step"])
 
     loop_seconds = time.monotonic() - loop_started
     save_started = time.monotonic()
     checkpoint = inputs.layout.checkpoint(inputs.iteration)
     save_checkpoint(
         engine=engine, zero_stage=training.zero_stage, tokenizer=inputs.tokenizer,
-        destination=checkpoint, dtype=original_dtype,
+        destination=checkpoint, dtype=dtype_to_save,
     )
     # final: loss and rewards averaged over the last epoch's steps (one step is noisy);
     # step, epoch and learning_rate are the last step's.

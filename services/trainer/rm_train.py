@@ -1,0 +1,284 @@
+"""Train a Bradley-Terry reward model on DeepSpeed ZeRO (0-3) under torchrun.
+
+The reward-modelling half of the report's recipe (RLHFlow/RLHF-Reward-Modeling): a one-label
+score head on a causal-LM (or sequence-classification) base, loss -log sigmoid(r_c - r_r - margin)
+(`bt.bt_loss`), a held-out evaluation each epoch, then a Hugging Face checkpoint that
+`iterdpo serve-reward --model DIR` loads as is, and a metrics file written last (the marker).
+
+Shared with the DPO loop (train.py), not copied: process group and device (`init_distributed`),
+seeding, the step plan, its warmup and learning-rate curve (`plan_steps`, `initialize_engine`),
+the DeepSpeed config (`dsconfig.build_ds_config`), the per-step all-reduce (`reduce_means`), the
+divergence check (`require_finite`) and the checkpoint writer (`checkpoint.save_checkpoint`,
+ZeRO-3 weights gathered from the fp32 master copy).
+
+The reward is the score-head logit at each row's last non-pad token: batches are right-padded
+with the tokenizer's pad token, and transformers' `*ForSequenceClassification` picks, per row,
+the rightmost token that is not `config.pad_token_id` (`bt.ensure_pad_token` sets it, before
+DeepSpeed wraps the model). The serving side (reward_server/scoring.forward) pads on the right
+too, so a model is served exactly as it was trained. A sequence whose last real token is the pad
+id would be read at the wrong position: refused before training.
+
+Entry point for now: `train_reward_model(...)`, called on every rank under torchrun with pairs
+encoded by `bt.encode_pairs` (the command line and the stage wiring come later).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from iterdpo.contracts import Camel, write_model
+from iterdpo.errors import StageError
+from iterdpo.spec import TrainingSpec
+
+from iterdpo_trainer.bt import EncodedPair, bt_loss, ensure_pad_token
+from iterdpo_trainer.checkpoint import save_checkpoint
+from iterdpo_trainer.dsconfig import build_ds_config
+from iterdpo_trainer.schedule import rank_micro_batches
+from iterdpo_trainer.train import (
+    DTYPES,
+    init_distributed,
+    initialize_engine,
+    original_dtype,
+    plan_steps,
+    prepare_model,
+    reduce_means,
+    require_finite,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+
+
+# -- metrics (the completion marker; moves to iterdpo.contracts with the stage wiring) ---------
+class RMStepMetrics(Camel):
+    step: int
+    epoch: float
+    loss: float  # mean BT loss over the step's pairs, all ranks
+    accuracy: float  # share of the step's pairs with r_chosen > r_rejected
+    margin: float  # mean r_chosen - r_rejected (the data's margin not subtracted)
+    learning_rate: float
+
+
+class HeldOutMetrics(Camel):
+    epoch: int  # 1-based: evaluated at the end of this epoch
+    pairs: int
+    accuracy: float
+    margin: float
+
+
+class RewardModelMetrics(Camel):
+    pairs: int = Field(description="training pairs used")
+    pairs_left_out: int = Field(description="pairs read but unusable (counted by the caller, with reasons)")
+    pairs_truncated: int = Field(description="training pairs with a side cut from the left to maxLength")
+    pairs_repeated_to_fill_last_step: int
+    held_out_pairs: int
+    held_out_pairs_truncated: int
+    steps: list[RMStepMetrics]
+    final_loss: float = Field(description="mean loss over the last epoch's steps")
+    held_out: list[HeldOutMetrics] = Field(description="one evaluation per epoch (empty without held-out pairs)")
+    held_out_accuracy: float | None = Field(description="the last epoch's held-out accuracy")
+    held_out_margin: float | None
+    seconds: float
+    checkpoint: str
+    base: str
+    world_size: int
+
+
+# -- tokenizer and batches -----------------------------------------------------------------
+def load_tokenizer(base: str | Path, chat_template: str | None = None):
+    """The base's tokenizer with the template the reward model reads, and a pad token.
+
+    Encode the pairs (bt.encode_pairs) with this tokenizer; it is also the one saved with the
+    checkpoint, so the server formats conversations as they were trained.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if not tokenizer.chat_template:
+        raise StageError(f"the tokenizer at {base} has no chat template: set the reward model's chat template")
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def collate(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded [2B, L] batch: rows [0, B) chosen, [B, 2B) rejected; margins [B] or absent."""
+    sequences = [p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs]
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if all(p.margin is not None for p in pairs):
+        batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def pair_rewards(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [B], r_rejected [B]) in one forward of both halves."""
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+    ).logits[:, 0]
+    half = logits.shape[0] // 2
+    return logits[:half], logits[half:]
+
+
+def check_pairs(pairs: Sequence[EncodedPair], pad_token_id: int, what: str) -> None:
+    """Every side non-empty, and not ending with the pad id (the head would read the wrong token)."""
+    for pair in pairs:
+        for side, encoded in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            if not encoded.ids:
+                raise StageError(f"{what} pair (row {pair.row}): {side} has no tokens")
+            if encoded.ids[-1] == pad_token_id:
+                raise StageError(
+                    f"{what} pair (row {pair.row}): {side} ends with the pad token (id {pad_token_id}), so the "
+                    "score head would read an earlier token: use a tokenizer whose pad token differs from its "
+                    "end-of-turn tokens"
+                )
+
+
+# -- the distributed part --------------------------------------------------------------------
+def evaluate(engine, pairs: Sequence[EncodedPair], *, pad_token_id: int, micro_batch: int, rank: int,
+             world_size: int, device) -> tuple[float, float]:
+    """(accuracy, mean margin) over all held-out pairs, every rank taking a contiguous slice.
+
+    Every rank runs the same number of forwards (under ZeRO-3 each forward gathers parameters
+    collectively): a rank whose slice ran out scores a placeholder pair and counts nothing.
+    """
+    per_rank = -(-len(pairs) // world_size)
+    mine = list(range(rank * per_rank, min(len(pairs), (rank + 1) * per_rank)))
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, margin, count
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, per_rank, micro_batch):
+            indices = mine[start : start + micro_batch]
+            batch = collate([pairs[i] for i in (indices or [0])], pad_token_id)
+            chosen, rejected = pair_rewards(engine, batch, device)
+            if indices:
+                result = bt_loss(chosen, rejected)
+                sums += torch.stack([
+                    result.correct.sum(), result.margins.sum(), torch.tensor(float(len(indices)), device=device),
+                ]).double()  # fmt: skip
+    engine.train()
+    accuracy, margin = reduce_means(sums)
+    return accuracy, margin
+
+
+def train_reward_model(
+    *,
+    base: str | Path,
+    training: TrainingSpec,
+    tokenizer,
+    train_pairs: Sequence[EncodedPair],
+    held_out: Sequence[EncodedPair],
+    destination: Path,
+    metrics_path: Path,
+    pairs_left_out: int = 0,
+    started: float | None = None,
+) -> RewardModelMetrics:
+    """Train on every rank; rank 0 writes the checkpoint, then `metrics_path` (last: the marker).
+
+    `tokenizer` is the one the pairs were encoded with (`load_tokenizer`); the DPO-only fields
+    of `training` (loss, maxPromptLength) are not used. Returns the metrics on every rank.
+    """
+    import torch.distributed as dist
+    from transformers import AutoModelForSequenceClassification
+
+    started = time.monotonic() if started is None else started
+    base = str(base)
+    if not train_pairs:
+        raise StageError("no usable training pairs: nothing to train the reward model on")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = build_ds_config(training, world_size)  # bad batch arithmetic fails before any process group
+    pad = ensure_pad_token(tokenizer)
+    check_pairs(train_pairs, pad.id, "a training")
+    check_pairs(held_out, pad.id, "a held-out")
+
+    distributed = init_distributed()
+    rank, device = distributed.rank, distributed.device
+    plan, warmup = plan_steps(len(train_pairs), training, world_size, ds_config)
+
+    dtype_to_save = original_dtype(base)
+    seed_everything(training.seed)  # before loading: a new score head's initial weights follow the seed
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[training.precision])
+    ensure_pad_token(tokenizer, model)  # resizes the embeddings if a pad token was added; sets pad_token_id
+    prepare_model(model, training)
+    engine = initialize_engine(model, training, plan, warmup, ds_config)
+
+    steps: list[dict] = []
+    evaluations: list[HeldOutMetrics] = []
+    for epoch in range(plan.epochs):
+        order = plan.epoch_order(epoch, training.seed)
+        for step_in_epoch in range(plan.steps_per_epoch):
+            learning_rate = float(engine.get_lr()[0])
+            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, margin, count
+            micro_batches = rank_micro_batches(
+                plan.step_indices(order, step_in_epoch),
+                rank=rank, world_size=world_size, micro_batch=training.micro_batch_size,
+            )
+            for indices in micro_batches:
+                batch = collate([train_pairs[i] for i in indices], pad.id)
+                chosen, rejected = pair_rewards(engine, batch, device)
+                margin = batch.get("margin")
+                result = bt_loss(chosen, rejected, None if margin is None else margin.to(device))
+                engine.backward(result.losses.mean())  # DeepSpeed divides by the accumulation steps
+                engine.step()  # steps the optimizer at the accumulation boundary only
+                sums += torch.stack([
+                    result.losses.detach().sum(), result.correct.sum(), result.margins.sum(),
+                    torch.tensor(float(len(indices)), device=device),
+                ]).double()  # fmt: skip
+            loss, accuracy, margin_mean = reduce_means(sums)
+            record = {
+                "step": epoch * plan.steps_per_epoch + step_in_epoch + 1,
+                "epoch": round(epoch + (step_in_epoch + 1) / plan.steps_per_epoch, 4),
+                "loss": loss, "accuracy": accuracy, "margin": margin_mean, "learning_rate": learning_rate,
+            }  # fmt: skip
+            steps.append(record)
+            log.info(
+                "step %d/%d epoch %.2f loss %.4f accuracy %.3f margin %.4f lr %.3g",
+                record["step"], plan.total_steps, record["epoch"], loss, accuracy, margin_mean, learning_rate,
+            )
+            require_finite(loss, record["step"])
+        if held_out:
+            accuracy, margin_mean = evaluate(
+                engine, held_out, pad_token_id=pad.id, micro_batch=training.micro_batch_size,
+                rank=rank, world_size=world_size, device=device,
+            )
+            evaluations.append(HeldOutMetrics(epoch=epoch + 1, pairs=len(held_out), accuracy=accuracy, margin=margin_mean))
+            log.info("epoch %d held-out: %d pairs, accuracy %.3f, margin %.4f", epoch + 1, len(held_out), accuracy, margin_mean)
+
+    save_checkpoint(
+        engine=engine, zero_stage=training.zero_stage, tokenizer=tokenizer, destination=destination, dtype=dtype_to_save
+    )
+    last_epoch = steps[-plan.steps_per_epoch :]
+    metrics = RewardModelMetrics(
+        pairs=len(train_pairs),
+        pairs_left_out=pairs_left_out,
+        pairs_truncated=sum(p.truncated for p in train_pairs),
+        pairs_repeated_to_fill_last_step=plan.repeated_per_epoch,
+        held_out_pairs=len(held_out),
+        held_out_pairs_truncated=sum(p.truncated for p in held_out),
+        steps=[RMStepMetrics.model_validate(s) for s in steps],
+        final_loss=sum(s["loss"] for s in last_epoch) / len(last_epoch),
+        held_out=evaluations,
+        held_out_accuracy=evaluations[-1].accuracy if evaluations else None,
+        held_out_margin=evaluations[-1].margin if evaluations else None,
+        seconds=round(time.monotonic() - started, 3),
+        checkpoint=str(destination),
+        base=base,
+        world_size=world_size,
+    )
+    if rank == 0:
+        write_model(metrics_path, metrics)  # last: the completion marker
+    dist.barrier()
+    return metrics
