@@ -76,16 +76,22 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Te
     attention_mask and response_mask ([2B, L]; response_mask marks response tokens).
     """
     sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    width = max(len(prompt) + len(response) for prompt, response in sequences)
+    input_ids, attention_mask = right_pad([prompt + response for prompt, response in sequences], pad_token_id)
+    response_mask = torch.zeros_like(attention_mask)
+    for row, (prompt, response) in enumerate(sequences):
+        response_mask[row, len(prompt) : len(prompt) + len(response)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), [N, longest], each row's tokens first, padding after."""
+    width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    response_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (prompt, response) in enumerate(sequences):
-        ids = prompt + response
+    for row, ids in enumerate(sequences):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
-        response_mask[row, len(prompt) : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    return input_ids, attention_mask
 
 
 def pad_token_id(tokenizer) -> int:

@@ -39,6 +39,7 @@ from iterdpo.spec import TrainingSpec
 
 from iterdpo_trainer.bt import EncodedPair, bt_loss, ensure_pad_token
 from iterdpo_trainer.checkpoint import save_checkpoint
+from iterdpo_trainer.data import right_pad
 from iterdpo_trainer.dsconfig import build_ds_config
 from iterdpo_trainer.schedule import rank_micro_batches
 from iterdpo_trainer.train import (
@@ -111,13 +112,7 @@ def load_tokenizer(base: str | Path, chat_template: str | None = None):
 
 def collate(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded [2B, L] batch: rows [0, B) chosen, [B, 2B) rejected; margins [B] or absent."""
-    sequences = [p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs]
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
+    input_ids, attention_mask = right_pad([p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs], pad_token_id)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if all(p.margin is not None for p in pairs):
         batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
