@@ -137,6 +137,11 @@ def extended(status: RunStatus, old_rounds: int, rounds: int, now: str) -> RunSt
     return status.model_copy(update={"phase": "Running", "final_policy": None, "conditions": conditions})
 
 
+def running_message(iteration: int, stage: Stage) -> str:
+    """Progressing's message while a stage runs (the operator appends why a pod cannot start)."""
+    return f"round {iteration}: {stage} is running"
+
+
 def stage_started(status: RunStatus, iteration: int, stage: Stage, policy: str, now: str) -> RunStatus:
     stage = Stage(stage)  # model_copy does not validate: a plain "Generate" becomes the enum here
     iterations = list(status.iterations)
@@ -146,7 +151,7 @@ def stage_started(status: RunStatus, iteration: int, stage: Stage, policy: str, 
     conditions = _with_conditions(
         status,
         now,
-        ("Progressing", "True", f"{stage}Running", f"round {iteration}: {stage} is running"),
+        ("Progressing", "True", f"{stage}Running", running_message(iteration, stage)),
         _no_failure(status),
         ("Succeeded", "False", "InProgress", ""),
     )

@@ -21,6 +21,7 @@ from iterdpo.status import (
     RunStatus,
     accepted,
     extended,
+    running_message,
     set_condition,
     stage_failed,
     stage_finished,
@@ -418,7 +419,7 @@ def _running(st: RunStatus, target: Target, problem: PodProblem | None, events: 
     progressing = st.condition("Progressing")
     if problem is None and (progressing is None or progressing.reason != reason or said_problem(progressing, reason) is None):
         return st  # as stage_started left it
-    return _pod_problem_said(st, reason, f"round {target.iteration}: {target.stage} is running", problem, events, t)
+    return _pod_problem_said(st, reason, running_message(target.iteration, target.stage), problem, events, t)
 
 
 def _failed_attempt(run: IterativeDPORun, st: RunStatus, target: Target, limit: int, failure: str,
