@@ -218,14 +218,18 @@ class Kube:
     def ensure(self, manifest: dict, namespace: str) -> None:
         """Create if absent; if the existing object was built from another pod template, replace
         its template (a Deployment then rolls its pods; a ConfigMap's data is replaced). Replicas
-        are Scale's business."""
-        if self.create(manifest, namespace):
-            log.info("created %s %s/%s", manifest["kind"], namespace, manifest["metadata"]["name"])
-            return
+        are Scale's business. Read first: on every pass but the first the object exists, so one
+        GET, not a refused create and then the GET."""
         resource = self._resource(manifest["apiVersion"], manifest["kind"])
         name = manifest["metadata"]["name"]
+        try:
+            existing = resource.get(name=name, namespace=namespace).to_dict()
+        except dynamic.exceptions.NotFoundError:
+            if self.create(manifest, namespace):  # False: created meanwhile; the next pass compares
+                log.info("created %s %s/%s", manifest["kind"], namespace, name)
+            return
         want = manifest["metadata"]["annotations"][b.TEMPLATE_HASH]
-        have = ((resource.get(name=name, namespace=namespace).to_dict().get("metadata") or {}).get("annotations") or {}).get(b.TEMPLATE_HASH)
+        have = ((existing.get("metadata") or {}).get("annotations") or {}).get(b.TEMPLATE_HASH)
         if have != want:
             what = ("data", manifest["data"]) if manifest["kind"] == "ConfigMap" else ("spec/template", manifest["spec"]["template"])
             log.info("%s %s/%s: %s changed (%s -> %s); updating it", manifest["kind"], namespace, name, what[0], have, want)
