@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from iterdpo.stages import PROGRAMS
+from iterdpo.stages import PROGRAMS, Program
 
 DEFAULT_WORKDIR = Path("iterdpo-runs")
 
@@ -198,18 +198,24 @@ def _make_tiny(args) -> int:
     print(f"tiny policy: {assets.policy}\ntiny reward model: {assets.reward}")
     for path in assets.prompts:
         print(f"prompts: {path}")
+    print(f"preference pairs (labelled by the tiny reward model): {assets.preferences}")
     return 0
 
 
 # Stage programs parse their own arguments (argparse's REMAINDER cannot pass "--flags" on);
 # which exist is the stage table's business.
 STAGE_PROGRAMS = {p.name: p for p in PROGRAMS}
+# Tools that parse their own arguments too, but run no stage.
+TOOLS = {p.name: p for p in (
+    Program("judge", "iterdpo_reward_server.judge:main",
+            "score a local run's samples with another reward model (a gold judge), round by round"),
+)}  # fmt: skip
 
 
 def _stage_program(name: str, argv: list[str]) -> int:
     import importlib
 
-    module, _, function = STAGE_PROGRAMS[name].target.partition(":")
+    module, _, function = {**STAGE_PROGRAMS, **TOOLS}[name].target.partition(":")
     return getattr(importlib.import_module(module), function)(argv)
 
 
@@ -265,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.set_defaults(func=_make_tiny)
 
-    for name, program in STAGE_PROGRAMS.items():
+    for name, program in {**TOOLS, **STAGE_PROGRAMS}.items():
         sub.add_parser(name, help=f"{program.help} (see: iterdpo {name} --help)", add_help=False)
     return parser
 
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     from iterdpo.errors import UsageError
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in STAGE_PROGRAMS:
+    if argv and (argv[0] in STAGE_PROGRAMS or argv[0] in TOOLS):
         return _stage_program(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:

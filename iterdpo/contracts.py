@@ -184,6 +184,52 @@ class TrainMetrics(Camel):
     world_size: int
 
 
+# -- RewardModel -> Score (the served model) ------------------------------------------------
+class LeftOutPair(Camel):
+    """One line of `iter-00/reward_model/left-out.jsonl`: a preference row that is not a pair."""
+
+    row: int  # 0-based row id in its split
+    split: str
+    reason: str  # starts with where: "line 18: ..." (JSONL) or "row 17: ..."
+
+
+class RMStepMetrics(Camel):
+    step: int
+    epoch: float
+    loss: float  # mean BT loss over the step's pairs, all ranks
+    accuracy: float  # share of the step's pairs with r_chosen > r_rejected
+    margin: float  # mean r_chosen - r_rejected (the data's margin not subtracted)
+    learning_rate: float
+
+
+class HeldOutMetrics(Camel):
+    epoch: int  # 1-based: evaluated at the end of this epoch
+    pairs: int
+    accuracy: float
+    margin: float
+
+
+class RewardModelMetrics(Camel):
+    """`iter-00/reward_model/metrics.json`, written after the checkpoint: the reward model is trained."""
+
+    pairs: int = Field(description="training pairs used")
+    pairs_left_out: int = Field(description="rows read but unusable, each in left-out.jsonl")
+    left_out_reasons: list[str] = Field(default_factory=list, description="the first few of them")
+    pairs_truncated: int = Field(description="training pairs with a side cut from the left to maxLength")
+    pairs_repeated_to_fill_last_step: int
+    held_out_pairs: int
+    held_out_pairs_truncated: int
+    steps: list[RMStepMetrics]
+    final_loss: float = Field(description="mean loss over the last epoch's steps")
+    held_out: list[HeldOutMetrics] = Field(description="one evaluation per epoch (empty without held-out pairs)")
+    held_out_accuracy: float | None = Field(description="the last epoch's held-out accuracy")
+    held_out_margin: float | None
+    seconds: float
+    checkpoint: str
+    base: str
+    world_size: int
+
+
 # -- the run folder ---------------------------------------------------------------------------
 class RecipeMarker(Camel):
     """`<root>/<name>/recipe.json`: which recipe owns the run folder."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import yaml
-from annotated_types import Ge, Gt, Le, Lt, MaxLen
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import AfterValidator, BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -188,6 +188,9 @@ class _Walker:
             if isinstance(m, MaxLen) and kind in _MAX_LENGTH:
                 schema[_MAX_LENGTH[kind]] = m.max_length
                 continue
+            if isinstance(m, MinLen) and kind in _MIN_LENGTH:
+                schema[_MIN_LENGTH[kind]] = m.min_length
+                continue
             if isinstance(m, AfterValidator):
                 continue  # a check only the model can make (a hub id, a template that compiles): the operator runs it
             if kind not in ("integer", "number"):
@@ -335,6 +338,7 @@ class _Unset:
 _UNSET = _Unset()
 
 _MAX_LENGTH = {"string": "maxLength", "array": "maxItems", "object": "maxProperties"}
+_MIN_LENGTH = {"string": "minLength", "array": "minItems"}
 
 _ORDER = ("description", "type", "enum", "default", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 

@@ -2,6 +2,9 @@
 
     <storage root>/<run name>/
       recipe.json                  the spec hash of the run that owns the folder
+      iter-00/reward_model/model/  the trained reward model (when spec.reward.training is set)
+      iter-00/reward_model/left-out.jsonl   every preference row left out, with its reason
+      iter-00/reward_model/metrics.json     (written last: the marker)
       iter-01/generate/shard-00000-of-00002.jsonl   responses of shard 0
       iter-01/generate/shard-00000-of-00002.done.json   its success marker (counts)
       iter-01/score/scored.jsonl  pairs.jsonl  stats.json (written last: the marker)
@@ -46,6 +49,16 @@ class RunLayout:
     def stage_dir(self, iteration: int, stage: Stage) -> Path:
         return self.iteration_dir(iteration) / STAGE_TABLE[stage].folder
 
+    # RewardModel (round 0: once, before round 1)
+    def reward_model(self) -> Path:
+        return self.stage_dir(0, Stage.REWARD_MODEL) / "model"
+
+    def reward_model_left_out(self) -> Path:
+        return self.stage_dir(0, Stage.REWARD_MODEL) / "left-out.jsonl"
+
+    def reward_model_metrics(self) -> Path:
+        return self.stage_dir(0, Stage.REWARD_MODEL) / "metrics.json"
+
     # Generate
     def shard_file(self, iteration: int, index: int, count: int) -> Path:
         return self.stage_dir(iteration, Stage.GENERATE) / f"shard-{index:05d}-of-{count:05d}.jsonl"
@@ -80,6 +93,14 @@ def policy_for(run: IterativeDPORun, iteration: int) -> str:
     if iteration <= 1:
         return run.spec.policy.model
     return str(RunLayout.of(run).checkpoint(iteration - 1))
+
+
+def reward_model_for(run: IterativeDPORun) -> str:
+    """The reward model every round scores with: spec.reward.model, or the one the run trains."""
+    if run.spec.reward.training is not None:
+        return str(RunLayout.of(run).reward_model())
+    assert run.spec.reward.model is not None  # a spec rule: one of the two is set
+    return run.spec.reward.model
 
 
 def reference_for(run: IterativeDPORun, iteration: int) -> str:

@@ -32,6 +32,7 @@ def local_path_problems(run: IterativeDPORun, base_dir: Path | None = None) -> l
         "spec.policy.model": {"spec.generation.maxModelLen": spec.generation_max_model_len,
                               "spec.training.maxLength": spec.training.max_length},
         "spec.reward.model": {"spec.reward.maxLength": spec.reward.max_length},
+        "spec.reward.training.base": {"spec.reward.maxLength": spec.reward.max_length},
     }
     problems: list[str] = []
     for field, kind, value in spec.path_fields():
@@ -143,11 +144,10 @@ def require_model(path: str, what: str, iteration: int) -> None:
 
 def runner_problems(run: IterativeDPORun) -> list[str]:
     """What `iterdpo run` cannot do on one machine, though a cluster can."""
-    nodes = run.spec.training.nodes
-    if nodes > 1:  # torchrun would wait forever for the other nodes to join
-        return [f"spec.training.nodes: iterdpo run trains on this machine only; set 1, or run it on Kubernetes "
-                f"(got {nodes})"]  # fmt: skip
-    return []
+    trainings = {"spec.training": run.spec.training, "spec.reward.training": run.spec.reward.training}
+    return [f"{where}.nodes: iterdpo run trains on this machine only; set 1, or run it on Kubernetes "
+            f"(got {t.nodes})"  # torchrun would wait forever for the other nodes to join
+            for where, t in trainings.items() if t is not None and t.nodes > 1]  # fmt: skip
 
 
 def check_local_paths(run: IterativeDPORun, source: str, base_dir: Path | None = None) -> IterativeDPORun:

@@ -90,10 +90,14 @@ def _resolve_paths(run: IterativeDPORun, base_dir: Path) -> IterativeDPORun:
             else None,
         }
     )
+    training = spec.reward.training and spec.reward.training.model_copy(update={
+        "base": fix(spec.reward.training.base),
+        "data": spec.reward.training.data.model_copy(update={"dataset": fix(spec.reward.training.data.dataset)}),
+    })  # fmt: skip
     new_spec = spec.model_copy(
         update={
             "policy": spec.policy.model_copy(update={"model": fix(spec.policy.model)}),
-            "reward": spec.reward.model_copy(update={"model": fix(spec.reward.model)}),
+            "reward": spec.reward.model_copy(update={"model": fix(spec.reward.model), "training": training}),
             "prompts": prompts,
             "storage": spec.storage.model_copy(update={"root": fix(spec.storage.root)}),
         }
@@ -186,8 +190,10 @@ def load_for_stage(path: str | Path, iteration: int, stage: str) -> IterativeDPO
     check_local_paths(run, str(path), Path(path).resolve().parent)
     d = stage_def(stage)
     rounds = [t for t, planned in stage_order(run) if planned.stage == d.stage]
+    if not rounds:
+        raise UsageError(f"{d.stage} is not a stage of this run (the section of the spec that enables it is not set)")
     if iteration not in rounds:
-        span = f"{rounds[0]}..{rounds[-1]}" if rounds else "no round"
-        raise UsageError(f"--iteration: {d.stage} runs in rounds {span} (spec.iterations is "
+        span = f"rounds {rounds[0]}..{rounds[-1]}" if len(rounds) > 1 else f"round {rounds[0]} only"
+        raise UsageError(f"--iteration: {d.stage} runs in {span} (spec.iterations is "
                          f"{run.spec.iterations}); got {iteration}")  # fmt: skip
     return run

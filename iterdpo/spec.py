@@ -40,6 +40,8 @@ LOSS_KINDS = {
 }
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp16", "fp32")
+PREFERENCE_FORMATS = ("auto", "implicit", "explicit")
+DEFAULT_HELD_OUT_SHARE = 0.05
 REFERENCE_MODES = ("initial", "previous")
 TRAIN_LAUNCHERS = ("pytorchjob", "job")  # Kubeflow Trainer v2's TrainJob is the planned third
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -204,8 +206,140 @@ class GenerationSpec(_Model):
     )
 
 
+class PairingSpec(_Model):
+    strategy: Literal[PAIRING_STRATEGIES] = Field(  # type: ignore[valid-type]
+        default="max_min",
+        description="max_min: best vs worst; max_random: best vs a random other; "
+        "max_max: best vs second best; random: two random; max_min_length_penalty: "
+        "best vs worst of reward - lengthPenalty x characters. Ties are dropped and counted.",
+    )
+    length_penalty: Annotated[float, Field(ge=0.0, le=1e6)] = Field(
+        default=0.0, description="Per-character penalty of max_min_length_penalty."
+    )
+
+
+class LossSpec(_Model):
+    type: Literal[tuple(LOSS_KINDS)] = Field(  # type: ignore[valid-type]
+        default="sigmoid", description="DPO loss. " + "; ".join(f"{k}: {v}" for k, v in LOSS_KINDS.items()) + "."
+    )
+    beta: Annotated[float, Field(gt=0.0, le=1e4)] = Field(
+        default=0.1, description="Strength of the pull toward the reference model."
+    )
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = Field(
+        default=0.0, description="Assumed share of flipped preferences (conservative DPO)."
+    )
+
+
+class OptimizationSpec(_Model):
+    """How a model is trained on DeepSpeed: what DPO training and reward-model training share."""
+
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = Field(default=5e-7, description="Peak learning rate (AdamW).")
+    epochs: Annotated[int, Field(ge=1, le=1000)] = Field(default=2, description="Passes over each round's pairs.")
+    scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
+        default="cosine", description="Learning-rate decay after warmup."
+    )
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        default=0.03, description="Share of the steps spent warming up the learning rate."
+    )
+    weight_decay: Annotated[float, Field(ge=0.0, le=100.0)] = Field(default=0.0, description="AdamW weight decay.")
+    global_batch_size: Annotated[int, Field(ge=1, le=1 << 20)] = Field(
+        default=128, description="Pairs per optimizer step, over all processes and accumulation steps."
+    )
+    micro_batch_size: Annotated[int, Field(ge=1, le=1 << 16)] = Field(
+        default=1, description="Pairs per process per forward pass."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
+    precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
+        default="bf16", description="Training precision (fp32 master weights are kept in every case)."
+    )
+    gradient_checkpointing: bool = Field(default=True, description="Recompute activations to save memory.")
+    nodes: Annotated[int, Field(ge=1, le=1024)] = Field(default=1, description="Training nodes.")
+    nproc_per_node: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="Training processes (GPUs) per node."
+    )
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(default=42, description="Seed of the training data order.")
+
+
+class TrainingSpec(OptimizationSpec):
+    loss: LossSpec = Field(default_factory=LossSpec, description="The DPO loss.")
+    max_length: Annotated[int, Field(ge=16, le=MAX_TOKENS)] = Field(
+        default=2048, description="Most tokens of prompt + response; longer responses are cut."
+    )
+    max_prompt_length: Annotated[int, Field(ge=8, le=MAX_TOKENS)] = Field(
+        default=1000,
+        description="Most prompt tokens; longer prompts are left out at generation, with the reason counted.",
+    )
+
+
+class PreferenceDataSpec(_Model):
+    """Preference pairs: a JSONL, Parquet or Arrow file (or folder), or a hub id."""
+
+    dataset: ModelRef = Field(description="Local path (absolute, ./ or ../) or hub id.")
+    split: str = Field(default="train", description="Split to read.")
+    format: Literal[PREFERENCE_FORMATS] = Field(  # type: ignore[valid-type]
+        default="auto",
+        description="implicit: chosenField and rejectedField hold whole conversations that share every turn but "
+        "the last (the report's format); explicit: promptField + chosenField + rejectedField, each a string "
+        "or messages (TRL's preference format); auto: decided from the first row.",
+    )
+    chosen_field: Annotated[str, Field(min_length=1, max_length=128)] = Field(
+        default="chosen", description="Field of the preferred side."
+    )
+    rejected_field: Annotated[str, Field(min_length=1, max_length=128)] = Field(
+        default="rejected", description="Field of the other side."
+    )
+    prompt_field: Annotated[str, Field(min_length=1, max_length=128)] = Field(
+        default="prompt", description="Field of the prompt (explicit format only)."
+    )
+    margin_field: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
+        default=None,
+        description="Field of a per-pair margin (the loss becomes -log sigmoid(r_chosen - r_rejected - margin)); "
+        "unset: 'margin' when the first row has it.",
+    )
+    max_pairs: Annotated[int, Field(ge=1, le=1 << 31)] | None = Field(
+        default=None, description="Use only the first N rows (ids 0..N-1), rows left out included (all when unset)."
+    )
+
+
+class RewardTrainingSpec(OptimizationSpec):
+    """A Bradley-Terry reward model trained before round 1 (the report's first half); its
+    defaults are the report's (RLHF-Reward-Modeling): lr 2e-6, weight decay 0.001, cosine,
+    warmup 0.03, global batch 512, 1 epoch, ZeRO-3, bf16."""
+
+    base: ModelRef = Field(
+        description="Model the reward model starts from (a causal LM gets a one-label score head): a local path "
+        "(absolute, ./ or ../) or hub id."
+    )
+    data: PreferenceDataSpec = Field(description="The preference pairs it learns from.")
+    held_out_share: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        default=None,
+        description="Share of the pairs held out (a seeded draw) and evaluated each epoch for accuracy and margin; "
+        "default 0.05, or 0 when heldOutSplit is set.",
+    )
+    held_out_split: str | None = Field(
+        default=None, description="A split of the same dataset evaluated each epoch instead of a held-out share."
+    )
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = Field(default=2e-6, description="Peak learning rate (AdamW).")
+    epochs: Annotated[int, Field(ge=1, le=1000)] = Field(default=1, description="Passes over the pairs.")
+    weight_decay: Annotated[float, Field(ge=0.0, le=100.0)] = Field(default=0.001, description="AdamW weight decay.")
+    global_batch_size: Annotated[int, Field(ge=1, le=1 << 20)] = Field(
+        default=512, description="Pairs per optimizer step, over all processes and accumulation steps."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=3, description="DeepSpeed ZeRO stage.")
+
+    @property
+    def held_out(self) -> float:
+        """The share of the pairs held out (0 with a held-out split)."""
+        if self.held_out_share is not None:
+            return self.held_out_share
+        return 0.0 if self.held_out_split else DEFAULT_HELD_OUT_SHARE
+
+
 class RewardSpec(_Model):
-    model: ModelRef = Field(description="Reward model: local path (absolute, ./ or ../) or hub id.")
+    model: ModelRef | None = Field(
+        default=None,
+        description="Reward model: local path (absolute, ./ or ../) or hub id; unset when training trains it.",
+    )
     kind: Literal[tuple(SCORER_KINDS)] = Field(  # type: ignore[valid-type]
         default="bradley-terry",
         description="How to read a score from the model. " + "; ".join(f"{k}: {v}" for k, v in SCORER_KINDS.items()) + ".",
@@ -234,66 +368,11 @@ class RewardSpec(_Model):
     startup_timeout_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] = Field(
         default=900.0, description="How long to wait for the reward server's /readyz."
     )
-
-
-class PairingSpec(_Model):
-    strategy: Literal[PAIRING_STRATEGIES] = Field(  # type: ignore[valid-type]
-        default="max_min",
-        description="max_min: best vs worst; max_random: best vs a random other; "
-        "max_max: best vs second best; random: two random; max_min_length_penalty: "
-        "best vs worst of reward - lengthPenalty x characters. Ties are dropped and counted.",
+    training: RewardTrainingSpec | None = Field(
+        default=None,
+        description="Train the reward model first, once, before round 1 (the RewardModel stage), then serve it "
+        "every round; chatTemplate and maxLength apply to training too.",
     )
-    length_penalty: Annotated[float, Field(ge=0.0, le=1e6)] = Field(
-        default=0.0, description="Per-character penalty of max_min_length_penalty."
-    )
-
-
-class LossSpec(_Model):
-    type: Literal[tuple(LOSS_KINDS)] = Field(  # type: ignore[valid-type]
-        default="sigmoid", description="DPO loss. " + "; ".join(f"{k}: {v}" for k, v in LOSS_KINDS.items()) + "."
-    )
-    beta: Annotated[float, Field(gt=0.0, le=1e4)] = Field(
-        default=0.1, description="Strength of the pull toward the reference model."
-    )
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = Field(
-        default=0.0, description="Assumed share of flipped preferences (conservative DPO)."
-    )
-
-
-class TrainingSpec(_Model):
-    loss: LossSpec = Field(default_factory=LossSpec, description="The DPO loss.")
-    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = Field(default=5e-7, description="Peak learning rate (AdamW).")
-    epochs: Annotated[int, Field(ge=1, le=1000)] = Field(default=2, description="Passes over each round's pairs.")
-    scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
-        default="cosine", description="Learning-rate decay after warmup."
-    )
-    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
-        default=0.03, description="Share of a round's steps spent warming up the learning rate."
-    )
-    weight_decay: Annotated[float, Field(ge=0.0, le=100.0)] = Field(default=0.0, description="AdamW weight decay.")
-    global_batch_size: Annotated[int, Field(ge=1, le=1 << 20)] = Field(
-        default=128, description="Pairs per optimizer step, over all processes and accumulation steps."
-    )
-    micro_batch_size: Annotated[int, Field(ge=1, le=1 << 16)] = Field(
-        default=1, description="Pairs per process per forward pass."
-    )
-    max_length: Annotated[int, Field(ge=16, le=MAX_TOKENS)] = Field(
-        default=2048, description="Most tokens of prompt + response; longer responses are cut."
-    )
-    max_prompt_length: Annotated[int, Field(ge=8, le=MAX_TOKENS)] = Field(
-        default=1000,
-        description="Most prompt tokens; longer prompts are left out at generation, with the reason counted.",
-    )
-    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
-    precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
-        default="bf16", description="Training precision (fp32 master weights are kept in every case)."
-    )
-    gradient_checkpointing: bool = Field(default=True, description="Recompute activations to save memory.")
-    nodes: Annotated[int, Field(ge=1, le=1024)] = Field(default=1, description="Training nodes.")
-    nproc_per_node: Annotated[int, Field(ge=1, le=64)] = Field(
-        default=1, description="Training processes (GPUs) per node."
-    )
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(default=42, description="Seed of the training data order.")
 
 
 class StorageSpec(_Model):
@@ -458,7 +537,7 @@ class IterativeDPORunSpec(_Model):
     def _cross_field(self) -> IterativeDPORunSpec:
         for rule in RULES:
             obj = rule.target(self)
-            if not rule.holds(obj):
+            if obj is not None and not rule.holds(obj):  # an optional section left out has nothing to check
                 raise CrossFieldError(rule.blames, rule.explain(obj))
         return self
 
@@ -475,7 +554,12 @@ class IterativeDPORunSpec(_Model):
     def path_fields(self) -> list[tuple[str, str, str]]:
         """(field, kind, value) of every set path-or-hub-id field; kind is model, dataset or root.
         The one list the local checks (iterdpo/localpaths.py) and the cluster's volume check read."""
-        fields = [("spec.policy.model", "model", self.policy.model), ("spec.reward.model", "model", self.reward.model)]
+        fields = [("spec.policy.model", "model", self.policy.model)]
+        if self.reward.model:
+            fields.append(("spec.reward.model", "model", self.reward.model))
+        if self.reward.training:
+            fields += [("spec.reward.training.base", "model", self.reward.training.base),
+                       ("spec.reward.training.data.dataset", "dataset", self.reward.training.data.dataset)]  # fmt: skip
         if self.prompts.dataset:
             fields.append(("spec.prompts.dataset", "dataset", self.prompts.dataset))
         fields += [(f"spec.prompts.perIteration[{i}].dataset", "dataset", p.dataset)
@@ -567,6 +651,8 @@ class Rule:
         obj: Any = spec
         for part in filter(None, self.at.split(".")):
             obj = getattr(obj, next(n for n, f in type(obj).model_fields.items() if (f.alias or n) == part))
+            if obj is None:  # an optional section that is not set (the API server skips its rules too)
+                return None
         return obj
 
 
@@ -585,25 +671,38 @@ def _per_step(t: TrainingSpec) -> int:
     return t.micro_batch_size * t.nproc_per_node * t.nodes
 
 
+def _optimization_rules(at: str) -> tuple[Rule, ...]:
+    """The rules of an OptimizationSpec, at each place one sits (DPO and reward-model training)."""
+    return (
+        Rule(
+            at, "globalBatchSize",
+            lambda t: t.global_batch_size % _per_step(t) == 0,
+            lambda t: f"must be a multiple of microBatchSize x nprocPerNode x nodes = {t.micro_batch_size} x "
+            f"{t.nproc_per_node} x {t.nodes} = {_per_step(t)} (got {t.global_batch_size})",
+            "self.globalBatchSize % (self.microBatchSize * self.nprocPerNode * self.nodes) == 0",
+            "must be a multiple of microBatchSize x nprocPerNode x nodes",
+        ),
+        Rule(
+            at, "zeroStage",
+            lambda t: t.zero_stage != 0 or t.precision == "fp32",
+            lambda t: f"0 keeps no readable fp32 master weights under precision {t.precision!r}: "
+            "use zeroStage 1, 2 or 3, or precision fp32",
+            "self.zeroStage != 0 || self.precision == 'fp32'",
+            "0 keeps no readable fp32 master weights under precision bf16 or fp16: use zeroStage 1, 2 or 3, or precision fp32",
+            "\"0 keeps no readable fp32 master weights under precision '\" + self.precision + "
+            "\"': use zeroStage 1, 2 or 3, or precision fp32\"",
+        ),
+    )
+
+
+def _distinct_fields(d: PreferenceDataSpec) -> bool:
+    names = [d.chosen_field, d.rejected_field, d.prompt_field] + ([d.margin_field] if d.margin_field else [])
+    return len(set(names)) == len(names)
+
+
 RULES: tuple[Rule, ...] = (
-    Rule(
-        "training", "globalBatchSize",
-        lambda t: t.global_batch_size % _per_step(t) == 0,
-        lambda t: f"must be a multiple of microBatchSize x nprocPerNode x nodes = {t.micro_batch_size} x "
-        f"{t.nproc_per_node} x {t.nodes} = {_per_step(t)} (got {t.global_batch_size})",
-        "self.globalBatchSize % (self.microBatchSize * self.nprocPerNode * self.nodes) == 0",
-        "must be a multiple of microBatchSize x nprocPerNode x nodes",
-    ),
-    Rule(
-        "training", "zeroStage",
-        lambda t: t.zero_stage != 0 or t.precision == "fp32",
-        lambda t: f"0 keeps no readable fp32 master weights under precision {t.precision!r}: "
-        "use zeroStage 1, 2 or 3, or precision fp32",
-        "self.zeroStage != 0 || self.precision == 'fp32'",
-        "0 keeps no readable fp32 master weights under precision bf16 or fp16: use zeroStage 1, 2 or 3, or precision fp32",
-        "\"0 keeps no readable fp32 master weights under precision '\" + self.precision + "
-        "\"': use zeroStage 1, 2 or 3, or precision fp32\"",
-    ),
+    *_optimization_rules("training"),
+    *_optimization_rules("reward.training"),
     Rule(
         "training", "maxPromptLength",
         lambda t: t.max_prompt_length < t.max_length,
@@ -658,6 +757,48 @@ RULES: tuple[Rule, ...] = (
         lambda k: "; ".join(_toleration_problems(k.tolerations)),
         "!has(self.tolerations) || self.tolerations.all(t, (t.operator == 'Equal' || !has(t.value)) && (has(t.key) || t.operator == 'Exists'))",
         "operator Exists takes no value, and a toleration without a key must use operator Exists",
+    ),
+    Rule(
+        "reward", "model",
+        lambda r: r.model is not None or r.training is not None,
+        lambda r: "is required unless reward.training trains the reward model",
+        "has(self.model) || has(self.training)",
+        "is required unless reward.training trains the reward model",
+        reason="FieldValueRequired",
+    ),
+    Rule(
+        "reward", "training",
+        lambda r: r.model is None or r.training is None,
+        lambda r: f"trains the reward model every round scores with, so reward.model ({short(r.model)}) would "
+        "not be used: remove reward.model (the base to train from is reward.training.base)",
+        "!has(self.model) || !has(self.training)",
+        "trains the reward model every round scores with, so reward.model would not be used: remove "
+        "reward.model (the base to train from is reward.training.base)",
+    ),
+    Rule(
+        "reward.training", "heldOutSplit",
+        lambda t: t.held_out_share is None or t.held_out_split is None,
+        lambda t: f"names the held-out pairs, so heldOutShare ({t.held_out_share}) would not be used: set one of them",
+        "!has(self.heldOutShare) || !has(self.heldOutSplit)",
+        "names the held-out pairs, so heldOutShare would not be used: set one of them",
+    ),
+    Rule(
+        "reward.training.data", "rejectedField",
+        _distinct_fields,
+        lambda d: "chosenField, rejectedField, promptField and marginField must name different fields (got "
+        f"{d.chosen_field!r}, {d.rejected_field!r}, {d.prompt_field!r}, {d.margin_field!r})",
+        "self.chosenField != self.rejectedField && self.promptField != self.chosenField && "
+        "self.promptField != self.rejectedField && (!has(self.marginField) || (self.marginField != self.chosenField "
+        "&& self.marginField != self.rejectedField && self.marginField != self.promptField))",
+        "chosenField, rejectedField, promptField and marginField must name different fields",
+    ),
+    Rule(
+        "", "reward.training.nodes",
+        lambda s: s.kubernetes.launcher != "job" or s.reward.training is None or s.reward.training.nodes == 1,
+        lambda s: "launcher job trains on one node: set reward.training.nodes to 1 or use pytorchjob "
+        f"(reward.training.nodes is {s.reward.training.nodes})",
+        "self.kubernetes.launcher != 'job' || !has(self.reward.training) || self.reward.training.nodes == 1",
+        "launcher job trains on one node: set reward.training.nodes to 1 or use pytorchjob",
     ),
     Rule(
         "pairing", "lengthPenalty",

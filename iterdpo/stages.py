@@ -42,6 +42,7 @@ T = TypeVar("T")
 class Stage(StrEnum):
     """The one name of each stage (status.currentStage, conditions, Events, metrics)."""
 
+    REWARD_MODEL = "RewardModel"
     GENERATE = "Generate"
     SCORE = "Score"
     TRAIN = "Train"
@@ -156,8 +157,14 @@ class StageDef:
     timeout_seconds: int  # default of spec.kubernetes.stageTimeoutSeconds.<folder>: an attempt's deadline
     programs: tuple[Program, ...] = ()
     uses_reward_server: bool = False  # the backend runs the reward server and hands its jobs the URL and token
-    deepspeed: bool = False  # its jobs train with DeepSpeed: on CPUs the backend sets DS_ACCELERATOR=cpu
+    trains: Callable[[IterativeDPORun], object] | None = None  # the spec section its torchrun trains by
     enabled: Callable[[IterativeDPORun], bool] = field(default=lambda run: True)  # e.g. only when configured
+
+    @property
+    def deepspeed(self) -> bool:
+        """Its jobs train with DeepSpeed under torchrun: on CPUs the backend sets DS_ACCELERATOR=cpu;
+        on Kubernetes a training launcher runs it with `trains(run)`'s nodes and processes."""
+        return self.trains is not None
 
 
 def table_of(entries: Mapping[Stage, T], what: str) -> Mapping[Stage, T]:
@@ -191,6 +198,77 @@ def _cell(status_field: str, attr: str, fmt: str = "{}") -> Callable[[BaseModel]
 
 def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3f}"
+
+
+# -- RewardModel: a Bradley-Terry reward model trained once, before round 1 --------------------
+LEFT_OUT_SHOWN = 3  # reasons a summary carries (the termination message keeps 4096 bytes)
+REASON_CHARS = 200
+
+
+class RewardModelSummary(StageSummary):
+    stage: Literal["reward-model"] = "reward-model"
+    pairs: int  # trained on
+    pairs_left_out: int
+    left_out_reasons: list[str]  # the first few, each clipped; all of them in left-out.jsonl
+    pairs_truncated: int
+    held_out_pairs: int
+    held_out_accuracy: float | None
+    held_out_margin: float | None
+    loss: float
+    checkpoint: str
+    seconds: float
+
+
+class RewardModelFigures(Figures):
+    pairs: int = Field(description="Preference pairs the reward model was trained on.")
+    pairs_left_out: int = Field(
+        description="Rows of the preference data that could not be a pair (unreadable, unusable after the template or "
+        "truncation), each listed with its row and reason in the stage's left-out.jsonl."
+    )
+    left_out_reasons: list[str] = Field(
+        default_factory=list, description=f"The first {LEFT_OUT_SHOWN} reasons a row was left out."
+    )
+    pairs_truncated: int = Field(description="Training pairs with a side cut from the left to reward.maxLength.")
+    held_out_pairs: int = Field(description="Held-out pairs evaluated after each epoch.")
+    held_out_accuracy: float | None = Field(
+        default=None, description="Share of held-out pairs whose chosen side scores higher, after the last epoch."
+    )
+    held_out_margin: float | None = Field(
+        default=None, description="Mean held-out reward of chosen minus rejected, after the last epoch."
+    )
+    loss: float = Field(description="Mean Bradley-Terry loss over the last epoch.")
+    checkpoint: str = Field(description="The trained reward model, which every round's Score serves.")
+    seconds: float = Field(description="Wall-clock seconds of the stage.")
+
+
+def torchrun_argv(training, module: str, spec_file: str, iteration: int) -> tuple[str, ...]:
+    """A training stage's one command: torchrun of `module` with the spec's node and process counts."""
+    return ("torchrun", f"--nnodes={training.nodes}", f"--nproc-per-node={training.nproc_per_node}", "-m", module,
+            "--spec", spec_file, "--iteration", str(iteration))  # fmt: skip
+
+
+def _reward_model_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
+    argv = torchrun_argv(REWARD_MODEL.trains(run), "iterdpo_trainer.reward_model", ctx.spec_file, iteration)
+    return (Command("reward-model", argv),)
+
+
+def _reward_model_figures(summaries: list[RewardModelSummary], seconds: float, run: IterativeDPORun) -> RewardModelFigures:
+    s = _one(summaries, Stage.REWARD_MODEL)
+    return RewardModelFigures(
+        pairs=s.pairs, pairs_left_out=s.pairs_left_out, left_out_reasons=s.left_out_reasons[:LEFT_OUT_SHOWN],
+        pairs_truncated=s.pairs_truncated, held_out_pairs=s.held_out_pairs,
+        held_out_accuracy=_rounded(s.held_out_accuracy), held_out_margin=_rounded(s.held_out_margin),
+        loss=_rounded(s.loss), checkpoint=s.checkpoint, seconds=round(seconds, 1),
+    )  # fmt: skip
+
+
+def _reward_model_line(f: RewardModelFigures) -> str:
+    held = ("no held-out pairs" if f.held_out_accuracy is None else
+            f"held-out accuracy {f.held_out_accuracy:.3f}, margin {f.held_out_margin:+.3f} ({f.held_out_pairs} pairs)")  # fmt: skip
+    return (
+        f"reward model: {f.pairs} pairs ({f.pairs_left_out} left out, {f.pairs_truncated} truncated), "
+        f"loss {f.loss:.4f}, {held} in {f.seconds:.1f}s -> {f.checkpoint}"
+    )
 
 
 # -- Generate: K responses per prompt with vLLM, one process (or pod) per shard ---------------
@@ -383,10 +461,7 @@ class TrainingFigures(Figures):
 
 
 def _train_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
-    t = run.spec.training
-    argv = ("torchrun", f"--nnodes={t.nodes}", f"--nproc-per-node={t.nproc_per_node}", "-m", "iterdpo_trainer",
-            "--spec", ctx.spec_file, "--iteration", str(iteration))  # fmt: skip
-    return (Command("train", argv),)
+    return (Command("train", torchrun_argv(TRAIN.trains(run), "iterdpo_trainer", ctx.spec_file, iteration)),)
 
 
 def _training_figures(summaries: list[TrainSummary], seconds: float, run: IterativeDPORun) -> TrainingFigures:
@@ -425,12 +500,34 @@ TRAIN = StageDef(
     timeout_seconds=24 * 3600,
     pods=(Pod("train", "Each training node's pod.", lambda spec: spec.training.nproc_per_node, "training.nprocPerNode"),),
     markers=lambda layout, t, run: (layout.train_metrics(t),),
-    deepspeed=True,
+    trains=lambda run: run.spec.training,
+)
+
+
+REWARD_MODEL = StageDef(
+    stage=Stage.REWARD_MODEL,
+    when=When.BEFORE_ROUNDS,
+    status_field="reward_model",
+    folder="reward_model",
+    description="Figures of the RewardModel stage (round 0, when spec.reward.training is set), once it finished.",
+    summary=RewardModelSummary,
+    figures=RewardModelFigures,
+    jobs=_reward_model_jobs,
+    figures_of=_reward_model_figures,
+    line=_reward_model_line,
+    columns=(),  # round 0 has no samples: the line says it all
+    seconds_column="rm s",
+    timeout_seconds=24 * 3600,
+    pods=(Pod("rm", "Each reward-model training node's pod.", lambda spec: spec.reward.training.nproc_per_node
+              if spec.reward.training else 1, "reward.training.nprocPerNode"),),  # fmt: skip
+    markers=lambda layout, t, run: (layout.reward_model_metrics(),),
+    trains=lambda run: run.spec.reward.training,
+    enabled=lambda run: run.spec.reward.training is not None,
 )
 
 
 # -- the table ------------------------------------------------------------------------------
-STAGES: tuple[StageDef, ...] = (GENERATE, SCORE, TRAIN)  # run order within a round
+STAGES: tuple[StageDef, ...] = (REWARD_MODEL, GENERATE, SCORE, TRAIN)  # run order within a round
 STAGE_TABLE: Mapping[Stage, StageDef] = table_of({d.stage: d for d in STAGES}, "iterdpo.stages.STAGES")
 
 # The run's reward server: a service of the stages with uses_reward_server, not a stage.

@@ -137,9 +137,14 @@ def extended(status: RunStatus, old_rounds: int, rounds: int, now: str) -> RunSt
     return status.model_copy(update={"phase": "Running", "final_policy": None, "conditions": conditions})
 
 
+def round_name(iteration: int) -> str:
+    """How messages name a round: round 0 is what runs once before round 1 (a reward model)."""
+    return "before round 1" if iteration == 0 else f"round {iteration}"
+
+
 def running_message(iteration: int, stage: Stage) -> str:
     """Progressing's message while a stage runs (the operator appends why a pod cannot start)."""
-    return f"round {iteration}: {stage} is running"
+    return f"{round_name(iteration)}: {stage} is running"
 
 
 def stage_started(status: RunStatus, iteration: int, stage: Stage, policy: str, now: str) -> RunStatus:
@@ -179,7 +184,7 @@ def stage_finished(
     updated = current.model_copy(update={STAGE_TABLE[stage].status_field: figures})
     iterations = [updated if it.iteration == iteration else it for it in status.iterations]
     conditions = _with_conditions(
-        status, now, ("Progressing", "True", f"{stage}Succeeded", f"round {iteration}: {stage} finished")
+        status, now, ("Progressing", "True", f"{stage}Succeeded", f"{round_name(iteration)}: {stage} finished")
     )
     return status.model_copy(update={"iterations": iterations, "conditions": conditions})
 
@@ -189,8 +194,8 @@ def stage_failed(status: RunStatus, iteration: int, stage: Stage, reason: str, m
     conditions = _with_conditions(
         status,
         now,
-        ("Failed", "True", reason, f"round {iteration}: {stage} failed: {message}"),
-        ("Progressing", "False", reason, f"round {iteration}: {stage} failed"),
+        ("Failed", "True", reason, f"{round_name(iteration)}: {stage} failed: {message}"),
+        ("Progressing", "False", reason, f"{round_name(iteration)}: {stage} failed"),
     )
     return status.model_copy(
         update={"phase": "Failed", "current_iteration": iteration, "current_stage": stage, "conditions": conditions}
@@ -209,7 +214,7 @@ def succeeded(status: RunStatus, final_policy: str, now: str) -> RunStatus:
     conditions = _with_conditions(
         status,
         now,
-        ("Succeeded", "True", "AllRoundsFinished", f"{len(status.iterations)} rounds finished"),
+        ("Succeeded", "True", "AllRoundsFinished", f"{sum(it.iteration > 0 for it in status.iterations)} rounds finished"),
         ("Progressing", "False", "Finished", "all rounds finished"),
         _no_failure(status),
     )

@@ -13,6 +13,10 @@
   other block is zero, so the residual stream passes through; the score head
   reads dim 2.
 - Prompt sets: one JSONL file per round of chat messages.
+- A preference set (`preferences.jsonl`, the report's format: `chosen` and `rejected` are
+  whole conversations sharing the prompt turn): two word-salad responses per prompt, the one
+  the hand-wired reward model scores higher is `chosen`. The reward model is then the *gold*
+  model, and a Bradley-Terry model trained on the set (the RewardModel stage) is the proxy.
 
 The reward model has its own chat template, different from the policy's, as a
 real reward model would: the reward server must format with the RM's template.
@@ -80,9 +84,11 @@ class TinyAssets:
     policy: Path
     reward: Path
     prompts: tuple[Path, ...]  # one prompt file per round
+    preferences: Path  # pairs labelled by the gold (hand-wired) reward model
 
 
-def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, seed: int = 0) -> TinyAssets:
+def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, preference_pairs: int = 1024,
+               seed: int = 0) -> TinyAssets:  # fmt: skip
     """Build (or reuse, if complete) the tiny assets under `out`."""
     out = Path(out)
     assets = TinyAssets(
@@ -90,9 +96,11 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, seed:
         policy=out / "policy",
         reward=out / "reward",
         prompts=tuple(out / f"prompts-iter{r}.jsonl" for r in range(1, rounds + 1)),
+        preferences=out / "preferences.jsonl",
     )
     marker = out / ".complete.json"
-    wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "seed": seed, "version": 2}
+    wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "preference_pairs": preference_pairs,
+              "seed": seed, "version": 3}  # fmt: skip
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return assets
 
@@ -113,6 +121,7 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, seed:
     rng = random.Random(seed)
     for path in assets.prompts:
         write_jsonl(path, _prompts(rng, prompts_per_round))
+    write_jsonl(assets.preferences, _preferences(assets.reward, random.Random(seed + 1), preference_pairs))
     write_json(marker, wanted)
     return assets
 
@@ -256,4 +265,40 @@ def _prompts(rng: random.Random, count: int) -> list[dict]:
         form = rng.choice(PROMPT_FORMS)
         topic = rng.choice(TOPICS)
         rows.append({"id": f"p{i:04d}", "messages": [{"role": "user", "content": form.format(topic)}]})
+    return rows
+
+
+PREFERENCE_WORDS = (6, 16)  # words per synthetic response
+
+
+def _response(rng: random.Random, topic: str) -> str:
+    """A response like the tiny policy's samples: whole words, a few of them kind or unkind."""
+    words = [topic] + [rng.choice(NEUTRAL_WORDS) for _ in range(rng.randint(*PREFERENCE_WORDS))]
+    for _ in range(rng.randint(0, 4)):
+        words[rng.randrange(1, len(words))] = rng.choice(KIND_WORDS if rng.random() < 0.5 else UNKIND_WORDS)
+    return " ".join(words)
+
+
+def _preferences(reward_dir: Path, rng: random.Random, count: int) -> list[dict]:
+    """`count` pairs, each side scored by the gold reward model with its own template; a draw
+    whose two sides score within 0.05 is drawn again (a tie teaches nothing)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(reward_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir)).eval()
+    rows: list[dict] = []
+    while len(rows) < count:
+        topic = rng.choice(TOPICS)
+        prompt = [{"role": "user", "content": rng.choice(PROMPT_FORMS).format(topic)}]
+        sides = [prompt + [{"role": "assistant", "content": _response(rng, topic)}] for _ in range(2)]
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in sides]
+        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            a, b = model(**batch).logits[:, 0].tolist()
+        if abs(a - b) < 0.05:
+            continue
+        chosen, rejected = (sides[0], sides[1]) if a > b else (sides[1], sides[0])
+        rows.append({"id": f"pref{len(rows):05d}", "chosen": chosen, "rejected": rejected,
+                     "gold_margin": round(abs(a - b), 4)})  # fmt: skip
     return rows

@@ -146,6 +146,8 @@ class TrainingChild:
     argv: tuple[str, ...]  # the planner's torchrun command
     iteration: int
     attempt: int
+    nodes: int  # of the spec section it trains by (StageDef.trains)
+    nproc_per_node: int
 
 
 class JobLauncher:
@@ -168,18 +170,17 @@ class PyTorchJobLauncher:
     kind = PYTORCHJOB
 
     def build(self, run: IterativeDPORun, child: TrainingChild, owner_uid: str | None = None) -> dict:
-        t = run.spec.training
         # Kubeflow requires the container to be named "pytorch".
         main = b.container(run, "pytorch", child.argv, child.component, deepspeed=True)
         template = b.pod_template(run, child.component, b.pod_spec(run, [main], shm=True), iteration=child.iteration,
                                   attempt=child.attempt)  # fmt: skip
         replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
-        if t.nodes > 1:  # its own copy: one shared dict would print as YAML anchors
-            replicas["Worker"] = {"replicas": t.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
+        if child.nodes > 1:  # its own copy: one shared dict would print as YAML anchors
+            replicas["Worker"] = {"replicas": child.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
         return {
             "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
             "metadata": b._meta(run, child.name, child.component, owner_uid, iteration=child.iteration, attempt=child.attempt),
-            "spec": {"nprocPerNode": str(t.nproc_per_node),
+            "spec": {"nprocPerNode": str(child.nproc_per_node),
                      "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None", "suspend": False},
                      "pytorchReplicaSpecs": replicas},
         }  # fmt: skip

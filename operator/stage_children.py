@@ -60,13 +60,15 @@ def job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_
 def training(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
     """The stage's torchrun command, as spec.kubernetes.launcher runs it (Job or PyTorchJob)."""
     (command,) = b.planned(run, iteration, stage).jobs
+    trains = STAGE_TABLE[stage].trains(run)
     child = TrainingChild(child_name(run, iteration, stage, attempt), CHILDREN[stage].component, command.argv,
-                          iteration, attempt)  # fmt: skip
+                          iteration, attempt, trains.nodes, trains.nproc_per_node)  # fmt: skip
     return launcher_for(run).build(run, child, owner_uid)
 
 
 CHILDREN: Mapping[Stage, StageChild] = table_of(
     {
+        Stage.REWARD_MODEL: StageChild("rm", lambda run: launcher_for(run).kind, training),
         Stage.GENERATE: StageChild("generate", lambda run: JOB, generate_job),
         Stage.SCORE: StageChild("annotate", lambda run: JOB, job),
         Stage.TRAIN: StageChild("train", lambda run: launcher_for(run).kind, training),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from iterdpo.runfile import SpecError, parse_run
+from iterdpo.stages import STAGES
 from iterdpo.spec import IterativeDPORun, KubernetesSpec, SecretKeyRef, is_local
 from iterdpo.yamlfile import short
 
@@ -47,10 +48,15 @@ def resource_problems(run: IterativeDPORun) -> list[str]:
     """GPU counts that cannot work with the recipe."""
     spec, res = run.spec, run.spec.kubernetes.resources
     problems = []
-    n = spec.training.nproc_per_node
-    if res.train.gpus and res.train.gpus != n:
-        problems.append(f"spec.kubernetes.resources.train.gpus: torchrun starts training.nprocPerNode = {n} processes per pod, "
-                        f"one per GPU: set it to {n}, or 0 to train on CPUs (got {res.train.gpus})")  # fmt: skip
+    for d in STAGES:  # a training stage's pods: one GPU per torchrun process
+        if d.trains is None or not d.enabled(run):
+            continue
+        n = d.trains(run).nproc_per_node
+        for pod in d.pods:
+            gpus = getattr(res, pod.key).gpus
+            if gpus and gpus != n:
+                problems.append(f"spec.kubernetes.resources.{pod.key}.gpus: torchrun starts {pod.gpus_doc} = {n} "
+                                f"processes per pod, one per GPU: set it to {n}, or 0 to train on CPUs (got {gpus})")  # fmt: skip
     tp = spec.generation.tensor_parallel_size
     if res.generate.gpus and res.generate.gpus < tp:
         problems.append(f"spec.kubernetes.resources.generate.gpus: one vLLM engine spans generation.tensorParallelSize = {tp} "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from iterdpo.stages import HEADLINE, STAGES, Column
+from iterdpo.stages import HEADLINE, STAGES, Column, StageDef, When
 from iterdpo.status import RunStatus
 
 
@@ -15,12 +15,19 @@ def reward_trend(status: RunStatus) -> str | None:
     return f"round {first} mean reward {a:+.3f} -> round {last} {b:+.3f}"
 
 
-# round, every stage's columns in run order, then each stage's seconds.
-_COLUMNS: tuple[Column, ...] = (
-    Column("round", lambda it: str(it.iteration)),
-    *(c for d in STAGES for c in d.columns),
-    *(Column(d.seconds_column, lambda it, d=d: _seconds(it.figures(d.stage))) for d in STAGES),
-)
+def _columns(status: RunStatus) -> tuple[Column, ...]:
+    """round, every stage's columns in run order, then each stage's seconds; a stage that runs
+    only before round 1 (round 0) is shown when the run has it."""
+    shown = [d for d in STAGES if _shown(d, status)]
+    return (
+        Column("round", lambda it: str(it.iteration)),
+        *(c for d in shown for c in d.columns),
+        *(Column(d.seconds_column, lambda it, d=d: _seconds(it.figures(d.stage))) for d in shown),
+    )
+
+
+def _shown(d: StageDef, status: RunStatus) -> bool:
+    return bool(d.when & When.EVERY_ROUND) or any(it.figures(d.stage) is not None for it in status.iterations)
 
 
 def _seconds(figures) -> str:
@@ -28,12 +35,13 @@ def _seconds(figures) -> str:
 
 
 def status_table(name: str, status: RunStatus, iterations: int | None = None) -> str:
-    rows = [[c.title for c in _COLUMNS]] + [[c.cell(it) for c in _COLUMNS] for it in status.iterations]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    columns = _columns(status)
+    rows = [[c.title for c in columns]] + [[c.cell(it) for c in columns] for it in status.iterations]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     stage = f", {status.current_stage}" if status.current_stage and status.phase != "Succeeded" else ""
     rounds = f" of {iterations}" if iterations else ""
-    head = f"run {name}: {status.phase} (round {status.current_iteration or '-'}{rounds}{stage})"
+    head = f"run {name}: {status.phase} (round {'-' if status.current_iteration is None else status.current_iteration}{rounds}{stage})"
     failed = status.condition("Failed")
     extra = []
     if failed is not None and failed.status == "True":

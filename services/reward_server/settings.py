@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from iterdpo.errors import UsageError
 from iterdpo.planner import REWARD_TOKEN_ENV
+from iterdpo.layout import reward_model_for
 from iterdpo.localpaths import model_problems
 from iterdpo.runfile import load_run
 from iterdpo.spec import MAX_ITEMS_PER_REQUEST, RULES, RewardSpec
@@ -114,10 +115,13 @@ def settings_from_args(argv: list[str] | None) -> Settings:
     if args.spec is not None:
         if given:
             raise SettingsError(f"{_flag(next(iter(given)))}: with --spec, spec.reward is the one place for it; drop the flag")
-        reward = load_run(args.spec).spec.reward
+        run = load_run(args.spec)  # the model it names, or the one its RewardModel stage trained
+        reward = run.spec.reward.model_copy(update={"model": reward_model_for(run)})
     else:
         reward = _reward_from_flags(given)
     field, length = ("spec.reward.model", "spec.reward.maxLength") if args.spec else ("--model", "--max-length")
+    if args.spec and run.spec.reward.training is not None:
+        field = "the reward model of spec.reward.training (the RewardModel stage writes it)"
     problems = model_problems(field, reward.model, {length: reward.max_length})
     if problems:  # a local folder that cannot be the model: say so, before Hugging Face calls it a bad repo id
         raise SettingsError("; ".join(problems))

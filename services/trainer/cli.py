@@ -27,14 +27,13 @@ log = logging.getLogger("iterdpo_trainer")
 PROG = "iterdpo_trainer"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Train stage of one round of iterative DPO: DPO on the round's pairs with DeepSpeed; "
-        "writes <round>/train/policy (Hugging Face checkpoint) and metrics.json.",
-    )
+def parse_args(argv: list[str] | None, *, prog: str = PROG, description: str = "", first_round: int = 1
+               ) -> argparse.Namespace:  # fmt: skip
+    parser = argparse.ArgumentParser(prog=prog, description=description or (
+        "Train stage of one round of iterative DPO: DPO on the round's pairs with DeepSpeed; "
+        "writes <round>/train/policy (Hugging Face checkpoint) and metrics.json."))  # fmt: skip
     parser.add_argument("--spec", required=True, help="run file (YAML or JSON IterativeDPORun)")
-    parser.add_argument("--iteration", required=True, type=int, help="round number, from 1")
+    parser.add_argument("--iteration", required=True, type=int, help=f"round number, from {first_round}")
     return parser.parse_args(argv)
 
 
@@ -49,11 +48,11 @@ def _single_process_defaults() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def _configure_logging(rank: int) -> None:
+def _configure_logging(rank: int, label: str) -> None:
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[train rank {rank}] %(asctime)s %(levelname)s %(message)s",
+        format=f"[{label} rank {rank}] %(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         force=True,
     )
@@ -67,13 +66,18 @@ def _configure_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return launch(parse_args(argv), PROG, _main)
+
+
+def launch(args: argparse.Namespace, prog: str, body, *, label: str = "train") -> int:
+    """Run a training stage's `body(args, rank=, world_size=, started=)` on this rank: the
+    process group's defaults without torchrun, logging per rank, one error line per rank."""
     started = time.monotonic()
     _single_process_defaults()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    _configure_logging(rank)
+    _configure_logging(rank, label)
     try:
-        return stage_main(f"{PROG} (rank {rank})", lambda: _main(args, rank=rank, world_size=world_size, started=started))
+        return stage_main(f"{prog} (rank {rank})", lambda: body(args, rank=rank, world_size=world_size, started=started))
     finally:
         _leave_process_group()
 

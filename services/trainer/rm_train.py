@@ -18,8 +18,9 @@ DeepSpeed wraps the model). The serving side (reward_server/scoring.forward) pad
 too, so a model is served exactly as it was trained. A sequence whose last real token is the pad
 id would be read at the wrong position: refused before training.
 
-Entry point for now: `train_reward_model(...)`, called on every rank under torchrun with pairs
-encoded by `bt.encode_pairs` (the command line and the stage wiring come later).
+The stage program (reading the run's preference data, the held-out split, the counts) is
+`iterdpo_trainer.reward_model`; `train_reward_model(...)` is its distributed part, called on
+every rank under torchrun with pairs encoded by `bt.encode_pairs`.
 """
 
 from __future__ import annotations
@@ -31,11 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from pydantic import Field
-
-from iterdpo.contracts import Camel, write_model
+from iterdpo.contracts import HeldOutMetrics, RewardModelMetrics, RMStepMetrics, write_model
 from iterdpo.errors import StageError
-from iterdpo.spec import TrainingSpec
+from iterdpo.spec import OptimizationSpec
 
 from iterdpo_trainer.bt import EncodedPair, bt_loss, ensure_pad_token
 from iterdpo_trainer.checkpoint import save_checkpoint
@@ -55,41 +54,6 @@ from iterdpo_trainer.train import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# -- metrics (the completion marker; moves to iterdpo.contracts with the stage wiring) ---------
-class RMStepMetrics(Camel):
-    step: int
-    epoch: float
-    loss: float  # mean BT loss over the step's pairs, all ranks
-    accuracy: float  # share of the step's pairs with r_chosen > r_rejected
-    margin: float  # mean r_chosen - r_rejected (the data's margin not subtracted)
-    learning_rate: float
-
-
-class HeldOutMetrics(Camel):
-    epoch: int  # 1-based: evaluated at the end of this epoch
-    pairs: int
-    accuracy: float
-    margin: float
-
-
-class RewardModelMetrics(Camel):
-    pairs: int = Field(description="training pairs used")
-    pairs_left_out: int = Field(description="pairs read but unusable (counted by the caller, with reasons)")
-    pairs_truncated: int = Field(description="training pairs with a side cut from the left to maxLength")
-    pairs_repeated_to_fill_last_step: int
-    held_out_pairs: int
-    held_out_pairs_truncated: int
-    steps: list[RMStepMetrics]
-    final_loss: float = Field(description="mean loss over the last epoch's steps")
-    held_out: list[HeldOutMetrics] = Field(description="one evaluation per epoch (empty without held-out pairs)")
-    held_out_accuracy: float | None = Field(description="the last epoch's held-out accuracy")
-    held_out_margin: float | None
-    seconds: float
-    checkpoint: str
-    base: str
-    world_size: int
 
 
 # -- tokenizer and batches -----------------------------------------------------------------
@@ -172,19 +136,20 @@ def evaluate(engine, pairs: Sequence[EncodedPair], *, pad_token_id: int, micro_b
 def train_reward_model(
     *,
     base: str | Path,
-    training: TrainingSpec,
+    training: OptimizationSpec,
     tokenizer,
     train_pairs: Sequence[EncodedPair],
     held_out: Sequence[EncodedPair],
     destination: Path,
     metrics_path: Path,
     pairs_left_out: int = 0,
+    left_out_reasons: Sequence[str] = (),
     started: float | None = None,
 ) -> RewardModelMetrics:
     """Train on every rank; rank 0 writes the checkpoint, then `metrics_path` (last: the marker).
 
-    `tokenizer` is the one the pairs were encoded with (`load_tokenizer`); the DPO-only fields
-    of `training` (loss, maxPromptLength) are not used. Returns the metrics on every rank.
+    `tokenizer` is the one the pairs were encoded with (`load_tokenizer`). Returns the
+    metrics on every rank.
     """
     import torch.distributed as dist
     from transformers import AutoModelForSequenceClassification
@@ -259,6 +224,7 @@ def train_reward_model(
     metrics = RewardModelMetrics(
         pairs=len(train_pairs),
         pairs_left_out=pairs_left_out,
+        left_out_reasons=list(left_out_reasons),
         pairs_truncated=sum(p.truncated for p in train_pairs),
         pairs_repeated_to_fill_last_step=plan.repeated_per_epoch,
         held_out_pairs=len(held_out),

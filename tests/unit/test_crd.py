@@ -162,7 +162,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
     """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
     from iterdpo.spec import RULES
 
-    assert len(RULES) == len({r.blames for r in RULES}) == 10
+    assert len(RULES) == len({r.blames for r in RULES}) == 17
     assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
     for rule in RULES:
         node = root["properties"]["spec"]
@@ -183,6 +183,9 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
             assert "default" in leaf or f"has(self.{dotted})" in rule.cel, (rule.cel, dotted)
 
 
+RM = {"base": "/m/base", "data": {"dataset": "/d/prefs.jsonl"}}  # a spec.reward.training
+
+
 def test_each_rule_is_checked_by_the_model_and_blames_its_field():
     """Break each rule on a valid spec: the model's error names exactly the field the rule blames."""
     from iterdpo.runfile import SpecError, parse_run
@@ -199,7 +202,18 @@ def test_each_rule_is_checked_by_the_model_and_blames_its_field():
         "pairing.lengthPenalty": {"pairing": {"lengthPenalty": 0.1}},
         "generation.maxModelLen": {"generation": {"maxModelLen": 1000}, "training": {"maxPromptLength": 1000}},
         "kubernetes.tolerations": {"kubernetes": {"tolerations": [{"operator": "Exists", "value": "x"}]}},
-    }
+        "reward.model": {"reward": {"model": None}},
+        "reward.training": {"reward": {"training": RM}},
+        "reward.training.globalBatchSize": {"reward": {"model": None, "training": {**RM, "globalBatchSize": 7,
+                                                                                  "microBatchSize": 2}}},
+        "reward.training.zeroStage": {"reward": {"model": None, "training": {**RM, "zeroStage": 0}}},
+        "reward.training.heldOutSplit": {"reward": {"model": None, "training": {**RM, "heldOutShare": 0.1,
+                                                                               "heldOutSplit": "test"}}},
+        "reward.training.data.rejectedField": {"reward": {"model": None, "training": {
+            **RM, "data": {"dataset": "/d/prefs.jsonl", "rejectedField": "chosen"}}}},
+        "reward.training.nodes": {"kubernetes": {"launcher": "job"},
+                                  "reward": {"model": None, "training": {**RM, "nodes": 2}}},
+    }  # fmt: skip
     assert set(breakers) == {r.blames for r in RULES}
     for blames, change in breakers.items():
         spec = copy.deepcopy(MINIMAL)

@@ -22,4 +22,5 @@ def test_rows_show_bounds_defaults_and_allowed_values():
     assert rows["spec.generation.samplesPerPrompt"] == ("int (>= 2, <= 1024)", "`8`")
     assert rows["spec.prompts.perIteration[].maxPrompts"] == ("int (>= 1, <= 2147483648)", "unset")
     assert rows["spec.pairing.strategy"][0].startswith("one of `max_min`, `max_random`")
-    assert rows["spec.reward.model"] == ("str", "required")
+    assert rows["spec.policy.model"] == ("str", "required")
+    assert rows["spec.reward.model"] == ("str", "unset")
