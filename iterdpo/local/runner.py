@@ -27,6 +27,7 @@ from iterdpo.runfile import dump_run
 from iterdpo.spec import IterativeDPORun, StorageSpec
 from iterdpo.stages import STAGE_TABLE, Command, StageSummary, SummaryError
 from iterdpo.status import (
+    round_name,
     RunStatus,
     accepted,
     extended,
@@ -163,7 +164,8 @@ class LocalRunner:
         return accepted(status, spec_hash, now_rfc3339())
 
     def _run_stage(self, status: RunStatus, step: StageStep) -> RunStatus:
-        label = f"[round {step.iteration}/{self.run.spec.iterations}] {step.stage}"
+        where = round_name(step.iteration) if step.iteration == 0 else f"round {step.iteration}/{self.run.spec.iterations}"
+        label = f"[{where}] {step.stage}"
         status = stage_started(status, step.iteration, step.stage, step.policy, now_rfc3339())
         self._save(status)
         self._say(f"{label} ...")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from kubernetes import client
 
-from iterdpo.stages import GenerateSummary, ScoreSummary, TrainSummary
+from iterdpo.stages import GenerateSummary, RewardModelSummary, ScoreSummary, TrainSummary
 
 GROUP, VERSION, PLURAL = "iterdpo.io", "v1alpha1", "iterativedporuns"
 
@@ -32,6 +32,11 @@ def summaries(fail: dict[str, str] | None = None, hold: set[str] = frozenset(), 
         if component == "annotate":
             return 0, ScoreSummary(mean_reward=0.5 * it, min_reward=-1.0, max_reward=2.0, pairs=9, ties_dropped=1,
                                    prompts_left_out=0, seconds=1.0).to_message()  # fmt: skip
+        if component == "rm":
+            return 0, RewardModelSummary(pairs=90, pairs_left_out=2, left_out_reasons=["line 3: not valid JSON"] * 2,
+                                         pairs_truncated=0, held_out_pairs=10, held_out_accuracy=0.9,
+                                         held_out_margin=1.25, loss=0.25, seconds=1.0,
+                                         checkpoint="/iterdpo/runs/r/iter-00/reward_model/model").to_message()  # fmt: skip
         if component == "train":
             return 0, TrainSummary(loss=0.5 / it, reward_accuracy=0.75, reward_margin=0.3 * it, seconds=1.0,
                                    checkpoint=f"/iterdpo/runs/r/iter-{it:02d}/train/policy", pairs=9,

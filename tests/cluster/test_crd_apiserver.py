@@ -35,7 +35,8 @@ def tiny_run(name: str = "tiny") -> dict:
     data = yaml.safe_load((ROOT / "examples" / "tiny-local.yaml").read_text())
     spec = data["spec"]
     spec["policy"]["model"] = "/iterdpo/tiny/policy"
-    spec["reward"]["model"] = "/iterdpo/tiny/reward"
+    spec["reward"]["training"]["base"] = "/iterdpo/tiny/policy"
+    spec["reward"]["training"]["data"]["dataset"] = "/iterdpo/tiny/preferences.jsonl"
     for i, source in enumerate(spec["prompts"]["perIteration"], 1):
         source["dataset"] = f"/iterdpo/tiny/prompts-iter{i}.jsonl"
     data["metadata"] = {"name": name}
@@ -113,7 +114,7 @@ def test_valid_run_is_accepted_and_defaults_are_filled(crd, ns):
     assert spec["generation"]["maxNewTokens"] == 24  # given values are kept
     assert spec["kubernetes"]["launcher"] == "pytorchjob"
     assert spec["kubernetes"]["volume"] == {"mountPath": "/iterdpo"}
-    assert spec["kubernetes"]["resources"] == {"generate": {}, "reward": {}, "annotate": {}, "train": {}}
+    assert spec["kubernetes"]["resources"] == {"rm": {}, "generate": {}, "reward": {}, "annotate": {}, "train": {}}
     assert spec["prompts"]["perIteration"][0] == {"dataset": "/iterdpo/tiny/prompts-iter1.jsonl", "split": "train",
                                                   "messagesField": "messages"}  # fmt: skip
     assert spec["reward"]["requestBatchSize"] == 64
@@ -194,7 +195,22 @@ INVALID = {
                    "operator Exists takes no value"),
     "maxModelLen": ({"generation": {"maxModelLen": 48}}, "spec.generation.maxModelLen",
                     "must be more than training.maxPromptLength"),
-}
+    # spec.reward.training (the RewardModel stage)
+    "reward model and training": ({"reward": {"model": "/iterdpo/tiny/reward"}}, "spec.reward.training",
+                                  "so reward.model would not be used"),
+    "reward model required": ({"reward": {"training": None}}, "spec.reward.model",
+                              "is required unless reward.training trains the reward model"),
+    "rm globalBatchSize": ({"reward": {"training": {"globalBatchSize": 12}}}, "spec.reward.training.globalBatchSize",
+                           "must be a multiple of microBatchSize x nprocPerNode x nodes"),
+    "rm zeroStage": ({"reward": {"training": {"zeroStage": 0, "precision": "bf16"}}}, "spec.reward.training.zeroStage",
+                     "0 keeps no readable fp32 master weights"),
+    "held-out share and split": ({"reward": {"training": {"heldOutSplit": "test"}}},
+                                 "spec.reward.training.heldOutSplit", "names the held-out pairs"),
+    "preference fields": ({"reward": {"training": {"data": {"rejectedField": "chosen"}}}},
+                          "spec.reward.training.data.rejectedField", "must name different fields"),
+    "rm launcher job": ({"kubernetes": {"launcher": "job"}, "reward": {"training": {"nodes": 2}}},
+                        "spec.reward.training.nodes", "launcher job trains on one node"),
+}  # fmt: skip
 
 
 def _merge(base: dict, change: dict) -> dict:

@@ -97,6 +97,45 @@ def test_two_round_run_succeeds_with_figures(control_plane, operator, ns):
     assert 'iterdpo_events_total{reason="StageSucceeded"}' in scraped and "iterdpo_stage_seconds_count" in scraped
 
 
+RM_TRAINING = {"base": "/iterdpo/models/policy", "data": {"dataset": "/iterdpo/prefs.jsonl"}, "nprocPerNode": 2,
+               "globalBatchSize": 8}  # fmt: skip
+
+
+def test_the_reward_model_is_trained_first_then_served_every_round(control_plane, operator, ns):
+    control_plane.kubelet.rule = summaries()
+    body = run_body("r", reward={"model": None, "training": RM_TRAINING})
+    body["spec"]["reward"] = {k: v for k, v in body["spec"]["reward"].items() if v is not None}
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    wait_for("run r Succeeded", phase_is(control_plane, ns, "r", operator, "Succeeded", "Failed"), control_plane, timeout=120)
+    status = get_run(control_plane, ns, "r")["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert [it["iteration"] for it in status["iterations"]] == [0, 1, 2]
+    rm = status["iterations"][0]["rewardModel"]
+    assert (rm["pairs"], rm["pairsLeftOut"], rm["heldOutAccuracy"]) == (90, 2, 0.9)
+    assert rm["checkpoint"] == "/iterdpo/runs/r/iter-00/reward_model/model"
+    assert condition(get_run(control_plane, ns, "r"), "Succeeded")["message"] == "2 rounds finished"
+    kids = children(control_plane, ns, "r")
+    assert kids["pytorchjobs"] == ["r-i00-rm-a1", "r-i01-train-a1", "r-i02-train-a1"]
+    job = custom(control_plane).get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", "r-i00-rm-a1")
+    (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert "iterdpo_trainer.reward_model" in container["command"] + container.get("args", [])
+    assert job["spec"]["nprocPerNode"] == "2"
+
+
+def test_a_failed_reward_model_fails_the_run_before_round_1(control_plane, operator, ns):
+    control_plane.kubelet.rule = summaries(fail={"rm": "iterdpo_trainer.reward_model (rank 0): error: no usable pair"})
+    body = run_body("rmfail", reward={"model": None, "training": RM_TRAINING},
+                    kubernetes={"stageRetries": 0})  # fmt: skip
+    body["spec"]["reward"] = {k: v for k, v in body["spec"]["reward"].items() if v is not None}
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    wait_for("run rmfail Failed", phase_is(control_plane, ns, "rmfail", operator, "Succeeded", "Failed"), control_plane,
+             timeout=120)  # fmt: skip
+    run = get_run(control_plane, ns, "rmfail")
+    assert run["status"]["phase"] == "Failed" and run["status"]["currentStage"] == "RewardModel"
+    assert condition(run, "Failed")["message"].startswith("before round 1: RewardModel failed"), condition(run, "Failed")
+    assert children(control_plane, ns, "rmfail")["jobs"] == []  # no round started
+
+
 def test_invalid_spec_past_the_schema_is_reported_not_crashed(control_plane, operator, ns):
     body = run_body("bad", policy={"model": "/elsewhere/policy"})
     custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)

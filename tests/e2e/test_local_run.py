@@ -216,3 +216,80 @@ def test_an_invalid_run_file_runs_nothing(tmp_path):
     assert "spec.generation.samplesPerPrompt: must be >= 2 (got 1)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def write_rm_run(tmp_path: Path, tiny, name: str) -> tuple[Path, int]:
+    """A run whose RewardModel stage trains the reward model first, on 240 of the tiny
+    preference pairs plus 2 rows that cannot be pairs; returns (run file, rows)."""
+    rows = [line for line in tiny.preferences.read_text().splitlines() if line.strip()][:240]
+    rows.insert(10, json.dumps({"id": "no-rejected", "chosen": json.loads(rows[0])["chosen"]}))
+    rows.insert(20, "{not json")
+    data = tmp_path / f"{name}-preferences.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    run_file = write_run(tmp_path, tiny, name)
+    manifest = yaml.safe_load(run_file.read_text())
+    manifest["spec"]["reward"].pop("model")
+    manifest["spec"]["reward"]["training"] = {
+        "base": str(tiny.policy), "data": {"dataset": str(data)}, "heldOutShare": 0.1,
+        "learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0, "weightDecay": 0.0,
+        "globalBatchSize": 16, "microBatchSize": 4, "nprocPerNode": 2, "zeroStage": 2, "precision": "fp32",
+        "gradientCheckpointing": False,
+    }  # fmt: skip
+    run_file.write_text(yaml.safe_dump(manifest))
+    return run_file, len(rows)
+
+
+def test_reward_model_stage_trains_first_survives_kill_9_and_every_round_scores_with_it(tiny, tmp_path):
+    """The whole workflow: RewardModel (killed -9 mid-training, then resumed), then 2 rounds
+    scored by the model it trained; every preference row is counted."""
+    run_file, rows = write_rm_run(tmp_path, tiny, "rm-first")
+    workdir = tmp_path / "runs"
+    log = workdir / "rm-first" / "logs" / "iter-00-reward-model.log"
+    runner = subprocess.Popen([*ITERDPO, "run", str(run_file), "--workdir", str(workdir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        _wait_for(lambda: log.exists() and "INFO step 1/" in log.read_text(), timeout=600,
+                  what="reward-model training to take its first step")  # fmt: skip
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+    spec_json = str(workdir / "rm-first" / "run.json")
+    _wait_for(lambda: not _processes_mentioning(spec_json), timeout=60, what="stage processes to exit")
+    layout = RunLayout(workdir.resolve() / "rm-first")
+    status = status_of(workdir, "rm-first")
+    assert status["phase"] == "Running" and status["currentStage"] == "RewardModel"
+    assert status["currentIteration"] == 0
+    assert not layout.reward_model_metrics().exists()  # cut short: nothing is taken for finished
+
+    result = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("RewardModel: reward model:") == 1
+    status = status_of(workdir, "rm-first")
+    assert status["phase"] == "Succeeded"
+    assert [it["iteration"] for it in status["iterations"]] == [0, 1, 2]
+    rm = status["iterations"][0]["rewardModel"]
+    assert rm["checkpoint"] == str(layout.reward_model())
+    assert rm["pairsLeftOut"] == 2 and rm["pairs"] + rm["heldOutPairs"] + rm["pairsLeftOut"] == rows
+    assert rm["heldOutPairs"] == 24 and 0.0 <= rm["heldOutAccuracy"] <= 1.0
+    assert any("no-rejected" in r or "rejected" in r for r in rm["leftOutReasons"]), rm["leftOutReasons"]
+    left_out = [json.loads(line) for line in layout.reward_model_left_out().read_text().splitlines()]
+    assert sorted(r["row"] for r in left_out) == [10, 20] and all(r["split"] == "train" for r in left_out)
+    assert (layout.reward_model() / "model.safetensors").is_file()
+    config = json.loads((layout.reward_model() / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    for t in (1, 2):  # every round's reward server loaded the trained model
+        server_log = (workdir / "rm-first" / "logs" / f"iter-{t:02d}-reward-server.log").read_text()
+        assert f"loaded {layout.reward_model()}" in server_log
+    rounds = status["iterations"][1:]
+    assert all(it["scoring"]["pairs"] + it["scoring"]["tiesDropped"] + it["scoring"]["promptsLeftOut"] == 16
+               for it in rounds)  # fmt: skip
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "True" and succeeded["message"] == "2 rounds finished"  # round 0 is not a round
+
+    # A finished reward model is never retrained; the table shows its round.
+    mtime = layout.reward_model_metrics().stat().st_mtime_ns
+    again = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert again.returncode == 0 and "already succeeded" in again.stdout
+    assert layout.reward_model_metrics().stat().st_mtime_ns == mtime
+    table = run_cli("status", "rm-first", "--workdir", str(workdir)).stdout
+    assert "rm s" in table.splitlines()[1] and table.splitlines()[2].split()[0] == "0"
