@@ -178,6 +178,7 @@ class TrainMetrics(Camel):
     pairs_repeated_to_fill_last_step: int
     seconds: float
     phase_seconds: PhaseSeconds
+    pairs_ended_with_eos: int = 0  # the template's assistant turn could not be cut out: response + EOS
     checkpoint: str
     reference: str
     policy: str

@@ -35,6 +35,11 @@ def local_path_problems(run: IterativeDPORun, base_dir: Path | None = None) -> l
         "spec.reward.training.base": {"spec.reward.maxLength": spec.reward.max_length},
     }
     problems: list[str] = []
+    training = spec.reward.training
+    if training and training.held_out_split and is_local(training.data.dataset) and Path(training.data.dataset).is_file():
+        problems.append(f"spec.reward.training.heldOutSplit: {clip(training.data.dataset, PATH_CHARS)} is one file, "
+                        "which has one split: hold out a share instead (heldOutShare), or give a folder or hub "
+                        f"dataset that has a {training.held_out_split!r} split")  # fmt: skip
     for field, kind, value in spec.path_fields():
         if kind == "model":
             problems += model_problems(field, value, context[field], base_dir, where=_on_volume(run, value))

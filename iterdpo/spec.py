@@ -36,7 +36,8 @@ SCORER_KINDS = {
     "bradley-terry": "a sequence classifier with one output label; the score is that logit at the last token",
 }
 LOSS_KINDS = {
-    "sigmoid": "the original DPO loss, -log sigmoid(beta x margin), with optional label smoothing (cDPO)",
+    "sigmoid": "the original DPO loss, -log sigmoid(beta x margin), with optional label smoothing: the conservative "
+               "DPO (cDPO) form the report's code uses (TRL 1.16's sigmoid loss ignores label_smoothing)",
 }
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -183,7 +184,8 @@ class GenerationSpec(_Model):
     max_new_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = Field(default=2048, description="Most tokens per response.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
     stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
-        default_factory=list, description="Stop token ids, besides the tokenizer's eos."
+        default_factory=list, description="Stop token ids, besides the tokenizer's eos and the special tokens the "
+        "policy's chat template ends an assistant turn with (e.g. Llama-3's <|eot_id|>), which Train teaches."
     )
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(default=42, description="Base seed; each prompt's seed derives from it.")
     shards: Annotated[int, Field(ge=1, le=1024)] = Field(
@@ -226,7 +228,8 @@ class LossSpec(_Model):
         default=0.1, description="Strength of the pull toward the reference model."
     )
     label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = Field(
-        default=0.0, description="Assumed share of flipped preferences (conservative DPO)."
+        default=0.0, description="Assumed share of flipped preferences, as conservative DPO (the report's code) "
+        "reads it: (1 - e) x -log sigmoid(beta m) + e x -log sigmoid(-beta m)."
     )
 
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from iterdpo.chat import end_of_turn_ids
 from iterdpo.contracts import GeneratedRecord, LeftOut, ShardMarker, read_model, write_lines, write_model
 from iterdpo.errors import StageError, UsageError, stage_main
 from iterdpo.layout import RunLayout, claim_run_folder, policy_for
@@ -132,6 +133,15 @@ def _load_tokenizer(policy: str, chat_template: str | None):
     return tokenizer
 
 
+def stop_token_ids(gen, tokenizer, chat_template: str | None) -> list[int]:
+    """What sampling stops on: generation.stopTokenIds, the tokenizer's EOS, and the special
+    tokens the policy's template ends an assistant turn with (Llama-3's <|eot_id|>, ChatML's
+    <|im_end|>): the ending the Train stage teaches (iterdpo.chat), so a round's samples end
+    where training says a turn ends."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return sorted({*gen.stop_token_ids, *eos, *end_of_turn_ids(tokenizer, chat_template)})
+
+
 def _generate(run: IterativeDPORun, iteration: int, policy: str, tokenizer, formatted: list[FormattedPrompt]):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -147,7 +157,7 @@ def _generate(run: IterativeDPORun, iteration: int, policy: str, tokenizer, form
         max_model_len=max_model_len,
         enforce_eager=gen.enforce_eager,
     )
-    stop_ids = sorted({*gen.stop_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    stop_ids = stop_token_ids(gen, tokenizer, run.spec.policy.chat_template)
     params = [
         SamplingParams(
             n=gen.samples_per_prompt,

@@ -2,9 +2,14 @@
 
 Pairs are tokenized with the POLICY's tokenizer and chat template (the model being
 trained must see exactly the format it generates with; the reward model's template
-is not used here). Truncation follows TRL: the prompt keeps its end, then the
-responses are cut so that prompt + response fits max_length. Truncated pairs are
-counted and reported, never dropped.
+is not used here): the prompt with the generation prompt, then each response as the
+template writes the assistant turn after it (`iterdpo.chat.assistant_turn`: the response
+and the template's end-of-turn tokens, e.g. Llama-3's `<|eot_id|>`, which is what
+generation stops on), as TRL renders conversational pairs. A template whose rendering of
+the conversation does not begin with its rendering of the prompt gets the response + EOS
+instead (counted: `TokenizedPair.ended_with_eos`). Truncation follows TRL: the prompt keeps
+its end, then the responses are cut so that prompt + response fits max_length. Truncated
+pairs are counted and reported, never dropped.
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ from pathlib import Path
 
 import torch
 
+from iterdpo.chat import assistant_turn
 from iterdpo.contracts import PairRecord, read_lines
 from iterdpo.errors import StageError
+
 
 @dataclass(frozen=True)
 class TokenizedPair:
     prompt_ids: list[int]
-    chosen_ids: list[int]  # response tokens + eos (unless truncated away)
+    chosen_ids: list[int]  # the assistant turn's tokens: response + end of turn (unless truncated away)
     rejected_ids: list[int]
     truncated: bool
+    ended_with_eos: bool = False  # the template's turn could not be cut out: response + the tokenizer's EOS
 
 
 def read_pairs(path: Path) -> list[PairRecord]:
@@ -38,15 +46,20 @@ def tokenize_pair(
     max_prompt_length: int,
     chat_template: str | None = None,
 ) -> TokenizedPair:
-    """Token ids of one pair: templated prompt (with the generation prompt), responses + eos."""
-    text = tokenizer.apply_chat_template(
-        [m.model_dump() for m in pair.prompt], add_generation_prompt=True, tokenize=False, chat_template=chat_template
-    )
+    """Token ids of one pair: templated prompt (with the generation prompt), then each
+    response's assistant turn as the template writes it."""
+    messages = [m.model_dump() for m in pair.prompt]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=chat_template)
     # The template already holds any bos it wants; adding special tokens would double it.
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-    chosen = tokenizer(pair.chosen, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    rejected = tokenizer(pair.rejected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return truncate(prompt, chosen, rejected, max_length=max_length, max_prompt_length=max_prompt_length)
+    turns = [assistant_turn(tokenizer, messages, response, chat_template) for response in (pair.chosen, pair.rejected)]
+    if None in turns:
+        chosen, rejected = (tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                            for r in (pair.chosen, pair.rejected))  # fmt: skip
+    else:
+        chosen, rejected = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in turns)
+    out = truncate(prompt, chosen, rejected, max_length=max_length, max_prompt_length=max_prompt_length)
+    return TokenizedPair(out.prompt_ids, out.chosen_ids, out.rejected_ids, out.truncated, ended_with_eos=None in turns)
 
 
 def truncate(

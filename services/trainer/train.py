@@ -99,6 +99,12 @@ def prepare(run: IterativeDPORun, iteration: int, world_size: int) -> Inputs:
         data.tokenize_pair(tokenizer, r, max_length=training.max_length, max_prompt_length=training.max_prompt_length)
         for r in records
     ]
+    fallback = sum(p.ended_with_eos for p in pairs)
+    if fallback:
+        log.warning(
+            "%d of %d pairs end with the tokenizer's EOS: the chat template renders a conversation with another "
+            "beginning than its prompt, so the assistant turn it writes could not be cut out", fallback, len(pairs),
+        )  # fmt: skip
     truncated = sum(p.truncated for p in pairs)
     if truncated:
         log.warning(
@@ -316,6 +322,7 @@ def train(inputs: Inputs, *, started: float) -> TrainMetrics:
         steps=[StepMetrics.model_validate(s) for s in steps],
         pairs=plan.pairs,
         pairs_truncated=inputs.truncated,
+        pairs_ended_with_eos=sum(p.ended_with_eos for p in inputs.pairs),
         pairs_repeated_to_fill_last_step=plan.repeated_per_epoch,
         seconds=round(time.monotonic() - started, 3),
         # Where the time went: the rest of `seconds` is start-up (imports, process group, loading).

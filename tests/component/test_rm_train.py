@@ -218,3 +218,54 @@ def test_a_non_finite_loss_stops_training_before_anything_is_written(tiny, tmp_p
                                          train=synthetic_pairs(4, 5, margin=math.inf), held_out=[])  # fmt: skip
     assert "StageError: loss is inf at step 1: training diverged" in result["stderr"]
     assert not checkpoint.exists() and not (tmp_path / "rm-metrics.json").exists()
+
+
+def test_the_stage_program_reads_a_saved_dataset_with_a_test_split_in_trls_format(tiny, tmp_path):
+    """`torchrun -m iterdpo_trainer.reward_model`, as the planner starts it, on an Arrow dataset
+    saved with `datasets` (TRL's format: prompt + chosen + rejected strings): the test split is
+    the held-out set, a row with an empty side is left out and listed, the summary is the stage's."""
+    import datasets
+    import yaml
+
+    from iterdpo.planner import next_step
+    from iterdpo.status import RunStatus
+    from runfiles import write_tiny_run
+
+    def rows(count, seed):
+        return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r, _ in synthetic_pairs(count, seed)]
+
+    train = rows(40, 21)
+    train[5]["rejected"] = ""  # unusable: left out with its row
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
+                          "test": datasets.Dataset.from_list(rows(12, 22))}).save_to_disk(tmp_path / "prefs")  # fmt: skip
+    run_file = write_tiny_run(tmp_path / "run.yaml", tiny, name="rm-arrow", storage_root=tmp_path / "runs")
+    manifest = yaml.safe_load(run_file.read_text())
+    manifest["spec"]["reward"] = {"maxLength": 64, "batchTokens": 4096, "training": {
+        "base": str(tiny.policy), "data": {"dataset": str(tmp_path / "prefs")}, "heldOutSplit": "test",
+        "learningRate": 1e-3, "epochs": 2, "scheduler": "constant", "warmupRatio": 0.0, "globalBatchSize": 8,
+        "microBatchSize": 4, "nprocPerNode": 2, "zeroStage": 2, "precision": "fp32", "gradientCheckpointing": False,
+    }}  # fmt: skip
+    run_file.write_text(yaml.safe_dump(manifest))
+
+    from iterdpo.runfile import load_run
+
+    step = next_step(load_run(run_file), RunStatus(), spec_file=str(run_file))
+    (job,) = step.jobs
+    argv = [str(Path(sys.executable).with_name("torchrun")), *job.argv[1:2], "--master-port", str(_free_port()),
+            *job.argv[2:]]  # fmt: skip
+    summary = tmp_path / "summary.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "ITERDPO_TERMINATION_LOG": str(summary)}
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-6000:]
+    reported = json.loads(summary.read_text())
+    assert reported["stage"] == "reward-model"
+    assert (reported["pairs"], reported["heldOutPairs"], reported["pairsLeftOut"]) == (39, 12, 1)
+    assert reported["leftOutReasons"][0].startswith("row 5: ") and "rejected" in reported["leftOutReasons"][0]
+    root = tmp_path / "runs" / "rm-arrow" / "iter-00" / "reward_model"
+    assert [json.loads(line)["row"] for line in (root / "left-out.jsonl").read_text().splitlines()] == [5]
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert [e["pairs"] for e in metrics["heldOut"]] == [12, 12] and metrics["checkpoint"] == str(root / "model")
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert again.returncode == 0 and "already trained" in again.stderr, again.stderr[-3000:]
+    assert json.loads((root / "metrics.json").read_text()) == metrics  # not redone

@@ -59,6 +59,7 @@ OTHER_MEANINGS = {
     ("iterdpo/spec.py", "training"): "the spec section spec.training, where rules sit",
     ("iterdpo/tiny.py", "train"): "a word of the tiny models' vocabulary",
     ("iterdpo/runfile.py", "training"): "the spec field reward.training",
+    ("services/reward_server/judge.py", "training"): "the spec field reward.training",
     ("services/trainer/cli.py", "train"): "the Train stage's log prefix",
     ("operator/handlers.py", "generation"): "Kubernetes' metadata.generation",
     ("services/reward_server/scorers.py", "score"): "the score head's weight names in a checkpoint",

@@ -253,3 +253,15 @@ def test_serve_reward_with_the_spec_serves_the_trained_checkpoint(tmp_path):
     with pytest.raises(SettingsError, match=r"the reward model of spec.reward.training \(the RewardModel stage writes "
                                             r"it\): .*iter-00/reward_model/model does not exist"):  # fmt: skip
         settings_from_args(["--spec", str(path)])
+
+
+def test_a_held_out_split_of_a_single_file_is_refused(tmp_path):
+    """A JSONL (or JSON, Parquet) file has one split: its 'test' split would be the training pairs again."""
+    from iterdpo.localpaths import local_path_problems
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("{}\n")
+    run = parse_run(body({"training": {**RM, "data": {"dataset": str(data)}, "heldOutSplit": "test"}}))
+    assert [p for p in local_path_problems(run) if "heldOutSplit" in p] == [
+        f"spec.reward.training.heldOutSplit: {data} is one file, which has one split: hold out a share instead "
+        "(heldOutShare), or give a folder or hub dataset that has a 'test' split"]
