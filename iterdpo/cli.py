@@ -199,6 +199,7 @@ def _make_tiny(args) -> int:
     for path in assets.prompts:
         print(f"prompts: {path}")
     print(f"preference pairs (labelled by the tiny reward model): {assets.preferences}")
+    print(f"chat conversations (for the SFT stage): {assets.sft}")
     return 0
 
 

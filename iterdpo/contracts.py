@@ -185,9 +185,35 @@ class TrainMetrics(Camel):
     world_size: int
 
 
+# -- SFT -> Generate (round 1's policy) ------------------------------------------------------
+class SftStepMetrics(Camel):
+    step: int
+    epoch: float
+    loss: float  # mean next-token loss over the step's assistant tokens, all ranks
+    learning_rate: float
+
+
+class SftMetrics(Camel):
+    """`iter-00/sft/metrics.json`, written after the checkpoint: the policy is fine-tuned."""
+
+    conversations: int
+    conversations_left_out: int  # each in left-out.jsonl (a LeftOutPair line: row, split, reason)
+    left_out_reasons: list[str] = Field(default_factory=list)  # the first few
+    conversations_truncated: int
+    tokens_trained: int  # assistant tokens the loss is on, per epoch
+    conversations_repeated_to_fill_last_step: int
+    steps: list[SftStepMetrics]
+    final_loss: float  # mean over the last epoch's steps
+    seconds: float
+    checkpoint: str
+    base: str
+    world_size: int
+
+
 # -- RewardModel -> Score (the served model) ------------------------------------------------
 class LeftOutPair(Camel):
-    """One line of `iter-00/reward_model/left-out.jsonl`: a preference row that is not a pair."""
+    """One line of a round-0 stage's `left-out.jsonl` (`iter-00/reward_model/`, `iter-00/sft/`):
+    a row of its dataset that it could not train on."""
 
     row: int  # 0-based row id in its split
     split: str

@@ -2,6 +2,8 @@
 
     <storage root>/<run name>/
       recipe.json                  the spec hash of the run that owns the folder
+      iter-00/sft/policy/          the fine-tuned policy (when spec.policy.sft is set): round 1's
+      iter-00/sft/left-out.jsonl  metrics.json (written last: the marker)
       iter-00/reward_model/model/  the trained reward model (when spec.reward.training is set)
       iter-00/reward_model/left-out.jsonl   every preference row left out, with its reason
       iter-00/reward_model/metrics.json     (written last: the marker)
@@ -49,6 +51,16 @@ class RunLayout:
     def stage_dir(self, iteration: int, stage: Stage) -> Path:
         return self.iteration_dir(iteration) / STAGE_TABLE[stage].folder
 
+    # SFT (round 0: once, before round 1)
+    def sft_checkpoint(self) -> Path:
+        return self.stage_dir(0, Stage.SFT) / "policy"
+
+    def sft_left_out(self) -> Path:
+        return self.stage_dir(0, Stage.SFT) / "left-out.jsonl"
+
+    def sft_metrics(self) -> Path:
+        return self.stage_dir(0, Stage.SFT) / "metrics.json"
+
     # RewardModel (round 0: once, before round 1)
     def reward_model(self) -> Path:
         return self.stage_dir(0, Stage.REWARD_MODEL) / "model"
@@ -88,11 +100,21 @@ class RunLayout:
 
 
 def policy_for(run: IterativeDPORun, iteration: int) -> str:
-    """The policy that generates round `iteration`: the SFT model (also in round 0, before
-    round 1), then each round's checkpoint."""
-    if iteration <= 1:
+    """The policy that generates round `iteration`: the SFT model (spec.policy.model, or the one
+    the SFT stage fine-tunes from it), then each round's checkpoint. Round 0 (before round 1)
+    names spec.policy.model: what the SFT stage starts from."""
+    if iteration == 0:
         return run.spec.policy.model
+    if iteration == 1:
+        return initial_policy(run)
     return str(RunLayout.of(run).checkpoint(iteration - 1))
+
+
+def initial_policy(run: IterativeDPORun) -> str:
+    """Round 1's policy and the `initial` DPO reference: spec.policy.model, or its SFT checkpoint."""
+    if run.spec.policy.sft is not None:
+        return str(RunLayout.of(run).sft_checkpoint())
+    return run.spec.policy.model
 
 
 def reward_model_for(run: IterativeDPORun) -> str:
@@ -106,7 +128,7 @@ def reward_model_for(run: IterativeDPORun) -> str:
 def reference_for(run: IterativeDPORun, iteration: int) -> str:
     """The DPO reference of round `iteration`, as spec.reference says."""
     if run.spec.reference == "initial":
-        return run.spec.policy.model
+        return initial_policy(run)
     return policy_for(run, iteration)
 
 

@@ -52,7 +52,7 @@ class PromptDataError(UsageError):
     """The prompt data the run file names cannot be read as prompts (exit 2)."""
 
 
-def load_prompt_set(source: PromptSource, *, field_path: str = "spec.prompts") -> PromptSet:
+def load_prompt_set(source: PromptSource, *, field_path: str = "spec.prompts", conversations: bool = False) -> PromptSet:
     field = source.messages_field
     prompts: list[Prompt | None] = []
     left_out: list[LeftOut] = []
@@ -64,7 +64,7 @@ def load_prompt_set(source: PromptSource, *, field_path: str = "spec.prompts") -
             reason = row
         elif field in row:
             has_object = has_field = True
-            messages, why = to_messages(row[field])
+            messages, why = to_messages(row[field], conversation=conversations)
             reason = why and f"{where}: {why}"
         else:
             has_object = True
@@ -112,8 +112,11 @@ def parse_jsonl_line(line: bytes, line_no: int) -> dict | str:
     return value
 
 
-def to_messages(value: object) -> tuple[list[dict], str | None]:
-    """Normalise a row's prompt into messages, or say why it cannot be used."""
+def to_messages(value: object, *, conversation: bool = False) -> tuple[list[dict], str | None]:
+    """Normalise a row's prompt into messages, or say why it cannot be used. A whole
+    `conversation` (SFT data) is a list of messages that may end with the assistant's turn."""
+    if conversation and not isinstance(value, list):
+        return [], f"a conversation is a non-empty list of messages (got {_kind(value)})"
     if isinstance(value, str):
         if not value.strip():
             return [], "prompt is an empty string"
@@ -125,7 +128,7 @@ def to_messages(value: object) -> tuple[list[dict], str | None]:
         if why := message_problem(message, i):
             return [], why
         messages.append({"role": message["role"], "content": message["content"]})
-    if messages[-1]["role"] == "assistant":
+    if messages[-1]["role"] == "assistant" and not conversation:
         return [], "the last message is the assistant's: nothing to respond to"
     return messages, None
 

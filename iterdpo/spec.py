@@ -133,20 +133,6 @@ class ObjectMeta(BaseModel):
         return name
 
 
-class PolicySpec(_Model):
-    """The SFT model the first round starts from."""
-
-    model: ModelRef = Field(
-        description="Model of round 1: a local path (absolute, or starting with ./ or ../, "
-        "relative to the run file) or a hub id."
-    )
-    chat_template: ChatTemplate = Field(
-        default=None,
-        description="Jinja chat template that replaces the policy tokenizer's own, "
-        "used for generation and training alike.",
-    )
-
-
 class PromptSource(_Model):
     """A prompt dataset: JSONL, Parquet or Arrow file (or folder), or a hub id."""
 
@@ -336,6 +322,48 @@ class RewardTrainingSpec(OptimizationSpec):
         if self.held_out_share is not None:
             return self.held_out_share
         return 0.0 if self.held_out_split else DEFAULT_HELD_OUT_SHARE
+
+
+class SftSpec(OptimizationSpec):
+    """Supervised fine-tuning of spec.policy.model first, before round 1 (the report's first step,
+    Online-RLHF's sft/): next-token loss on the assistant turns of a chat dataset. Its defaults
+    are the report's: 2 epochs, lr 2e-5, global batch 128, max length 8192, ZeRO-3, bf16."""
+
+    data: PromptSource = Field(
+        description="The chat dataset: each row's messagesField holds a whole conversation (its assistant turns are "
+        "what the loss is on); maxPrompts limits the rows."
+    )
+    max_length: Annotated[int, Field(ge=16, le=MAX_TOKENS)] = Field(
+        default=8192, description="Most tokens of a conversation; longer ones are cut at the end (counted)."
+    )
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = Field(default=2e-5, description="Peak learning rate (AdamW).")
+    epochs: Annotated[int, Field(ge=1, le=1000)] = Field(default=2, description="Passes over the conversations.")
+    global_batch_size: Annotated[int, Field(ge=1, le=1 << 20)] = Field(
+        default=128, description="Conversations per optimizer step, over all processes and accumulation steps."
+    )
+    micro_batch_size: Annotated[int, Field(ge=1, le=1 << 16)] = Field(
+        default=1, description="Conversations per process per forward pass."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=3, description="DeepSpeed ZeRO stage.")
+
+
+class PolicySpec(_Model):
+    """The SFT model the first round starts from (or the base model that `sft` trains first)."""
+
+    model: ModelRef = Field(
+        description="Model of round 1 (with sft: the base model it fine-tunes): a local path (absolute, or "
+        "starting with ./ or ../, relative to the run file) or a hub id."
+    )
+    chat_template: ChatTemplate = Field(
+        default=None,
+        description="Jinja chat template that replaces the policy tokenizer's own, "
+        "used for generation and training alike.",
+    )
+    sft: SftSpec | None = Field(
+        default=None,
+        description="Fine-tune policy.model on a chat dataset first, once, before round 1 (the SFT stage); its "
+        "checkpoint is round 1's policy and the initial DPO reference.",
+    )
 
 
 class RewardSpec(_Model):
@@ -558,6 +586,8 @@ class IterativeDPORunSpec(_Model):
         """(field, kind, value) of every set path-or-hub-id field; kind is model, dataset or root.
         The one list the local checks (iterdpo/localpaths.py) and the cluster's volume check read."""
         fields = [("spec.policy.model", "model", self.policy.model)]
+        if self.policy.sft:
+            fields.append(("spec.policy.sft.data.dataset", "dataset", self.policy.sft.data.dataset))
         if self.reward.model:
             fields.append(("spec.reward.model", "model", self.reward.model))
         if self.reward.training:
@@ -706,6 +736,7 @@ def _distinct_fields(d: PreferenceDataSpec) -> bool:
 RULES: tuple[Rule, ...] = (
     *_optimization_rules("training"),
     *_optimization_rules("reward.training"),
+    *_optimization_rules("policy.sft"),
     Rule(
         "training", "maxPromptLength",
         lambda t: t.max_prompt_length < t.max_length,
@@ -802,6 +833,14 @@ RULES: tuple[Rule, ...] = (
         f"(reward.training.nodes is {s.reward.training.nodes})",
         "self.kubernetes.launcher != 'job' || !has(self.reward.training) || self.reward.training.nodes == 1",
         "launcher job trains on one node: set reward.training.nodes to 1 or use pytorchjob",
+    ),
+    Rule(
+        "", "policy.sft.nodes",
+        lambda s: s.kubernetes.launcher != "job" or s.policy.sft is None or s.policy.sft.nodes == 1,
+        lambda s: "launcher job trains on one node: set policy.sft.nodes to 1 or use pytorchjob "
+        f"(policy.sft.nodes is {s.policy.sft.nodes})",
+        "self.kubernetes.launcher != 'job' || !has(self.policy.sft) || self.policy.sft.nodes == 1",
+        "launcher job trains on one node: set policy.sft.nodes to 1 or use pytorchjob",
     ),
     Rule(
         "pairing", "lengthPenalty",

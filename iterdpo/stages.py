@@ -42,6 +42,7 @@ T = TypeVar("T")
 class Stage(StrEnum):
     """The one name of each stage (status.currentStage, conditions, Events, metrics)."""
 
+    SFT = "SFT"
     REWARD_MODEL = "RewardModel"
     GENERATE = "Generate"
     SCORE = "Score"
@@ -200,9 +201,60 @@ def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3f}"
 
 
-# -- RewardModel: a Bradley-Terry reward model trained once, before round 1 --------------------
 LEFT_OUT_SHOWN = 3  # reasons a summary carries (the termination message keeps 4096 bytes)
 REASON_CHARS = 200
+
+
+# -- SFT: the policy fine-tuned on a chat dataset once, before round 1 -------------------------
+class SftSummary(StageSummary):
+    stage: Literal["sft"] = "sft"
+    conversations: int  # trained on
+    conversations_left_out: int
+    left_out_reasons: list[str]  # the first few, each clipped; all of them in left-out.jsonl
+    conversations_truncated: int
+    tokens_trained: int  # assistant tokens the loss is on, per epoch
+    loss: float
+    checkpoint: str
+    seconds: float
+
+
+class SftFigures(Figures):
+    conversations: int = Field(description="Conversations the policy was fine-tuned on.")
+    conversations_left_out: int = Field(
+        description="Rows of the chat dataset that could not be trained on, each listed with its row and reason in "
+        "the stage's left-out.jsonl."
+    )
+    left_out_reasons: list[str] = Field(
+        default_factory=list, description="The first 3 reasons a row was left out."
+    )
+    conversations_truncated: int = Field(description="Conversations cut at policy.sft.maxLength.")
+    tokens_trained: int = Field(description="Assistant tokens the loss is on, per epoch.")
+    loss: float = Field(description="Mean next-token loss over the last epoch.")
+    checkpoint: str = Field(description="The fine-tuned policy: round 1's policy and the initial DPO reference.")
+    seconds: float = Field(description="Wall-clock seconds of the stage.")
+
+
+def _sft_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
+    return (Command("sft", torchrun_argv(SFT.trains(run), "iterdpo_trainer.sft", ctx.spec_file, iteration)),)
+
+
+def _sft_figures(summaries: list[SftSummary], seconds: float, run: IterativeDPORun) -> SftFigures:
+    s = _one(summaries, Stage.SFT)
+    return SftFigures(
+        conversations=s.conversations, conversations_left_out=s.conversations_left_out,
+        left_out_reasons=s.left_out_reasons[:LEFT_OUT_SHOWN], conversations_truncated=s.conversations_truncated,
+        tokens_trained=s.tokens_trained, loss=_rounded(s.loss), checkpoint=s.checkpoint, seconds=round(seconds, 1),
+    )  # fmt: skip
+
+
+def _sft_line(f: SftFigures) -> str:
+    return (
+        f"{f.conversations} conversations ({f.conversations_left_out} left out, {f.conversations_truncated} "
+        f"truncated), {f.tokens_trained} assistant tokens, loss {f.loss:.4f} in {f.seconds:.1f}s -> {f.checkpoint}"
+    )
+
+
+# -- RewardModel: a Bradley-Terry reward model trained once, before round 1 --------------------
 
 
 class RewardModelSummary(StageSummary):
@@ -504,6 +556,28 @@ TRAIN = StageDef(
 )
 
 
+SFT = StageDef(
+    stage=Stage.SFT,
+    when=When.BEFORE_ROUNDS,
+    status_field="sft",
+    folder="sft",
+    description="Figures of the SFT stage (round 0, when spec.policy.sft is set), once it finished.",
+    summary=SftSummary,
+    figures=SftFigures,
+    jobs=_sft_jobs,
+    figures_of=_sft_figures,
+    line=_sft_line,
+    columns=(),  # round 0 has no samples: the line says it all
+    seconds_column="sft s",
+    timeout_seconds=24 * 3600,
+    pods=(Pod("sft", "Each SFT training node's pod.", lambda spec: spec.policy.sft.nproc_per_node
+              if spec.policy.sft else 1, "policy.sft.nprocPerNode"),),  # fmt: skip
+    markers=lambda layout, t, run: (layout.sft_metrics(),),
+    trains=lambda run: run.spec.policy.sft,
+    enabled=lambda run: run.spec.policy.sft is not None,
+)
+
+
 REWARD_MODEL = StageDef(
     stage=Stage.REWARD_MODEL,
     when=When.BEFORE_ROUNDS,
@@ -527,7 +601,7 @@ REWARD_MODEL = StageDef(
 
 
 # -- the table ------------------------------------------------------------------------------
-STAGES: tuple[StageDef, ...] = (REWARD_MODEL, GENERATE, SCORE, TRAIN)  # run order within a round
+STAGES: tuple[StageDef, ...] = (SFT, REWARD_MODEL, GENERATE, SCORE, TRAIN)  # run order within a round
 STAGE_TABLE: Mapping[Stage, StageDef] = table_of({d.stage: d for d in STAGES}, "iterdpo.stages.STAGES")
 
 # The run's reward server: a service of the stages with uses_reward_server, not a stage.

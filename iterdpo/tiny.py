@@ -13,6 +13,8 @@
   other block is zero, so the residual stream passes through; the score head
   reads dim 2.
 - Prompt sets: one JSONL file per round of chat messages.
+- A chat set (`sft.jsonl`): conversations whose assistant turns are short word-salad answers
+  about the prompt's topic, for the SFT stage (examples/tiny-sft.yaml).
 - A preference set (`preferences.jsonl`, the report's format: `chosen` and `rejected` are
   whole conversations sharing the prompt turn): two word-salad responses per prompt, the one
   the hand-wired reward model scores higher is `chosen`. The reward model is then the *gold*
@@ -85,6 +87,7 @@ class TinyAssets:
     reward: Path
     prompts: tuple[Path, ...]  # one prompt file per round
     preferences: Path  # pairs labelled by the gold (hand-wired) reward model
+    sft: Path  # chat conversations for the SFT stage (examples/tiny-sft.yaml)
 
 
 def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, preference_pairs: int = 1024,
@@ -97,10 +100,11 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
         reward=out / "reward",
         prompts=tuple(out / f"prompts-iter{r}.jsonl" for r in range(1, rounds + 1)),
         preferences=out / "preferences.jsonl",
+        sft=out / "sft.jsonl",
     )
     marker = out / ".complete.json"
     wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "preference_pairs": preference_pairs,
-              "seed": seed, "version": 3}  # fmt: skip
+              "seed": seed, "version": 4}  # fmt: skip
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return assets
 
@@ -122,6 +126,7 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
     for path in assets.prompts:
         write_jsonl(path, _prompts(rng, prompts_per_round))
     write_jsonl(assets.preferences, _preferences(assets.reward, random.Random(seed + 1), preference_pairs))
+    write_jsonl(assets.sft, _conversations(random.Random(seed + 2), SFT_CONVERSATIONS))
     write_json(marker, wanted)
     return assets
 
@@ -301,4 +306,20 @@ def _preferences(reward_dir: Path, rng: random.Random, count: int) -> list[dict]
         chosen, rejected = (sides[0], sides[1]) if a > b else (sides[1], sides[0])
         rows.append({"id": f"pref{len(rows):05d}", "chosen": chosen, "rejected": rejected,
                      "gold_margin": round(abs(a - b), 4)})  # fmt: skip
+    return rows
+
+
+SFT_CONVERSATIONS = 256
+
+
+def _conversations(rng: random.Random, count: int) -> list[dict]:
+    """One or two user/assistant exchanges each; the answers are whole words about the topic."""
+    rows = []
+    for i in range(count):
+        messages = []
+        for _ in range(rng.randint(1, 2)):
+            topic = rng.choice(TOPICS)
+            messages += [{"role": "user", "content": rng.choice(PROMPT_FORMS).format(topic)},
+                         {"role": "assistant", "content": _response(rng, topic)}]  # fmt: skip
+        rows.append({"id": f"sft{i:04d}", "messages": messages})
     return rows

@@ -68,6 +68,7 @@ def training(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, o
 
 CHILDREN: Mapping[Stage, StageChild] = table_of(
     {
+        Stage.SFT: StageChild("sft", lambda run: launcher_for(run).kind, training),
         Stage.REWARD_MODEL: StageChild("rm", lambda run: launcher_for(run).kind, training),
         Stage.GENERATE: StageChild("generate", lambda run: JOB, generate_job),
         Stage.SCORE: StageChild("annotate", lambda run: JOB, job),

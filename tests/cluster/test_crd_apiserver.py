@@ -114,7 +114,7 @@ def test_valid_run_is_accepted_and_defaults_are_filled(crd, ns):
     assert spec["generation"]["maxNewTokens"] == 24  # given values are kept
     assert spec["kubernetes"]["launcher"] == "pytorchjob"
     assert spec["kubernetes"]["volume"] == {"mountPath": "/iterdpo"}
-    assert spec["kubernetes"]["resources"] == {"rm": {}, "generate": {}, "reward": {}, "annotate": {}, "train": {}}
+    assert spec["kubernetes"]["resources"] == {"sft": {}, "rm": {}, "generate": {}, "reward": {}, "annotate": {}, "train": {}}
     assert spec["prompts"]["perIteration"][0] == {"dataset": "/iterdpo/tiny/prompts-iter1.jsonl", "split": "train",
                                                   "messagesField": "messages"}  # fmt: skip
     assert spec["reward"]["requestBatchSize"] == 64

@@ -293,3 +293,33 @@ def test_reward_model_stage_trains_first_survives_kill_9_and_every_round_scores_
     assert layout.reward_model_metrics().stat().st_mtime_ns == mtime
     table = run_cli("status", "rm-first", "--workdir", str(workdir)).stdout
     assert "rm s" in table.splitlines()[1] and table.splitlines()[2].split()[0] == "0"
+
+
+def test_sft_stage_fine_tunes_the_base_first_and_round_1_starts_from_it(tiny, tmp_path):
+    """policy.sft: the SFT stage (round 0) fine-tunes the base on the tiny chat set; round 1
+    generates with its checkpoint and uses it as the initial DPO reference."""
+    run_file = write_run(tmp_path, tiny, "sft-first", rounds=1)
+    manifest = yaml.safe_load(run_file.read_text())
+    rows = tiny.sft.read_text().splitlines()[:64] + ['{"messages": [{"role": "user", "content": "hi"}]}']
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    manifest["spec"]["policy"]["sft"] = {
+        "data": {"dataset": str(data)}, "maxLength": 64, "learningRate": 1e-3, "epochs": 1, "scheduler": "constant",
+        "warmupRatio": 0.0, "globalBatchSize": 16, "microBatchSize": 8, "nprocPerNode": 2, "zeroStage": 2,
+        "precision": "fp32", "gradientCheckpointing": False,
+    }  # fmt: skip
+    run_file.write_text(yaml.safe_dump(manifest))
+    workdir = tmp_path / "runs"
+    result = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    layout = RunLayout(workdir.resolve() / "sft-first")
+    status = status_of(workdir, "sft-first")
+    assert status["phase"] == "Succeeded" and [it["iteration"] for it in status["iterations"]] == [0, 1]
+    sft = status["iterations"][0]["sft"]
+    assert (sft["conversations"], sft["conversationsLeftOut"]) == (64, 1) and sft["tokensTrained"] > 0
+    assert "no assistant turn" in sft["leftOutReasons"][0] and sft["checkpoint"] == str(layout.sft_checkpoint())
+    assert status["iterations"][1]["policy"] == str(layout.sft_checkpoint())  # round 1 generates with it
+    train_log = (workdir / "sft-first" / "logs" / "iter-01-train.log").read_text()
+    assert str(layout.sft_checkpoint()) in train_log or (layout.sft_checkpoint() / "config.json").is_file()
+    metrics = json.loads(layout.train_metrics(1).read_text())
+    assert metrics["reference"] == metrics["policy"] == str(layout.sft_checkpoint())  # the initial reference

@@ -162,7 +162,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
     """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
     from iterdpo.spec import RULES
 
-    assert len(RULES) == len({r.blames for r in RULES}) == 17
+    assert len(RULES) == len({r.blames for r in RULES}) == 20
     assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
     for rule in RULES:
         node = root["properties"]["spec"]
@@ -184,6 +184,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
 
 
 RM = {"base": "/m/base", "data": {"dataset": "/d/prefs.jsonl"}}  # a spec.reward.training
+SFT = {"data": {"dataset": "/d/chat.jsonl"}}  # a spec.policy.sft
 
 
 def test_each_rule_is_checked_by_the_model_and_blames_its_field():
@@ -211,6 +212,10 @@ def test_each_rule_is_checked_by_the_model_and_blames_its_field():
                                                                                "heldOutSplit": "test"}}},
         "reward.training.data.rejectedField": {"reward": {"model": None, "training": {
             **RM, "data": {"dataset": "/d/prefs.jsonl", "rejectedField": "chosen"}}}},
+        "policy.sft.globalBatchSize": {"policy": {"model": "/m/sft", "sft": {**SFT, "globalBatchSize": 7,
+                                                                             "microBatchSize": 2}}},
+        "policy.sft.zeroStage": {"policy": {"model": "/m/sft", "sft": {**SFT, "zeroStage": 0}}},
+        "policy.sft.nodes": {"kubernetes": {"launcher": "job"}, "policy": {"model": "/m/sft", "sft": {**SFT, "nodes": 2}}},
         "reward.training.nodes": {"kubernetes": {"launcher": "job"},
                                   "reward": {"model": None, "training": {**RM, "nodes": 2}}},
     }  # fmt: skip

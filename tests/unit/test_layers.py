@@ -59,6 +59,7 @@ OTHER_MEANINGS = {
     ("iterdpo/spec.py", "training"): "the spec section spec.training, where rules sit",
     ("iterdpo/tiny.py", "train"): "a word of the tiny models' vocabulary",
     ("iterdpo/runfile.py", "training"): "the spec field reward.training",
+    ("iterdpo/runfile.py", "sft"): "the spec field policy.sft",
     ("services/reward_server/judge.py", "training"): "the spec field reward.training",
     ("services/trainer/cli.py", "train"): "the Train stage's log prefix",
     ("operator/handlers.py", "generation"): "Kubernetes' metadata.generation",

@@ -119,14 +119,14 @@ def test_reference_previous_uses_the_generating_policy():
 def test_an_unknown_stage_is_an_error_naming_it_not_a_fall_through():
     from iterdpo.planner import stage_step
 
-    with pytest.raises(ValueError, match=r"unknown stage 'Evaluate'; known: RewardModel, Generate, Score, Train"):
+    with pytest.raises(ValueError, match=r"unknown stage 'Evaluate'; known: SFT, RewardModel, Generate, Score, Train"):
         stage_step(RUN, 1, "Evaluate", spec_file="/f", reward_host="h", reward_port=1, reward_url="u")
 
 
 def test_every_table_has_an_entry_for_every_stage():
     from iterdpo.stages import Stage, table_of
 
-    with pytest.raises(TypeError, match=r"my table has no entry for stage\(s\) \['RewardModel', 'Score', 'Train'\]"):
+    with pytest.raises(TypeError, match=r"my table has no entry for stage\(s\) \['SFT', 'RewardModel', 'Score', 'Train'\]"):
         table_of({Stage.GENERATE: 1}, "my table")
 
 
