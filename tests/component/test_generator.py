@@ -102,6 +102,6 @@ def test_bad_arguments_are_one_line_errors(tiny, prompts, tmp_path):
     bad_round = subprocess.run([sys.executable, "-m", "iterdpo_generator", "--spec", str(run_file), "--iteration", "5",
                                 "--shard", "0"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert bad_round.returncode == 2
-    assert "iterdpo generate: error: --iteration: Generate runs in rounds 1..1 (spec.iterations is 1); got 5" in (
+    assert "iterdpo generate: error: --iteration: Generate runs in round 1 only (spec.iterations is 1); got 5" in (
         bad_round.stderr)
     assert not RunLayout.of(load_run(run_file)).recipe_file.exists()
