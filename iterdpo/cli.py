@@ -13,7 +13,7 @@ from pathlib import Path
 
 from iterdpo.stages import PROGRAMS, Program
 
-DEFAULT_WORKDIR = Path("iterdpo-runs")
+from iterdpo.local import DEFAULT_WORKDIR
 
 
 def _load_here(run_file: Path, workdir: Path):

@@ -23,12 +23,12 @@ from pathlib import Path
 from iterdpo.contracts import ScoredRecord, read_lines
 from iterdpo.errors import UsageError, stage_main
 from iterdpo.layout import RunLayout
+from iterdpo.local import DEFAULT_WORKDIR
 from iterdpo.local.runner import with_storage_root
 from iterdpo.runfile import load_run
 from iterdpo.spec import RewardSpec
 
 PROG = "iterdpo judge"
-DEFAULT_WORKDIR = Path("iterdpo-runs")
 
 
 @dataclass(frozen=True)

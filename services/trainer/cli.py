@@ -82,6 +82,22 @@ def launch(args: argparse.Namespace, prog: str, body, *, label: str = "train") -
         _leave_process_group()
 
 
+def run_once(args: argparse.Namespace, stage: Stage, *, rank: int, finished, summary_of, work, what: str) -> int:
+    """A training stage that runs once (round 0: SFT, RewardModel): load and claim the run, skip
+    what is finished (its metrics marker and checkpoint exist: `finished(run)`), else
+    `work(run)` -> metrics; rank 0 reports `summary_of(metrics)` either way."""
+    run = load_for_stage(args.spec, args.iteration, stage)
+    claim_run_folder(run)
+    metrics = finished(run)
+    if metrics is not None:
+        log.info("%s is already trained (%s): nothing to do", what, metrics.checkpoint)
+    else:
+        metrics = work(run)
+    if rank == 0:
+        emit_summary(summary_of(metrics))
+    return 0
+
+
 def _leave_process_group() -> None:
     """Tear the process group down ourselves (NCCL warns at exit otherwise)."""
     import torch.distributed as dist

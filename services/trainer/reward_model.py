@@ -25,11 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iterdpo.contracts import LeftOutPair, RewardModelMetrics, read_model, write_lines
-from iterdpo.layout import RunLayout, claim_run_folder
-from iterdpo.runfile import load_for_stage
+from iterdpo.layout import RunLayout
 from iterdpo.spec import IterativeDPORun, PreferenceDataSpec
 from iterdpo.stages import LEFT_OUT_SHOWN, REASON_CHARS, RewardModelSummary, Stage
-from iterdpo.summary import emit_summary
 from iterdpo.yamlfile import clip
 
 from iterdpo_trainer import bt, cli
@@ -124,27 +122,21 @@ def _left_out(rows: list[LeftOutRow], split: str) -> list[LeftOutPair]:
 
 
 def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: float) -> int:
+    return cli.run_once(args, Stage.REWARD_MODEL, rank=rank, finished=finished, summary_of=summary_of,
+                        work=lambda run: train(run, rank, started), what="the reward model")  # fmt: skip
+
+
+def train(run: IterativeDPORun, rank: int, started: float) -> RewardModelMetrics:
     from iterdpo_trainer.rm_train import train_reward_model
 
-    run = load_for_stage(args.spec, args.iteration, Stage.REWARD_MODEL)
-    claim_run_folder(run)
-    done = finished(run)
-    if done is not None:
-        log.info("the reward model is already trained (%s): nothing to do", done.checkpoint)
-        if rank == 0:
-            emit_summary(summary_of(done))
-        return 0
     inputs = prepare(run, rank)
     training = run.spec.reward.training
-    metrics = train_reward_model(
+    return train_reward_model(
         base=training.base, training=training, tokenizer=inputs.tokenizer, train_pairs=inputs.train,
         held_out=inputs.held_out, destination=inputs.layout.reward_model(),
         metrics_path=inputs.layout.reward_model_metrics(), pairs_left_out=len(inputs.left_out),
         left_out_reasons=[p.reason for p in inputs.left_out[:LEFT_OUT_SHOWN]], started=started,
     )  # fmt: skip
-    if rank == 0:
-        emit_summary(summary_of(metrics))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

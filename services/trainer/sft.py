@@ -31,13 +31,11 @@ from pathlib import Path
 
 from iterdpo.contracts import LeftOutPair, SftMetrics, SftStepMetrics, read_model, write_lines, write_model
 from iterdpo.errors import StageError
-from iterdpo.layout import RunLayout, claim_run_folder
+from iterdpo.layout import RunLayout
 from iterdpo.localpaths import require_model
 from iterdpo.prompts import load_prompt_set
-from iterdpo.runfile import load_for_stage
 from iterdpo.spec import IterativeDPORun, SftSpec
 from iterdpo.stages import LEFT_OUT_SHOWN, REASON_CHARS, SftSummary, Stage
-from iterdpo.summary import emit_summary
 from iterdpo.yamlfile import clip
 
 from iterdpo_trainer import cli
@@ -234,21 +232,15 @@ def train_sft(*, base: str, sft: SftSpec, tokenizer, conversations: Sequence[Con
 
 
 def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: float) -> int:
-    run = load_for_stage(args.spec, args.iteration, Stage.SFT)
-    claim_run_folder(run)
-    done = finished(run)
-    if done is not None:
-        log.info("the policy is already fine-tuned (%s): nothing to do", done.checkpoint)
-        if rank == 0:
-            emit_summary(summary_of(done))
-        return 0
+    return cli.run_once(args, Stage.SFT, rank=rank, finished=finished, summary_of=summary_of,
+                        work=lambda run: train(run, rank, started), what="the SFT policy")  # fmt: skip
+
+
+def train(run: IterativeDPORun, rank: int, started: float) -> SftMetrics:
     layout, tokenizer, conversations, left_out = prepare(run, rank)
-    metrics = train_sft(base=run.spec.policy.model, sft=run.spec.policy.sft, tokenizer=tokenizer,
-                        conversations=conversations, destination=layout.sft_checkpoint(),
-                        metrics_path=layout.sft_metrics(), left_out=left_out, started=started)  # fmt: skip
-    if rank == 0:
-        emit_summary(summary_of(metrics))
-    return 0
+    return train_sft(base=run.spec.policy.model, sft=run.spec.policy.sft, tokenizer=tokenizer,
+                     conversations=conversations, destination=layout.sft_checkpoint(),
+                     metrics_path=layout.sft_metrics(), left_out=left_out, started=started)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
