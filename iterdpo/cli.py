@@ -200,6 +200,7 @@ def _make_tiny(args) -> int:
         print(f"prompts: {path}")
     print(f"preference pairs (labelled by the tiny reward model): {assets.preferences}")
     print(f"chat conversations (for the SFT stage): {assets.sft}")
+    print(f"sums with gold answers (for reward kind verifiable): {assets.arithmetic}")
     return 0
 
 

@@ -69,6 +69,7 @@ class GeneratedRecord(Snake):
     responses: list[str]
     finish_reasons: list[str | None] = Field(default_factory=list)
     response_tokens: list[int] = Field(default_factory=list)
+    answer: str | None = None  # the prompt's gold answer (spec.prompts.answerField), for rule rewards
 
 
 class ShardMarker(Snake):
@@ -102,6 +103,7 @@ class ScoredRecord(Snake):
     prompt: Conversation
     responses: list[str]
     rewards: list[float]
+    answer: str | None = None  # the prompt's gold answer, when the prompt set has one
 
 
 class PairRecord(Snake):
@@ -132,6 +134,7 @@ class ScoreStats(Camel):
     truncated: int  # conversations cut to reward.maxLength
     strategy: str
     seconds: float
+    details: dict[str, float] = Field(default_factory=dict)  # mean of each named part of the reward (verifiable: correct, answered)
 
     @model_validator(mode="after")
     def _adds_up(self) -> ScoreStats:

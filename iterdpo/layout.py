@@ -117,11 +117,12 @@ def initial_policy(run: IterativeDPORun) -> str:
     return run.spec.policy.model
 
 
-def reward_model_for(run: IterativeDPORun) -> str:
-    """The reward model every round scores with: spec.reward.model, or the one the run trains."""
+def reward_model_for(run: IterativeDPORun) -> str | None:
+    """The reward model every round scores with: spec.reward.model, or the one the run trains
+    (None for a kind that loads none)."""
     if run.spec.reward.training is not None:
         return str(RunLayout.of(run).reward_model())
-    assert run.spec.reward.model is not None  # a spec rule: one of the two is set
+    assert run.spec.reward.model is not None or run.spec.reward.weightless  # a spec rule
     return run.spec.reward.model
 
 

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from iterdpo.contracts import LeftOut
 from iterdpo.errors import UsageError
-from iterdpo.spec import PromptSource
+from iterdpo.spec import PromptSource, RoundPromptSource
 
 ROLES = ("system", "user", "assistant")
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -40,6 +40,7 @@ Row = tuple[str, dict | str]  # (where: "line 7" / "row 6", the row's object or 
 class Prompt:
     prompt_id: str
     messages: list[dict]
+    answer: str | None = None  # the gold answer (answerField), for rule rewards
 
 
 @dataclass(frozen=True)
@@ -54,37 +55,60 @@ class PromptDataError(UsageError):
 
 def load_prompt_set(source: PromptSource, *, field_path: str = "spec.prompts", conversations: bool = False) -> PromptSet:
     field = source.messages_field
+    answer_field = source.answer_field if isinstance(source, RoundPromptSource) else None
     prompts: list[Prompt | None] = []
     left_out: list[LeftOut] = []
-    has_object = has_field = False
-    fields_seen: dict[str, None] = {}  # a few, for the messagesField error
+    has_object = has_field = has_answer = False
+    fields_seen: dict[str, None] = {}  # a few, for the messagesField and answerField errors
     for index, (where, row) in enumerate(_read_rows(source, field_path)):
-        messages, reason = [], None
+        messages, answer, reason = [], None, None
         if isinstance(row, str):
             reason = row
-        elif field in row:
-            has_object = has_field = True
-            messages, why = to_messages(row[field], conversation=conversations)
-            reason = why and f"{where}: {why}"
         else:
             has_object = True
+            has_answer = has_answer or (answer_field is not None and answer_field in row)
             if len(fields_seen) < 20:
                 fields_seen.update(dict.fromkeys(islice(row, 20)))
-            reason = f"{where}: no {_quote(field)} field"
+            if field not in row:
+                reason = f"{where}: no {_quote(field)} field"
+            else:
+                has_field = True
+                messages, why = to_messages(row[field], conversation=conversations)
+                if not why and answer_field is not None:
+                    answer, why = to_answer(row, answer_field)
+                reason = why and f"{where}: {why}"
         if reason:
             prompts.append(None)
             left_out.append(LeftOut(prompt_id=str(index), reason=_clip(reason)))
         else:
-            prompts.append(Prompt(str(index), messages))
+            prompts.append(Prompt(str(index), messages, answer))
     if has_object and not has_field:
         raise PromptDataError(
             f"{field_path}.messagesField: no row of {source.dataset} has a field {_quote(field)}; "
+            f"its rows' fields are: {_names(fields_seen)}"
+        )
+    if answer_field is not None and has_object and not has_answer:
+        raise PromptDataError(
+            f"{field_path}.answerField: no row of {source.dataset} has a field {_quote(answer_field)}; "
             f"its rows' fields are: {_names(fields_seen)}"
         )
     if len(left_out) == len(prompts):
         why = _none_usable(source, left_out, field_path)
         raise PromptDataError(f"{field_path}.dataset: {source.dataset} has no usable prompt: {why}")
     return PromptSet(prompts, left_out)
+
+
+def to_answer(row: dict, field: str) -> tuple[str | None, str | None]:
+    """A row's gold answer as text, or why it has none usable (a string or a number)."""
+    if field not in row:
+        return None, f"no {_quote(field)} field (answerField)"
+    value = row[field]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None, f"the answer ({_quote(field)}) is not a string or a number (got {_kind(value)})"
+    text = str(value).strip()
+    if not text:
+        return None, f"the answer ({_quote(field)}) is empty"
+    return text, None
 
 
 def parse_jsonl_line(line: bytes, line_no: int) -> dict | str:
@@ -181,6 +205,11 @@ def _read_rows(source: PromptSource, field_path: str) -> Iterator[Row]:
         raise PromptDataError(
             f"{field_path}.messagesField: the dataset has no field {_quote(source.messages_field)}; "
             f"its fields are: {_names(columns)}"
+        )
+    answer_field = source.answer_field if isinstance(source, RoundPromptSource) else None
+    if columns is not None and answer_field is not None and answer_field not in columns:
+        raise PromptDataError(
+            f"{field_path}.answerField: the dataset has no field {_quote(answer_field)}; its fields are: {_names(columns)}"
         )
     return rows
 

@@ -34,7 +34,12 @@ PAIRING_STRATEGIES = ("max_min", "max_random", "max_max", "random", "max_min_len
 # registry must have exactly these keys (a unit test checks).
 SCORER_KINDS = {
     "bradley-terry": "a sequence classifier with one output label; the score is that logit at the last token",
+    "verifiable": "no model: a rule checks each response's final answer against its prompt's gold answer "
+                  "(prompts.answerField) with math-verify, scored as reward.verifiable says",
 }
+# Kinds that score by rule and load no weights: no reward.model, and no GPU for the reward pod.
+WEIGHTLESS_KINDS = ("verifiable",)
+ANSWER_FORMATS = ("boxed", "any")
 LOSS_KINDS = {
     "sigmoid": "the original DPO loss, -log sigmoid(beta x margin), with optional label smoothing: the conservative "
                "DPO (cDPO) form the report's code uses (TRL 1.16's sigmoid loss ignores label_smoothing)",
@@ -148,13 +153,23 @@ class PromptSource(_Model):
     )
 
 
-class PromptsSpec(PromptSource):
+class RoundPromptSource(PromptSource):
+    """A prompt set rounds generate from: a prompt, and for rule rewards its gold answer."""
+
+    answer_field: str | None = Field(
+        default=None,
+        description="Field holding each prompt's gold answer (a string or a number), which reward kind verifiable "
+        "checks responses against; a row without one is left out with that reason.",
+    )
+
+
+class PromptsSpec(RoundPromptSource):
     """The prompt set of every round, or a different one per round."""
 
     dataset: ModelRef | None = Field(
         default=None, description="Local path (absolute, ./ or ../) or hub id; required without perIteration."
     )
-    per_iteration: list[PromptSource] | None = Field(
+    per_iteration: list[RoundPromptSource] | None = Field(
         default=None,
         description="One prompt set per round (the report uses a fresh set each round); "
         "when set, its length must equal spec.iterations.",
@@ -366,14 +381,34 @@ class PolicySpec(_Model):
     )
 
 
+class VerifiableSpec(_Model):
+    """Reward kind verifiable: the Online-DPO-R1 scheme (+1 right, -0.5 wrong, -1 no answer)."""
+
+    correct: Annotated[float, Field(ge=-1e6, le=1e6)] = Field(default=1.0, description="Reward of a response whose final answer equals the gold answer.")
+    wrong_answer: Annotated[float, Field(ge=-1e6, le=1e6)] = Field(
+        default=-0.5, description="Reward of a response with a final answer in the expected form that is not the gold one."
+    )
+    no_answer: Annotated[float, Field(ge=-1e6, le=1e6)] = Field(default=-1.0, description="Reward of a response with no final answer.")
+    answer_format: Literal[ANSWER_FORMATS] = Field(  # type: ignore[valid-type]
+        default="boxed",
+        description="The final answer a response must give: boxed, its last \\boxed{...} (the report's math recipe); "
+        "any, also LaTeX ($...$) or a plain number or expression, the last one found.",
+    )
+    check_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=5.0, description="Most seconds one answer's extraction and comparison may take; past it the "
+        "response counts as wrong."
+    )
+
+
 class RewardSpec(_Model):
     model: ModelRef | None = Field(
         default=None,
-        description="Reward model: local path (absolute, ./ or ../) or hub id; unset when training trains it.",
+        description="Reward model: local path (absolute, ./ or ../) or hub id; unset when training trains it "
+        "and for the kinds that load none (" + ", ".join(WEIGHTLESS_KINDS) + ").",
     )
     kind: Literal[tuple(SCORER_KINDS)] = Field(  # type: ignore[valid-type]
         default="bradley-terry",
-        description="How to read a score from the model. " + "; ".join(f"{k}: {v}" for k, v in SCORER_KINDS.items()) + ".",
+        description="How a response is scored. " + "; ".join(f"{k}: {v}" for k, v in SCORER_KINDS.items()) + ".",
     )
     chat_template: ChatTemplate = Field(
         default=None, description="Replaces the reward tokenizer's own chat template."
@@ -404,6 +439,19 @@ class RewardSpec(_Model):
         description="Train the reward model first, once, before round 1 (the RewardModel stage), then serve it "
         "every round; chatTemplate and maxLength apply to training too.",
     )
+    verifiable: VerifiableSpec | None = Field(
+        default=None, description="Kind verifiable's rewards and answer form (its defaults when unset)."
+    )
+
+    @property
+    def weightless(self) -> bool:
+        """This kind loads no model (scores by rule)."""
+        return self.kind in WEIGHTLESS_KINDS
+
+    @property
+    def rule(self) -> VerifiableSpec:
+        """Kind verifiable's settings, defaults filled in."""
+        return self.verifiable or VerifiableSpec()
 
 
 class StorageSpec(_Model):
@@ -572,7 +620,7 @@ class IterativeDPORunSpec(_Model):
                 raise CrossFieldError(rule.blames, rule.explain(obj))
         return self
 
-    def prompts_for(self, iteration: int) -> PromptSource:
+    def prompts_for(self, iteration: int) -> RoundPromptSource:
         """The prompt set of round `iteration` (1-based)."""
         if self.prompts.per_iteration:
             return self.prompts.per_iteration[iteration - 1]
@@ -728,6 +776,14 @@ def _optimization_rules(at: str) -> tuple[Rule, ...]:
     )
 
 
+def _cel_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _round_sources(s: IterativeDPORunSpec) -> list[RoundPromptSource]:
+    return list(s.prompts.per_iteration) if s.prompts.per_iteration else [s.prompts]
+
+
 def _distinct_fields(d: PreferenceDataSpec) -> bool:
     names = [d.chosen_field, d.rejected_field, d.prompt_field] + ([d.margin_field] if d.margin_field else [])
     return len(set(names)) == len(names)
@@ -794,10 +850,38 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "reward", "model",
-        lambda r: r.model is not None or r.training is not None,
-        lambda r: "is required unless reward.training trains the reward model",
-        "has(self.model) || has(self.training)",
-        "is required unless reward.training trains the reward model",
+        lambda r: r.model is not None or r.training is not None or r.weightless,
+        lambda r: "is required unless reward.training trains the reward model (or the kind loads none: "
+        f"{', '.join(WEIGHTLESS_KINDS)})",
+        f"has(self.model) || has(self.training) || self.kind in {_cel_list(WEIGHTLESS_KINDS)}",
+        f"is required unless reward.training trains the reward model (or the kind loads none: {', '.join(WEIGHTLESS_KINDS)})",
+        reason="FieldValueRequired",
+    ),
+    Rule(
+        "reward", "kind",
+        lambda r: not r.weightless or (r.model is None and r.training is None),
+        lambda r: f"{r.kind} scores by rule and loads no model: remove "
+        + ("reward.model" if r.model is not None else "reward.training"),
+        f"!(self.kind in {_cel_list(WEIGHTLESS_KINDS)}) || (!has(self.model) && !has(self.training))",
+        f"{', '.join(WEIGHTLESS_KINDS)} scores by rule and loads no model: remove reward.model and reward.training",
+    ),
+    Rule(
+        "reward", "verifiable",
+        lambda r: r.verifiable is None or r.kind == "verifiable",
+        lambda r: f"is only used by kind verifiable (kind is {r.kind!r})",
+        "!has(self.verifiable) || self.kind == 'verifiable'",
+        "is only used by kind verifiable",
+        "\"is only used by kind verifiable (kind is '\" + self.kind + \"')\"",
+    ),
+    Rule(
+        "", "prompts.answerField",
+        lambda s: s.reward.kind != "verifiable" or all(p.answer_field for p in _round_sources(s)),
+        lambda s: "is required by reward kind verifiable, which checks each response against its prompt's gold "
+        "answer" + (" (every prompts.perIteration entry needs one)" if s.prompts.per_iteration else ""),
+        "self.reward.kind != 'verifiable' || (has(self.prompts.perIteration) ? "
+        "self.prompts.perIteration.all(p, has(p.answerField)) : has(self.prompts.answerField))",
+        "is required by reward kind verifiable, which checks each response against its prompt's gold answer "
+        "(in every prompts.perIteration entry when that is set)",
         reason="FieldValueRequired",
     ),
     Rule(

@@ -409,6 +409,7 @@ class ScoreSummary(StageSummary):
     ties_dropped: int
     prompts_left_out: int
     seconds: float
+    details: dict[str, float] = Field(default_factory=dict)  # mean of each named part of the reward
 
 
 class ScoringFigures(Figures):
@@ -423,6 +424,11 @@ class ScoringFigures(Figures):
         description="Prompts without a pair for another reason (left out at generation, or under 2 responses)."
     )
     seconds: float = Field(description="Wall-clock seconds of the stage.")
+    details: dict[str, float] | None = Field(
+        default=None,
+        description="Mean of each named part of the reward over the round's responses (verifiable: correct and "
+        "answered, the shares of responses with the right answer and with any answer); unset when the kind has none.",
+    )
 
 
 FIGURE_DECIMALS = 4
@@ -445,6 +451,7 @@ def _scoring_figures(summaries: list[ScoreSummary], seconds: float, run: Iterati
         mean_reward=_rounded(s.mean_reward), min_reward=_rounded(s.min_reward), max_reward=_rounded(s.max_reward),
         pairs=s.pairs,
         ties_dropped=s.ties_dropped, prompts_left_out=s.prompts_left_out, seconds=round(seconds, 1),
+        details={name: _rounded(v) for name, v in s.details.items()} or None,
     )  # fmt: skip
 
 
@@ -452,6 +459,7 @@ def _scoring_line(f: ScoringFigures) -> str:
     return (
         f"mean reward {_signed(f.mean_reward)} (min {_signed(f.min_reward)}, max {_signed(f.max_reward)}), "
         f"{f.pairs} pairs, {f.ties_dropped} ties dropped, {f.prompts_left_out} prompts left out in {f.seconds:.1f}s"
+        + "".join(f", {name} {value:.3f}" for name, value in (f.details or {}).items())
     )
 
 
@@ -606,7 +614,8 @@ STAGE_TABLE: Mapping[Stage, StageDef] = table_of({d.stage: d for d in STAGES}, "
 
 # The run's reward server: a service of the stages with uses_reward_server, not a stage.
 REWARD_SERVER = Program("serve-reward", "iterdpo_reward_server.cli:main", "stage: the reward-model HTTP server")
-REWARD_SERVER_POD = Pod("reward", "The reward server's pod.", lambda spec: 1, "1")
+REWARD_SERVER_POD = Pod("reward", "The reward server's pod.", lambda spec: 0 if spec.reward.weightless else 1,
+                        "1, or 0 for a kind that loads no model (verifiable)")
 PROGRAMS: tuple[Program, ...] = (*(p for d in STAGES for p in d.programs), REWARD_SERVER)
 
 

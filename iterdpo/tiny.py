@@ -13,6 +13,9 @@
   other block is zero, so the residual stream passes through; the score head
   reads dim 2.
 - Prompt sets: one JSONL file per round of chat messages.
+- An arithmetic prompt set (`arithmetic.jsonl`): "what is 2 + 3" with its gold answer in
+  `answer`, for reward kind verifiable (examples/tiny-verifiable.yaml). The tiny policy knows
+  no arithmetic; what DPO on the rule's rewards teaches it first is to answer with a number.
 - A chat set (`sft.jsonl`): conversations whose assistant turns are short word-salad answers
   about the prompt's topic, for the SFT stage (examples/tiny-sft.yaml).
 - A preference set (`preferences.jsonl`, the report's format: `chosen` and `rejected` are
@@ -88,6 +91,7 @@ class TinyAssets:
     prompts: tuple[Path, ...]  # one prompt file per round
     preferences: Path  # pairs labelled by the gold (hand-wired) reward model
     sft: Path  # chat conversations for the SFT stage (examples/tiny-sft.yaml)
+    arithmetic: Path  # sums with gold answers (field `answer`), for reward kind verifiable
 
 
 def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, preference_pairs: int = 1024,
@@ -101,10 +105,11 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
         prompts=tuple(out / f"prompts-iter{r}.jsonl" for r in range(1, rounds + 1)),
         preferences=out / "preferences.jsonl",
         sft=out / "sft.jsonl",
+        arithmetic=out / "arithmetic.jsonl",
     )
     marker = out / ".complete.json"
     wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "preference_pairs": preference_pairs,
-              "seed": seed, "version": 4}  # fmt: skip
+              "seed": seed, "version": 5}  # fmt: skip
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return assets
 
@@ -127,6 +132,7 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
         write_jsonl(path, _prompts(rng, prompts_per_round))
     write_jsonl(assets.preferences, _preferences(assets.reward, random.Random(seed + 1), preference_pairs))
     write_jsonl(assets.sft, _conversations(random.Random(seed + 2), SFT_CONVERSATIONS))
+    write_jsonl(assets.arithmetic, _sums(random.Random(seed + 3), ARITHMETIC_PROMPTS))
     write_json(marker, wanted)
     return assets
 
@@ -322,4 +328,19 @@ def _conversations(rng: random.Random, count: int) -> list[dict]:
             messages += [{"role": "user", "content": rng.choice(PROMPT_FORMS).format(topic)},
                          {"role": "assistant", "content": _response(rng, topic)}]  # fmt: skip
         rows.append({"id": f"sft{i:04d}", "messages": messages})
+    return rows
+
+
+ARITHMETIC_PROMPTS = 64
+SUM_FORMS = ("what is {} + {}", "tell me {} + {}", "{} + {} is what")
+
+
+def _sums(rng: random.Random, count: int) -> list[dict]:
+    """Sums of two digits whose total is a digit, so a one-token answer can be right."""
+    rows = []
+    for i in range(count):
+        a = rng.randint(0, 9)
+        b = rng.randint(0, 9 - a)
+        rows.append({"id": f"sum{i:04d}", "messages": [{"role": "user", "content": rng.choice(SUM_FORMS).format(a, b)}],
+                     "answer": str(a + b)})  # fmt: skip
     return rows

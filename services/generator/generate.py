@@ -103,6 +103,7 @@ def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> ShardMarker:
             responses=[c.text for c in out.outputs],
             finish_reasons=[c.finish_reason for c in out.outputs],
             response_tokens=[len(c.token_ids) for c in out.outputs],
+            answer=item.prompt.answer,
         )
         for item, out in zip(formatted, outputs)
     ]

@@ -46,7 +46,7 @@ class Outcome:
 
 def pair_round(
     generations: RoundGenerations,
-    rewards: list[list[float]],
+    rewards: list[list[float] | str],
     *,
     strategy: str,
     length_penalty: float,
@@ -54,19 +54,26 @@ def pair_round(
     iteration: int,
     samples_per_prompt: int,
     truncated: int,
+    details: dict[str, float] | None = None,
 ) -> Outcome:
-    """Pure: scored rows, pairs and stats from the rewards of each record's responses."""
+    """Pure: scored rows, pairs and stats from the rewards of each record's responses
+    (or, for a record the reward server could not score, the reason: it is left out)."""
     records = generations.records
-    if len(rewards) != len(records) or any(len(r) != len(g.responses) for r, g in zip(rewards, records)):
+    if len(rewards) != len(records) or any(
+        not isinstance(r, str) and len(r) != len(g.responses) for r, g in zip(rewards, records)
+    ):
         raise ValueError("rewards do not match the responses they score")
     scored, pairs = [], []
     left_out = list(generations.left_out)
     ties = not_k = 0
     for record, record_rewards in zip(records, rewards):
-        scored.append(ScoredRecord(prompt_id=record.prompt_id, prompt=record.prompt, responses=record.responses,
-                                   rewards=record_rewards))  # fmt: skip
         if len(record.responses) != samples_per_prompt:
             not_k += 1
+        if isinstance(record_rewards, str):
+            left_out.append(LeftOut(prompt_id=record.prompt_id, reason=record_rewards))
+            continue
+        scored.append(ScoredRecord(prompt_id=record.prompt_id, prompt=record.prompt, responses=record.responses,
+                                   rewards=record_rewards, answer=record.answer))  # fmt: skip
         choice = choose_pair(
             record_rewards,
             [len(r) for r in record.responses],
@@ -91,7 +98,7 @@ def pair_round(
         else:
             reason = f"{choice} of K={samples_per_prompt}" if len(record.responses) < 2 else choice
             left_out.append(LeftOut(prompt_id=record.prompt_id, reason=reason))
-    flat = [x for r in rewards for x in r]
+    flat = [x for r in rewards if not isinstance(r, str) for x in r]
     stats = ScoreStats(  # its validator checks promptsIn == pairs + tiesDropped + promptsLeftOut
         prompts_in=generations.prompts_in,
         responses_scored=len(flat),
@@ -106,6 +113,7 @@ def pair_round(
         truncated=truncated,
         strategy=strategy,
         seconds=0.0,
+        details=details or {},
     )
     return Outcome(scored, pairs, stats)
 
@@ -119,15 +127,37 @@ def unique_items(generations: RoundGenerations) -> tuple[list[dict], list[int]]:
     for record in generations.records:
         seen: dict[str, int] = {}
         messages = [m.model_dump() for m in record.prompt]  # once per prompt, shared by its responses
+        answer = {} if record.answer is None else {"answer": record.answer}
         for response in record.responses:
             if response not in seen:
                 seen[response] = len(items)
-                items.append({"messages": messages, "response": response})
+                items.append({"messages": messages, "response": response, **answer})
             where.append(seen[response])
     return items, where
 
 
-def split(flat: list[float], sizes: list[int]) -> list[list[float]]:
+def record_rewards(spans: list[list[int]], batch: Batch) -> list[list[float] | str]:
+    """Each record's rewards in response order (`spans`: its responses' item indices),
+    or why the server could not score it."""
+    out: list[list[float] | str] = []
+    for span in spans:
+        reason = next((batch.unscored[i] for i in span if i in batch.unscored), None)
+        out.append(f"not scored: {reason}" if reason is not None else [batch.scores[i] for i in span])  # type: ignore[misc]
+    return out
+
+
+def detail_means(batch: Batch, spans: list[list[int]], rewards: list[list[float] | str]) -> dict[str, float]:
+    """The mean of each named part of the reward over the round's scored responses."""
+    means = {}
+    for name, values in batch.details.items():
+        picked = [values[i] for span, r in zip(spans, rewards) if not isinstance(r, str) for i in span]
+        picked = [v for v in picked if v is not None]
+        if picked:
+            means[name] = sum(picked) / len(picked)
+    return means
+
+
+def split(flat: list, sizes: list[int]) -> list[list]:
     out, start = [], 0
     for n in sizes:
         out.append(flat[start : start + n])
@@ -154,18 +184,21 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
         iteration, generations.prompts_in, len(where), len(items),
     )
     batch = asyncio.run(_score(spec.reward, reward_url, items, transport)) if items else Batch([], 0)
-    bad = [s for s in batch.scores if not math.isfinite(s)]
+    bad = [s for s in batch.scores if s is not None and not math.isfinite(s)]
     if bad:
         raise StageError(f"the reward server returned {len(bad)} non-finite scores")
+    spans = split(where, [len(g.responses) for g in generations.records])
+    rewards = record_rewards(spans, batch)
     outcome = pair_round(
         generations,
-        split([batch.scores[i] for i in where], [len(g.responses) for g in generations.records]),
+        rewards,
         strategy=spec.pairing.strategy,
         length_penalty=spec.pairing.length_penalty,
         seed=spec.generation.seed,
         iteration=iteration,
         samples_per_prompt=spec.generation.samples_per_prompt,
         truncated=batch.truncated,
+        details=detail_means(batch, spans, rewards),
     )
     stats = outcome.stats.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
     write_lines(layout.scored_file(iteration), outcome.scored)
@@ -178,7 +211,7 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
 def summary_of(stats: ScoreStats) -> ScoreSummary:
     return ScoreSummary(mean_reward=stats.mean_reward, min_reward=stats.min_reward, max_reward=stats.max_reward,
                         pairs=stats.pairs, ties_dropped=stats.ties_dropped, prompts_left_out=stats.prompts_left_out,
-                        seconds=stats.seconds)  # fmt: skip
+                        seconds=stats.seconds, details=stats.details)  # fmt: skip
 
 
 async def _score(reward, url: str, items: list[dict], transport) -> Batch:

@@ -30,15 +30,18 @@ from fastapi.responses import JSONResponse
 from iterdpo_reward_server.gate import Gate
 from iterdpo_reward_server.problems import on_validation_error, problem, validation_response
 from iterdpo_reward_server.schemas import (
+    GetRewardResponse,
     Liveness,
     Problem,
     Readiness,
     ScoreResponse,
+    Unscored,
     ValidationProblem,
+    get_reward_request_model,
     score_request_model,
 )
 from iterdpo_reward_server.scorers import Scorer, scorer_kind
-from iterdpo_reward_server.scoring import ScoringError, UnscorableItem
+from iterdpo_reward_server.scoring import ScoreInput, ScoringError, UnscorableItem
 from iterdpo_reward_server.settings import Settings
 from iterdpo_reward_server.waiting import ForwardQueue, QueueFull
 
@@ -91,16 +94,21 @@ def create_app(settings: Settings, *, loader: Loader | None = None, on_fatal: Ca
                         pass
                 return
             app.state.scorer = scorer
-            log.info("ready: %s", settings.reward.model)
+            log.info("ready: %s", settings.reward.model or settings.reward.kind)
 
         threading.Thread(target=load_in_background, name="load-reward-model", daemon=True).start()
         yield
+        close = getattr(app.state.scorer, "close", None)  # e.g. the verifiable kind's checker processes
+        if close is not None:
+            close()
 
     app = FastAPI(title="iterdpo reward server", version="1", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.include_router(router)
     app.add_api_route("/v1/score", _score_route(settings), methods=["POST"], response_model=ScoreResponse,
                       responses=SCORE_RESPONSES)  # fmt: skip
+    app.add_api_route("/get_reward", _get_reward_route(settings), methods=["POST"], response_model=GetRewardResponse,
+                      responses=SCORE_RESPONSES, summary="OpenRLHF-compatible remote reward")  # fmt: skip
     # Outside the routing: it answers before FastAPI reads (and parses) the body.
     app.add_middleware(Gate, token=settings.token, max_body_bytes=settings.max_body_bytes,
                        body_timeout_seconds=settings.body_timeout_seconds)  # fmt: skip
@@ -127,26 +135,57 @@ async def readyz(request: Request, scorer: Scorer = Depends(ready_scorer)) -> Re
     return Readiness(model=settings.reward.model, kind=settings.reward.kind)
 
 
+async def _run(request: Request, scorer: Scorer, items: list[ScoreInput], where: Callable[[UnscorableItem], list]):
+    """Score `items` in the model's turn; the result, or the error response (`where`: an
+    unscorable item's location in the request body)."""
+    try:
+        async with request.app.state.forward_queue.turn():
+            return await anyio.to_thread.run_sync(scorer.score, items)
+    except QueueFull as full:
+        raise HTTPException(status_code=429, headers={"Retry-After": str(full.retry_after)},
+                            detail=f"{full.waiting} requests are already waiting for the model (--max-queue)") from None  # fmt: skip
+    except UnscorableItem as exc:
+        # Same shape as the other 422s, so a client reads one format.
+        kind = "chat_template" if exc.field == "messages" else "unscorable"
+        return validation_response([problem(where(exc), exc.message, kind)])
+    except ScoringError as exc:
+        raise HTTPException(status_code=500, detail=str(exc)) from None
+    except Exception as exc:  # e.g. out of memory: the kind of fault here, the rest in the log
+        log.exception("scoring failed")
+        raise HTTPException(status_code=500, detail=f"scoring failed ({type(exc).__name__}); see the server's log") from None
+
+
 def _score_route(settings: Settings):
     """POST /v1/score, its body validated against the settings' limits."""
     ScoreRequest = score_request_model(settings.max_items, settings.max_item_chars)
 
     async def score(body: ScoreRequest, request: Request, scorer: Scorer = Depends(ready_scorer)):
-        items = [([m.model_dump() for m in item.messages], item.response) for item in body.items]
-        try:
-            async with request.app.state.forward_queue.turn():
-                result = await anyio.to_thread.run_sync(scorer.score, items)
-        except QueueFull as full:
-            raise HTTPException(status_code=429, headers={"Retry-After": str(full.retry_after)},
-                                detail=f"{full.waiting} requests are already waiting for the model (--max-queue)") from None  # fmt: skip
-        except UnscorableItem as exc:
-            # Same shape as the other 422s, so a client reads one format.
-            return validation_response([problem(["body", "items", exc.index, "messages"], exc.message, "chat_template")])
-        except ScoringError as exc:
-            raise HTTPException(status_code=500, detail=str(exc)) from None
-        except Exception as exc:  # e.g. out of memory: the kind of fault here, the rest in the log
-            log.exception("scoring failed")
-            raise HTTPException(status_code=500, detail=f"scoring failed ({type(exc).__name__}); see the server's log") from None
-        return ScoreResponse(scores=result.scores, model=request.app.state.settings.reward.model, truncated=result.truncated)
+        items = [ScoreInput([m.model_dump() for m in item.messages], item.response, item.answer) for item in body.items]
+        result = await _run(request, scorer, items, lambda exc: ["body", "items", exc.index, exc.field])
+        if isinstance(result, JSONResponse):
+            return result
+        reward = request.app.state.settings.reward
+        return ScoreResponse(scores=result.scores, model=reward.model, kind=reward.kind, truncated=result.truncated,
+                             unscored=[Unscored(index=i, reason=why) for i, why in sorted(result.unscored.items())],
+                             details=result.details)  # fmt: skip
 
     return score
+
+
+def _get_reward_route(settings: Settings):
+    """POST /get_reward, OpenRLHF's remote reward API: formatted conversations in, rewards out."""
+    GetRewardRequest = get_reward_request_model(settings.max_items, settings.max_item_chars)
+    field_of = {"messages": "query", "response": "query", "answer": "labels"}
+
+    async def get_reward(body: GetRewardRequest, request: Request, scorer: Scorer = Depends(ready_scorer)):
+        prompts = body.prompts or [""] * len(body.query)
+        labels = body.labels or [None] * len(body.query)
+        items = [ScoreInput((), query.removeprefix(prompt), label, text=query)
+                 for query, prompt, label in zip(body.query, prompts, labels)]  # fmt: skip
+        result = await _run(request, scorer, items, lambda exc: ["body", field_of.get(exc.field, "query"), exc.index])
+        if isinstance(result, JSONResponse):
+            return result
+        return GetRewardResponse(rewards=result.scores, scores=result.scores, extra_logs=result.details,
+                                 unscored=[Unscored(index=i, reason=why) for i, why in sorted(result.unscored.items())])  # fmt: skip
+
+    return get_reward

@@ -50,8 +50,24 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Batch:
-    scores: list[float]
+    scores: list[float | None]  # None where `unscored` says why
     truncated: int
+    unscored: dict[int, str] = field(default_factory=dict)  # item index -> reason
+    details: dict[str, list[float | None]] = field(default_factory=dict)  # named parts of each score
+
+
+def concat(batches: Sequence[Batch]) -> Batch:
+    """Batches of consecutive items as one (indices of `unscored` shifted to match)."""
+    scores: list[float | None] = []
+    unscored: dict[int, str] = {}
+    names = list(dict.fromkeys(name for b in batches for name in b.details))
+    details: dict[str, list[float | None]] = {name: [] for name in names}
+    for b in batches:
+        unscored.update({len(scores) + i: why for i, why in b.unscored.items()})
+        for name in names:
+            details[name].extend(b.details.get(name, [None] * len(b.scores)))
+        scores.extend(b.scores)
+    return Batch(scores, sum(b.truncated for b in batches), unscored, details)
 
 
 def chunk(n: int, size: int) -> list[range]:
@@ -123,8 +139,7 @@ class RewardClient:
                         group.create_task(one(k, span))
             except BaseExceptionGroup as group_error:  # the first failure cancels the rest; report it
                 raise group_error.exceptions[0] from None
-        scores = [s for batch in results for s in batch.scores]  # type: ignore[union-attr]
-        return Batch(scores, sum(batch.truncated for batch in results))  # type: ignore[union-attr]
+        return concat(results)  # type: ignore[arg-type]
 
     async def score(self, items: Sequence[dict]) -> Batch:
         """One request (with retries)."""
@@ -172,7 +187,12 @@ def _parse(r: httpx.Response, expected: int) -> Batch:
         raise RewardClientError(f"the reward server's answer is not a ScoreResponse: {exc.errors()[0]['msg']}") from None
     if len(body.scores) != expected:
         raise RewardClientError(f"the reward server answered {len(body.scores)} scores for {expected} items")
-    return Batch(body.scores, body.truncated)
+    unscored = {u.index: u.reason for u in body.unscored}
+    if any(not 0 <= i < expected for i in unscored) or any((s is None) != (i in unscored) for i, s in enumerate(body.scores)):
+        raise RewardClientError("the reward server's answer is inconsistent: a null score must come with its reason in `unscored`")
+    if any(len(values) != expected for values in body.details.values()):
+        raise RewardClientError(f"the reward server's details do not have one value per item ({expected})")
+    return Batch(body.scores, body.truncated, unscored, body.details)
 
 
 def _server_message(r: httpx.Response) -> str:

@@ -11,7 +11,7 @@ and their annotations must be the objects themselves, not names to look up later
 import functools
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from iterdpo_reward_server.settings import MAX_ITEM_CHARS, MAX_ITEMS_PER_REQUEST
@@ -49,6 +49,9 @@ def score_request_model(max_items: int, max_item_chars: int) -> type[BaseModel]:
             description="The prompt conversation; the response is appended as the assistant's turn."
         )
         response: Text
+        answer: Text | None = Field(
+            default=None, description="The prompt's gold answer: required by kind verifiable, ignored by the others."
+        )
 
     class ScoreRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -58,14 +61,65 @@ def score_request_model(max_items: int, max_item_chars: int) -> type[BaseModel]:
     return ScoreRequest
 
 
+@functools.cache
+def get_reward_request_model(max_items: int, max_item_chars: int) -> type[BaseModel]:
+    """OpenRLHF's remote reward request (`POST /get_reward`) for these limits."""
+    Text = Annotated[str, Field(max_length=max_item_chars), AfterValidator(valid_unicode)]
+    Texts = Annotated[list[Text], Field(min_length=1, max_length=max_items)]
+
+    class GetRewardRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        query: Texts = Field(description="Whole conversations, already formatted (prompt + response), as OpenRLHF sends them.")
+        prompts: Texts | None = Field(
+            default=None, description="The formatted prompt of each query: what precedes its response (verifiable "
+            "checks only the response)."
+        )
+        labels: list[Text | None] | None = Field(
+            default=None, description="The gold answer of each query: required by kind verifiable."
+        )
+
+        @model_validator(mode="after")
+        def _same_lengths(self):
+            for name in ("prompts", "labels"):
+                values = getattr(self, name)
+                if values is not None and len(values) != len(self.query):
+                    raise PydanticCustomError("length_mismatch", f"{name} must have one entry per query")
+            return self
+
+    return GetRewardRequest
+
+
 # The request at the default limits: what the annotator's client checks before sending.
 ScoreRequest = score_request_model(MAX_ITEMS_PER_REQUEST, MAX_ITEM_CHARS)
 
 
+class Unscored(BaseModel):
+    index: int = Field(description="The item's position in the request.")
+    reason: str = Field(description="Why it has no score (e.g. its gold answer cannot be parsed).")
+
+
 class ScoreResponse(BaseModel):
-    scores: list[float] = Field(description="One score per item, in request order.")
-    model: str
+    scores: list[float | None] = Field(description="One score per item, in request order; null for an item in `unscored`.")
+    model: str | None = Field(description="The reward model served; null for a kind that loads none (verifiable).")
+    kind: str = Field(default="bradley-terry", description="The reward kind (spec.reward.kind).")
     truncated: int = Field(description="Items truncated from the left to --max-length.")
+    unscored: list[Unscored] = Field(default_factory=list, description="Items without a score, and why.")
+    details: dict[str, list[float | None]] = Field(
+        default_factory=dict,
+        description="Named parts of each score, one value per item (verifiable: correct and answered, 1 or 0).",
+    )
+
+
+class GetRewardResponse(BaseModel):
+    """OpenRLHF's remote reward answer; `rewards` and `scores` hold the same values."""
+
+    rewards: list[float | None] = Field(description="One reward per query, in order; null for a query in `unscored`.")
+    scores: list[float | None] = Field(description="The same values (OpenRLHF filters on scores, learns from rewards).")
+    extra_logs: dict[str, list[float | None]] = Field(
+        default_factory=dict, description="Named parts of each reward (verifiable: correct and answered)."
+    )
+    unscored: list[Unscored] = Field(default_factory=list, description="Queries without a reward, and why.")
 
 
 class Liveness(BaseModel):
@@ -74,7 +128,7 @@ class Liveness(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready"] = "ready"
-    model: str
+    model: str | None = Field(description="The reward model served; null for a kind that loads none (verifiable).")
     kind: str
 
 

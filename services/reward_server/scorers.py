@@ -13,8 +13,9 @@ import threading
 from typing import Protocol, Sequence
 
 from iterdpo.errors import StageError
-from iterdpo_reward_server.scoring import ScoreResult, UnscorableItem, encode, forward, pack, render
+from iterdpo_reward_server.scoring import ScoreInput, ScoreResult, UnscorableItem, encode, forward, pack, render
 from iterdpo_reward_server.settings import Settings
+from iterdpo_reward_server.verifiable import VerifiableScorer
 
 log = logging.getLogger("iterdpo.reward_server")
 
@@ -24,7 +25,7 @@ class ScorerError(StageError):
 
 
 class Scorer(Protocol):
-    def score(self, items: Sequence[tuple[Sequence[dict], str]]) -> ScoreResult: ...
+    def score(self, items: Sequence[ScoreInput]) -> ScoreResult: ...
 
 
 class BradleyTerryScorer:
@@ -96,11 +97,11 @@ class BradleyTerryScorer:
         log.info("loaded %s (%s, %s, pad id %s)", settings.reward.model, device, dtype, pad_id)
         return cls(settings, model, tokenizer, settings.reward.chat_template, pad_id, device)
 
-    def score(self, items: Sequence[tuple[Sequence[dict], str]]) -> ScoreResult:
+    def score(self, items: Sequence[ScoreInput]) -> ScoreResult:
         encoded = []
-        for index, (messages, response) in enumerate(items):
+        for index, item in enumerate(items):
             try:
-                text = render(self.tokenizer, messages, response, self.template)
+                text = item.text if item.text is not None else render(self.tokenizer, item.messages, item.response, self.template)
             except Exception as exc:  # the template's own checks (e.g. roles must alternate)
                 raise UnscorableItem(index, f"the chat template cannot format this conversation: {exc}") from None
             encoded.append(encode(self.tokenizer, text, self.settings.reward.max_length))
@@ -112,7 +113,7 @@ class BradleyTerryScorer:
 
 
 # kind -> class with `preflight(settings)` (cheap checks) and `load(settings) -> Scorer`.
-SCORERS: dict[str, type] = {"bradley-terry": BradleyTerryScorer}
+SCORERS: dict[str, type] = {"bradley-terry": BradleyTerryScorer, "verifiable": VerifiableScorer}
 
 
 def scorer_kind(kind: str):

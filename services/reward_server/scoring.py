@@ -15,8 +15,8 @@ Kept apart from HTTP so that each step is testable on its own:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 
 class ScoringError(RuntimeError):
@@ -26,10 +26,11 @@ class ScoringError(RuntimeError):
 class UnscorableItem(ValueError):
     """One item cannot be formatted (the client's fault: a 422 naming the item)."""
 
-    def __init__(self, index: int, message: str):
+    def __init__(self, index: int, message: str, *, field: str = "messages"):
         super().__init__(message)
         self.index = index
         self.message = message
+        self.field = field  # the item's field at fault
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,23 @@ class Encoded:
     truncated: bool
 
 
+class ScoreInput(NamedTuple):
+    """One thing to score: a prompt conversation, a response to it, and the prompt's gold answer if it has one."""
+
+    messages: Sequence[dict]
+    response: str
+    answer: str | None = None
+    text: str | None = None  # the conversation already formatted (OpenRLHF's query): scored as it is
+
+
 @dataclass(frozen=True)
 class ScoreResult:
-    scores: list[float]  # in item order
+    scores: list[float | None]  # in item order; None where `unscored` says why
     truncated: int
+    unscored: dict[int, str] = field(default_factory=dict)  # item index -> why it has no score
+    # Named parts of each score, one value per item (verifiable: correct, answered): their
+    # means per round are reported; None where the item has no score.
+    details: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 def render(tokenizer, messages: Sequence[dict], response: str, chat_template: str | None = None) -> str:

@@ -524,7 +524,7 @@ class _BlockingScorer:
 
         self.entered.set()
         assert self.release.wait(30)
-        return ScoreResult([float(len(r)) for _, r in items], 0)
+        return ScoreResult([float(len(item.response)) for item in items], 0)
 
 
 def test_past_max_queue_waiting_requests_get_429_with_retry_after(tiny):

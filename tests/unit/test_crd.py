@@ -162,7 +162,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
     """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
     from iterdpo.spec import RULES
 
-    assert len(RULES) == len({r.blames for r in RULES}) == 20
+    assert len(RULES) == len({r.blames for r in RULES}) == 23
     assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
     for rule in RULES:
         node = root["properties"]["spec"]
@@ -218,6 +218,9 @@ def test_each_rule_is_checked_by_the_model_and_blames_its_field():
         "policy.sft.nodes": {"kubernetes": {"launcher": "job"}, "policy": {"model": "/m/sft", "sft": {**SFT, "nodes": 2}}},
         "reward.training.nodes": {"kubernetes": {"launcher": "job"},
                                   "reward": {"model": None, "training": {**RM, "nodes": 2}}},
+        "reward.kind": {"reward": {"kind": "verifiable"}, "prompts": {"answerField": "answer"}},
+        "reward.verifiable": {"reward": {"verifiable": {"correct": 2.0}}},
+        "prompts.answerField": {"reward": {"kind": "verifiable", "model": None}},
     }  # fmt: skip
     assert set(breakers) == {r.blames for r in RULES}
     for blames, change in breakers.items():

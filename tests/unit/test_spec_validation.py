@@ -55,7 +55,7 @@ def test_valid_run_gets_defaults():
          "'max_min', 'max_random', 'max_max', 'random' or 'max_min_length_penalty'"),
         ("spec.training.loss.beta", -0.1, "spec.training.loss.beta: must be > 0.0 (got -0.1)"),
         ("spec.reference", "latest", "spec.reference: unknown value 'latest'; allowed: 'initial' or 'previous'"),
-        ("spec.reward.kind", "armo", "spec.reward.kind: unknown value 'armo'; allowed: 'bradley-terry'"),
+        ("spec.reward.kind", "armo", "spec.reward.kind: unknown value 'armo'; allowed: 'bradley-terry' or 'verifiable'"),
         ("spec.training.zeroStage", 4, "spec.training.zeroStage: unknown value 4; allowed: 0, 1, 2 or 3"),
         ("spec.training.precision", "fp8", "spec.training.precision: unknown value 'fp8'; allowed: 'bf16', 'fp16' or 'fp32'"),
         ("spec.generation.topP", 1.5, "spec.generation.topP: must be <= 1.0 (got 1.5)"),

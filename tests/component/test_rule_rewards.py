@@ -1,0 +1,125 @@
+"""Reward kind verifiable (math-verify in checker processes) and OpenRLHF's /get_reward, served for real."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from iterdpo.spec import RewardSpec, VerifiableSpec
+from iterdpo_reward_server.app import create_app
+from iterdpo_reward_server.process import RewardServerProcess
+from iterdpo_reward_server.settings import Settings
+from iterdpo_reward_server.verifiable import BAD_GOLD, CORRECT, NO_ANSWER, WRONG, check, last_boxed
+
+pytestmark = pytest.mark.slow
+
+Q = [{"role": "user", "content": "what is 3 + 4"}]
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "boxed", "any_form"),
+    [
+        ("so the answer is \\boxed{7}.", "7", CORRECT, CORRECT),
+        ("\\boxed{\\frac{1}{2}}", "0.5", CORRECT, CORRECT),  # equal as numbers, not as strings
+        ("\\boxed{x^2 - 1}", "(x-1)(x+1)", CORRECT, CORRECT),  # symbolic equality
+        ("\\boxed{8}", "7", WRONG, WRONG),
+        ("first \\boxed{7}, no wait: \\boxed{8}", "7", WRONG, WRONG),  # the last boxed answer counts
+        ("I think it is 7", "7", NO_ANSWER, CORRECT),  # not boxed: no answer in the boxed form
+        ("no idea at all", "7", NO_ANSWER, NO_ANSWER),
+        ("\\boxed{7}", "???", BAD_GOLD, BAD_GOLD),  # a gold answer math-verify cannot read
+    ],
+)
+def test_check_reads_answers_as_math_verify_does(response, gold, boxed, any_form):
+    assert check(response, gold, "boxed", 5) == boxed
+    assert check(response, gold, "any", 5) == any_form
+
+
+def test_last_boxed_balances_braces():
+    assert last_boxed("a \\boxed{x^{2}} b \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{unclosed {") is None
+    assert last_boxed("nothing here") is None
+
+
+def _settings(**rule) -> Settings:
+    return Settings(reward=RewardSpec(kind="verifiable", verifiable=VerifiableSpec(**rule) if rule else None))
+
+
+def _ready(client: TestClient) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "not ready in 120 s"
+        time.sleep(0.05)
+
+
+def test_served_rewards_follow_the_rule_and_its_values():
+    items = [
+        {"messages": Q, "response": "\\boxed{7}", "answer": "7"},
+        {"messages": Q, "response": "\\boxed{6}", "answer": "7"},
+        {"messages": Q, "response": "seven, I guess", "answer": "7"},
+        {"messages": Q, "response": "\\boxed{7}", "answer": "\\frac{"},  # unparsable gold: no score, a reason
+    ]
+    with TestClient(create_app(_settings(correct=2.0, wrong_answer=-0.25, no_answer=-3.0))) as client:
+        _ready(client)
+        assert client.get("/readyz").json() == {"status": "ready", "model": None, "kind": "verifiable"}
+        body = client.post("/v1/score", json={"items": items}).json()
+    assert body["scores"] == [2.0, -0.25, -3.0, None]
+    assert body["unscored"] == [{"index": 3, "reason": "math-verify cannot parse the gold answer (answerField)"}]
+    assert body["details"] == {"correct": [1.0, 0.0, 0.0, None], "answered": [1.0, 1.0, 0.0, None]}
+    assert body["model"] is None and body["kind"] == "verifiable"
+
+
+def test_an_item_without_its_gold_answer_is_422_naming_the_field():
+    items = [{"messages": Q, "response": "\\boxed{7}", "answer": "7"}, {"messages": Q, "response": "\\boxed{7}"}]
+    with TestClient(create_app(_settings())) as client:
+        _ready(client)
+        r = client.post("/v1/score", json={"items": items})
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["body", "items", 1, "answer"]
+        r = client.post("/get_reward", json={"query": ["<|user|>q<|assistant|>\\boxed{7}"]})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "labels", 0]
+
+
+def test_get_reward_checks_only_the_response_part():
+    """OpenRLHF sends prompt + response as one text, and the prompts apart: the prompt's own
+    numbers must not be taken for the answer."""
+    prompt = "<|user|>what is 3 + 4<|assistant|>"
+    body = {"query": [prompt + "no idea", prompt + "it is 7"], "prompts": [prompt, prompt], "labels": ["7", "7"]}
+    with TestClient(create_app(_settings(answer_format="any"))) as client:
+        _ready(client)
+        out = client.post("/get_reward", json=body).json()
+        assert out["rewards"] == out["scores"] == [-1.0, 1.0]
+        assert out["extra_logs"] == {"correct": [0.0, 1.0], "answered": [0.0, 1.0]}
+        r = client.post("/get_reward", json={**body, "labels": ["7"]})
+        assert r.status_code == 422 and "one entry per query" in r.json()["detail"][0]["msg"]
+
+
+def test_get_reward_on_a_bradley_terry_model_scores_the_text_as_sent(tiny):
+    """The same conversation formatted by the client (OpenRLHF) or by the server (/v1/score)
+    gets the same score (fp32, within 1e-5)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.reward)
+    conversation = [{"role": "user", "content": "tell me about the river"}]
+    responses = ["the river is kind and calm", "the river is cruel", "river"]
+    texts = [tok.apply_chat_template([*conversation, {"role": "assistant", "content": r}], tokenize=False) for r in responses]
+    with RewardServerProcess(["--model", str(tiny.reward), "--max-length", "256"]) as server:
+        score = httpx.post(f"{server.url}/v1/score", timeout=60,
+                           json={"items": [{"messages": conversation, "response": r} for r in responses]}).json()  # fmt: skip
+        got = httpx.post(f"{server.url}/get_reward", json={"query": texts}, timeout=60).json()
+        spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert got["rewards"] == pytest.approx(score["scores"], abs=1e-5)
+    assert got["scores"] == got["rewards"] and got["unscored"] == []
+    assert set(spec["paths"]) >= {"/v1/score", "/get_reward", "/healthz", "/readyz"}
+    assert set(spec["paths"]["/get_reward"]["post"]["responses"]) == set(spec["paths"]["/v1/score"]["post"]["responses"])
+
+
+def test_serve_reward_verifiable_needs_no_model_over_real_http():
+    with RewardServerProcess(["--kind", "verifiable"]) as server:
+        ready = httpx.get(f"{server.url}/readyz").json()
+        body = httpx.post(f"{server.url}/v1/score", timeout=60,
+                          json={"items": [{"messages": Q, "response": "\\boxed{7}", "answer": "7"}]}).json()  # fmt: skip
+    assert ready["kind"] == "verifiable" and ready["model"] is None
+    assert body["scores"] == [1.0]
