@@ -210,6 +210,14 @@ INVALID = {
                           "spec.reward.training.data.rejectedField", "must name different fields"),
     "rm launcher job": ({"kubernetes": {"launcher": "job"}, "reward": {"training": {"nodes": 2}}},
                         "spec.reward.training.nodes", "launcher job trains on one node"),
+    # reward kind verifiable (issue 13)
+    "verifiable loads no model": ({"reward": {"kind": "verifiable"}, "prompts": {"perIteration": [
+        {"dataset": f"/iterdpo/tiny/prompts-iter{i}.jsonl", "answerField": "answer"} for i in (1, 2, 3)]}},
+        "spec.reward.kind", "scores by rule and loads no model"),
+    "verifiable needs answers": ({"reward": {"kind": "verifiable", "training": None}}, "spec.prompts.answerField",
+                                 "is required by reward kind verifiable"),
+    "verifiable settings unused": ({"reward": {"verifiable": {"correct": 2.0}}}, "spec.reward.verifiable",
+                                   "is only used by kind verifiable (kind is 'bradley-terry')"),
 }  # fmt: skip
 
 
@@ -253,6 +261,11 @@ def test_rules_pass_when_satisfied(crd, ns):
     create(crd, ns, body)
     body = minimal_run("single-dataset")  # prompts.dataset alone; job launcher on one node
     body["spec"]["kubernetes"] = {"launcher": "job"}
+    create(crd, ns, body)
+    body = minimal_run("rule-reward")  # kind verifiable: no reward model, gold answers in the prompt set
+    body["spec"]["reward"] = {"kind": "verifiable", "verifiable": {"answerFormat": "any"}}
+    body["spec"]["prompts"]["answerField"] = "answer"
+    IterativeDPORun.model_validate(body)
     create(crd, ns, body)
 
 

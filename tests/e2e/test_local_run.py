@@ -323,3 +323,44 @@ def test_sft_stage_fine_tunes_the_base_first_and_round_1_starts_from_it(tiny, tm
     assert str(layout.sft_checkpoint()) in train_log or (layout.sft_checkpoint() / "config.json").is_file()
     metrics = json.loads(layout.train_metrics(1).read_text())
     assert metrics["reference"] == metrics["policy"] == str(layout.sft_checkpoint())  # the initial reference
+
+
+def test_verifiable_reward_two_rounds_answers_more_and_accounts_for_every_prompt(tiny, tmp_path):
+    """Reward kind verifiable end to end: no reward model, math-verify in the reward server,
+    gold answers carried from the prompt set through Generate to Score. A row without an answer
+    is left out at Generate, one whose answer math-verify cannot read at Score, each with its
+    reason; round 2's mean reward is above round 1's (DPO learns to answer with a number)."""
+    prompts = tmp_path / "sums.jsonl"
+    rows = tiny.arithmetic.read_text().splitlines()
+    rows += [json.dumps({"messages": [{"role": "user", "content": "what is 1 + 1"}]}),  # no answer field
+             json.dumps({"messages": [{"role": "user", "content": "what is 2 + 2"}], "answer": "???"})]  # fmt: skip
+    prompts.write_text("\n".join(rows) + "\n")
+    run_file = write_tiny_run(
+        tmp_path / "rule.yaml", tiny, name="rule", iterations=2,
+        prompts={"dataset": str(prompts), "answerField": "answer"},
+        generation={"samplesPerPrompt": 8, "maxNewTokens": 16},
+        reward={"model": None, "kind": "verifiable", "verifiable": {"answerFormat": "any"}},
+        training={"learningRate": 5e-3, "epochs": 2, "scheduler": "constant", "warmupRatio": 0.0,
+                  "globalBatchSize": 16, "microBatchSize": 4, "maxLength": 128, "maxPromptLength": 48,
+                  "gradientCheckpointing": False},
+    )  # fmt: skip
+    workdir = tmp_path / "runs"
+    result = run_cli("run", str(run_file), "--workdir", str(workdir), timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = status_of(workdir, "rule")
+    assert status["phase"] == "Succeeded"
+    first, second = (it["scoring"] for it in status["iterations"])
+    assert second["meanReward"] > first["meanReward"], (first, second)
+    assert second["details"]["answered"] > first["details"]["answered"]
+    for it in status["iterations"]:
+        s = it["scoring"]
+        assert s["pairs"] + s["tiesDropped"] + s["promptsLeftOut"] == len(rows)
+        assert s["tiesDropped"] > 0  # three reward values: all K alike is common
+        assert -1.0 <= s["minReward"] <= s["meanReward"] <= s["maxReward"] <= 1.0
+    stats = json.loads((workdir / "rule" / "iter-01" / "score" / "stats.json").read_text())
+    reasons = {item["prompt_id"]: item["reason"] for item in stats["leftOut"]}
+    assert reasons.keys() == {str(len(rows) - 2), str(len(rows) - 1)}
+    assert "no 'answer' field" in reasons[str(len(rows) - 2)]
+    assert reasons[str(len(rows) - 1)] == "not scored: math-verify cannot parse the gold answer (answerField)"
+    scored = [json.loads(line) for line in (workdir / "rule" / "iter-01" / "score" / "scored.jsonl").read_text().splitlines()]
+    assert len(scored) == len(rows) - 2 and all(r["answer"] is not None for r in scored)

@@ -390,3 +390,55 @@ def test_settings_from_the_run_file_are_spec_reward(tmp_path: Path):
         settings_from_args(["--model", str(rm), "--max-length", "256", "--batch-tokens", "512"])
     with pytest.raises(SettingsError, match=r"^--max-length: with --spec, spec.reward is the one place for it"):
         settings_from_args(["--spec", str(run_file), "--max-length", "32"])
+
+
+# --- rule rewards: unscored items, named details, gold answers -----------------------------------
+
+
+def test_an_unscored_record_is_left_out_with_the_servers_reason_and_details_are_averaged():
+    from iterdpo_reward_server.annotate import detail_means, record_rewards
+    from iterdpo_reward_server.client import Batch
+
+    generations = RoundGenerations([_gen("a", 2), _gen("bad-gold", 2), _gen("c", 2)], 3, [])
+    _, where = unique_items(generations)
+    batch = Batch(
+        scores=[1.0, -1.0, None, None, -0.5, -0.5], truncated=0, unscored={2: "gold?", 3: "gold?"},
+        details={"correct": [1.0, 0.0, None, None, 0.0, 0.0], "answered": [1.0, 0.0, None, None, 1.0, 1.0]},
+    )  # fmt: skip
+    spans = split(where, [2, 2, 2])
+    rewards = record_rewards(spans, batch)
+    assert rewards == [[1.0, -1.0], "not scored: gold?", [-0.5, -0.5]]
+    means = detail_means(batch, spans, rewards)
+    assert means == {"correct": pytest.approx(1 / 4), "answered": pytest.approx(3 / 4)}
+    out = pair_round(generations, rewards, strategy="max_min", length_penalty=0.0, seed=1, iteration=1,
+                     samples_per_prompt=2, truncated=0, details=means)  # fmt: skip
+    s = out.stats
+    assert (s.pairs, s.ties_dropped, s.prompts_left_out) == (1, 1, 1)
+    assert s.left_out == [LeftOut(prompt_id="bad-gold", reason="not scored: gold?")]
+    assert s.responses_scored == 4 and s.details == means
+    assert [r.prompt_id for r in out.scored] == ["a", "c"]  # scored.jsonl holds what was scored
+
+
+def test_unique_items_carry_the_gold_answer_only_when_there_is_one():
+    with_answer = GeneratedRecord(prompt_id="a", prompt=[{"role": "user", "content": "1+1"}], responses=["2"], answer="2")
+    items, _ = unique_items(RoundGenerations([with_answer, _gen("b", 1)], 2, []))
+    assert items[0]["answer"] == "2" and "answer" not in items[1]
+
+
+def test_concat_shifts_unscored_indices_and_fills_missing_details():
+    from iterdpo_reward_server.client import Batch, concat
+
+    a = Batch([1.0, None], 1, {1: "why"}, {"correct": [1.0, None]})
+    b = Batch([None, 2.0], 0, {0: "why not"}, {})
+    out = concat([a, b])
+    assert out.scores == [1.0, None, None, 2.0] and out.truncated == 1
+    assert out.unscored == {1: "why", 2: "why not"}
+    assert out.details == {"correct": [1.0, None, None, None]}
+
+
+def test_a_null_score_without_its_reason_is_refused():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"scores": [1.0, None], "model": None, "truncated": 0})
+
+    with pytest.raises(RewardClientError, match="null score must come with its reason"):
+        asyncio.run(_client(handler).score(ITEMS[:2]))

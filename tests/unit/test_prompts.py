@@ -266,3 +266,40 @@ def test_a_json_array_file_goes_through_datasets_and_leaves_out_by_row(tmp_path)
     path = tmp_path / "p.json"
     path.write_text(json.dumps(ROWS))
     assert reasons(load(path)) == {"1": f"row 1: {ROBOT}", "2": "row 2: message 0 has empty content"}
+
+
+# --- gold answers (spec.prompts.answerField, for reward kind verifiable) ---------------------------
+
+
+def _with_answer(text: str, answer) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": text}], "answer": answer}).encode()
+
+
+def test_gold_answers_are_read_and_a_row_without_a_usable_one_is_left_out(tmp_path):
+    from iterdpo.spec import RoundPromptSource
+
+    path = write(tmp_path, _with_answer("1+1", "2"), _with_answer("2+2", 4), good("no answer"), _with_answer("x", ""),
+                 _with_answer("y", [1]), _with_answer("z", True))  # fmt: skip
+    prompt_set = load_prompt_set(RoundPromptSource(dataset=str(path), answer_field="answer"))
+    assert [(p.prompt_id, p.answer) for p in prompt_set.prompts if p] == [("0", "2"), ("1", "4")]
+    assert reasons(prompt_set) == {
+        "2": "line 3: no 'answer' field (answerField)",
+        "3": "line 4: the answer ('answer') is empty",
+        "4": "line 5: the answer ('answer') is not a string or a number (got array)",
+        "5": "line 6: the answer ('answer') is not a string or a number (got boolean)",
+    }
+    assert all(p.answer is None for p in load(path).prompts if p)  # no answerField: no answers
+
+
+def test_an_answer_field_no_row_has_is_an_error_naming_it(tmp_path):
+    from iterdpo.spec import RoundPromptSource
+
+    path = write(tmp_path, good("a"), good("b"))
+    with pytest.raises(PromptDataError, match=r"^spec.prompts.answerField: no row of .* has a field 'solution'"):
+        load_prompt_set(RoundPromptSource(dataset=str(path), answer_field="solution"))
+    import datasets
+
+    parquet = tmp_path / "p.parquet"
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "a"}]}]).to_parquet(str(parquet))
+    with pytest.raises(PromptDataError, match=r"^spec.prompts.answerField: the dataset has no field 'solution'"):
+        load_prompt_set(RoundPromptSource(dataset=str(parquet), answer_field="solution"))

@@ -185,3 +185,37 @@ def test_zero_stage_0_needs_fp32():
     assert problem.startswith("spec.training.zeroStage: 0 keeps no readable fp32 master weights under precision 'bf16'")
     data["spec"]["training"]["precision"] = "fp32"
     parse_run(data)
+
+
+def test_reward_kind_verifiable_loads_no_model_and_needs_gold_answers():
+    data = copy.deepcopy(VALID)
+    data["spec"]["reward"] = {"kind": "verifiable"}
+    assert problems(data) == ["spec.prompts.answerField: is required by reward kind verifiable, which checks each "
+                              "response against its prompt's gold answer"]  # fmt: skip
+    data["spec"]["prompts"]["answerField"] = "answer"
+    run = parse_run(data)
+    assert run.spec.reward.weightless and run.spec.reward.rule.correct == 1.0 and run.spec.reward.rule.no_answer == -1.0
+    data["spec"]["reward"]["model"] = "org/rm"
+    assert problems(data) == ["spec.reward.kind: verifiable scores by rule and loads no model: remove reward.model"]
+    bt = copy.deepcopy(VALID)
+    bt["spec"]["reward"]["verifiable"] = {"correct": 2.0}
+    assert problems(bt) == ["spec.reward.verifiable: is only used by kind verifiable (kind is 'bradley-terry')"]
+
+
+def test_per_round_prompt_sets_each_need_their_gold_answers_under_verifiable():
+    data = copy.deepcopy(VALID)
+    data["spec"]["iterations"] = 2
+    data["spec"]["reward"] = {"kind": "verifiable"}
+    data["spec"]["prompts"] = {"perIteration": [{"dataset": "org/a", "answerField": "answer"}, {"dataset": "org/b"}]}
+    [problem] = problems(data)
+    assert problem.startswith("spec.prompts.answerField: is required by reward kind verifiable") and "every" in problem
+
+
+def test_the_reward_pod_asks_for_no_gpu_when_the_kind_loads_no_model():
+    from iterdpo.stages import REWARD_SERVER_POD
+
+    data = copy.deepcopy(VALID)
+    assert REWARD_SERVER_POD.default_gpus(parse_run(data).spec) == 1
+    data["spec"]["reward"] = {"kind": "verifiable"}
+    data["spec"]["prompts"]["answerField"] = "answer"
+    assert REWARD_SERVER_POD.default_gpus(parse_run(data).spec) == 0
