@@ -122,7 +122,7 @@ def reward_model_for(run: IterativeDPORun) -> str | None:
     (None for a kind that loads none)."""
     if run.spec.reward.training is not None:
         return str(RunLayout.of(run).reward_model())
-    assert run.spec.reward.model is not None or run.spec.reward.weightless  # a spec rule
+    assert run.spec.reward.model is not None or not run.spec.reward.reads_model  # a spec rule
     return run.spec.reward.model
 
 

@@ -42,7 +42,8 @@ def local_path_problems(run: IterativeDPORun, base_dir: Path | None = None) -> l
                         f"dataset that has a {training.held_out_split!r} split")  # fmt: skip
     for field, kind, value in spec.path_fields():
         if kind == "model":
-            problems += model_problems(field, value, context[field], base_dir, where=_on_volume(run, value))
+            limits = context.get(field, {"spec.reward.maxLength": spec.reward.max_length})  # else a reward component
+            problems += model_problems(field, value, limits, base_dir, where=_on_volume(run, value))
         elif kind == "dataset":
             problems += _dataset_problems(field, value, base_dir, where=_on_volume(run, value))
         else:

@@ -94,13 +94,15 @@ def _resolve_paths(run: IterativeDPORun, base_dir: Path) -> IterativeDPORun:
         "base": fix(spec.reward.training.base),
         "data": spec.reward.training.data.model_copy(update={"dataset": fix(spec.reward.training.data.dataset)}),
     })  # fmt: skip
+    components = spec.reward.components and [c.model_copy(update={"model": fix(c.model)}) for c in spec.reward.components]
     sft = spec.policy.sft and spec.policy.sft.model_copy(update={
         "data": spec.policy.sft.data.model_copy(update={"dataset": fix(spec.policy.sft.data.dataset)}),
     })  # fmt: skip
     new_spec = spec.model_copy(
         update={
             "policy": spec.policy.model_copy(update={"model": fix(spec.policy.model), "sft": sft}),
-            "reward": spec.reward.model_copy(update={"model": fix(spec.reward.model), "training": training}),
+            "reward": spec.reward.model_copy(update={"model": fix(spec.reward.model), "training": training,
+                                                     "components": components}),  # fmt: skip
             "prompts": prompts,
             "storage": spec.storage.model_copy(update={"root": fix(spec.storage.root)}),
         }

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model,
 from pydantic.alias_generators import to_camel
 
 from iterdpo import __version__
-from iterdpo.kubevalues import AbsolutePath, DnsLabel, DnsSubdomain, Image, LabelValue, QualifiedName, Quantity, SecretKey
+from iterdpo.kubevalues import StringFormat, AbsolutePath, DnsLabel, DnsSubdomain, Image, LabelValue, QualifiedName, Quantity, SecretKey
 from iterdpo.stages import STAGES, pods
 from iterdpo.yamlfile import short
 
@@ -36,9 +36,23 @@ SCORER_KINDS = {
     "bradley-terry": "a sequence classifier with one output label; the score is that logit at the last token",
     "verifiable": "no model: a rule checks each response's final answer against its prompt's gold answer "
                   "(prompts.answerField) with math-verify, scored as reward.verifiable says",
+    "length": "no model: the response's length in characters; a component of composite (a length penalty, "
+              "with a negative weight), not a reward on its own",
+    "composite": "a weighted sum of reward.components (e.g. a reward model plus a verifiable check, or plus a "
+                 "length penalty); each component's mean is reported per round",
 }
-# Kinds that score by rule and load no weights: no reward.model, and no GPU for the reward pod.
-WEIGHTLESS_KINDS = ("verifiable",)
+# The kinds that read reward.model (or the model reward.training trains); the others load none
+# of their own (a rule, or composite's components), and a reward pod that loads no model asks
+# for no GPU.
+MODEL_KINDS = ("bradley-terry",)
+COMPONENT_KINDS = tuple(k for k in SCORER_KINDS if k != "composite")
+MAX_COMPONENTS = 8
+TERM_NAME = StringFormat(
+    "term name",
+    "a name of lowercase letters, digits and '-', starting with a letter, at most 32 characters, such as 'rm' or 'math'",
+    r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+    32,
+)
 ANSWER_FORMATS = ("boxed", "any")
 LOSS_KINDS = {
     "sigmoid": "the original DPO loss, -log sigmoid(beta x margin), with optional label smoothing: the conservative "
@@ -400,11 +414,33 @@ class VerifiableSpec(_Model):
     )
 
 
+class RewardComponent(_Model):
+    """One term of a composite reward: weight x (the score of its kind)."""
+
+    name: TERM_NAME.annotated() = Field(  # type: ignore[valid-type]
+        description="Names the term in status and stats (details.<name>: its mean per round)."
+    )
+    kind: Literal[COMPONENT_KINDS] = Field(description="The term's kind (any but composite).")  # type: ignore[valid-type]
+    weight: Annotated[float, Field(ge=-1e6, le=1e6)] = Field(
+        default=1.0, description="Its weight in the sum (negative for a penalty)."
+    )
+    model: ModelRef | None = Field(
+        default=None, description="The reward model of a kind that reads one (" + ", ".join(MODEL_KINDS) + ")."
+    )
+    chat_template: ChatTemplate = Field(default=None, description="Replaces that reward model's own chat template.")
+    verifiable: VerifiableSpec | None = Field(default=None, description="Kind verifiable's settings (its defaults when unset).")
+
+    def as_reward(self, parent: RewardSpec) -> RewardSpec:
+        """The term as a reward of its own (the parent's maxLength and batchTokens)."""
+        return parent.model_copy(update={"kind": self.kind, "model": self.model, "chat_template": self.chat_template,
+                                          "verifiable": self.verifiable, "training": None, "components": None})  # fmt: skip
+
+
 class RewardSpec(_Model):
     model: ModelRef | None = Field(
         default=None,
         description="Reward model: local path (absolute, ./ or ../) or hub id; unset when training trains it "
-        "and for the kinds that load none (" + ", ".join(WEIGHTLESS_KINDS) + ").",
+        "and for the kinds that read none (all but " + ", ".join(MODEL_KINDS) + ").",
     )
     kind: Literal[tuple(SCORER_KINDS)] = Field(  # type: ignore[valid-type]
         default="bradley-terry",
@@ -442,11 +478,24 @@ class RewardSpec(_Model):
     verifiable: VerifiableSpec | None = Field(
         default=None, description="Kind verifiable's rewards and answer form (its defaults when unset)."
     )
+    components: Annotated[list[RewardComponent], Field(min_length=1, max_length=MAX_COMPONENTS)] | None = Field(
+        default=None, description="Kind composite's terms: the reward is the sum of weight x score."
+    )
 
     @property
-    def weightless(self) -> bool:
-        """This kind loads no model (scores by rule)."""
-        return self.kind in WEIGHTLESS_KINDS
+    def reads_model(self) -> bool:
+        """This kind reads reward.model (or the model reward.training trains)."""
+        return self.kind in MODEL_KINDS
+
+    @property
+    def loads_model(self) -> bool:
+        """The reward server loads a model (and on Kubernetes asks for a GPU)."""
+        return self.reads_model or any(c.kind in MODEL_KINDS for c in self.components or [])
+
+    @property
+    def checks_answers(self) -> bool:
+        """Some term is verifiable: every prompt needs its gold answer."""
+        return self.kind == "verifiable" or any(c.kind == "verifiable" for c in self.components or [])
 
     @property
     def rule(self) -> VerifiableSpec:
@@ -638,6 +687,8 @@ class IterativeDPORunSpec(_Model):
             fields.append(("spec.policy.sft.data.dataset", "dataset", self.policy.sft.data.dataset))
         if self.reward.model:
             fields.append(("spec.reward.model", "model", self.reward.model))
+        fields += [(f"spec.reward.components[{i}].model", "model", c.model)
+                   for i, c in enumerate(self.reward.components or []) if c.model]  # fmt: skip
         if self.reward.training:
             fields += [("spec.reward.training.base", "model", self.reward.training.base),
                        ("spec.reward.training.data.dataset", "dataset", self.reward.training.data.dataset)]  # fmt: skip
@@ -780,6 +831,21 @@ def _cel_list(values: tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
+def _component_problems(components: list[RewardComponent]) -> list[str]:
+    problems = []
+    names = [c.name for c in components]
+    for i, c in enumerate(components):
+        if c.kind in MODEL_KINDS and c.model is None:
+            problems.append(f"[{i}] ({c.name}): kind {c.kind} needs its model")
+        if c.kind not in MODEL_KINDS and c.model is not None:
+            problems.append(f"[{i}] ({c.name}): kind {c.kind} reads no model: remove model")
+        if c.verifiable is not None and c.kind != "verifiable":
+            problems.append(f"[{i}] ({c.name}): verifiable is only used by kind verifiable")
+        if names.count(c.name) > 1 and names.index(c.name) == i:
+            problems.append(f"[{i}]: the name {c.name!r} is used twice")
+    return problems
+
+
 def _round_sources(s: IterativeDPORunSpec) -> list[RoundPromptSource]:
     return list(s.prompts.per_iteration) if s.prompts.per_iteration else [s.prompts]
 
@@ -850,20 +916,36 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "reward", "model",
-        lambda r: r.model is not None or r.training is not None or r.weightless,
-        lambda r: "is required unless reward.training trains the reward model (or the kind loads none: "
-        f"{', '.join(WEIGHTLESS_KINDS)})",
-        f"has(self.model) || has(self.training) || self.kind in {_cel_list(WEIGHTLESS_KINDS)}",
-        f"is required unless reward.training trains the reward model (or the kind loads none: {', '.join(WEIGHTLESS_KINDS)})",
+        lambda r: r.model is not None or r.training is not None or not r.reads_model,
+        lambda r: "is required unless reward.training trains the reward model (or the kind reads none: "
+        f"{', '.join(k for k in SCORER_KINDS if k not in MODEL_KINDS)})",
+        f"has(self.model) || has(self.training) || !(self.kind in {_cel_list(MODEL_KINDS)})",
+        "is required unless reward.training trains the reward model (or the kind reads none: "
+        f"{', '.join(k for k in SCORER_KINDS if k not in MODEL_KINDS)})",
         reason="FieldValueRequired",
     ),
     Rule(
         "reward", "kind",
-        lambda r: not r.weightless or (r.model is None and r.training is None),
-        lambda r: f"{r.kind} scores by rule and loads no model: remove "
-        + ("reward.model" if r.model is not None else "reward.training"),
-        f"!(self.kind in {_cel_list(WEIGHTLESS_KINDS)}) || (!has(self.model) && !has(self.training))",
-        f"{', '.join(WEIGHTLESS_KINDS)} scores by rule and loads no model: remove reward.model and reward.training",
+        lambda r: r.kind != "length" and (r.reads_model or (r.model is None and r.training is None)),
+        lambda r: "length is a term of a composite reward (a length penalty), not a reward on its own: use kind "
+        "composite with a length component" if r.kind == "length" else f"{r.kind} reads no reward.model "
+        + ("(its components name their models)" if r.kind == "composite" else "(it scores by rule)")
+        + ": remove " + ("reward.model" if r.model is not None else "reward.training"),
+        f"self.kind != 'length' && (self.kind in {_cel_list(MODEL_KINDS)} || (!has(self.model) && !has(self.training)))",
+        "length is only a term of a composite reward, and only "
+        f"{', '.join(MODEL_KINDS)} reads reward.model and reward.training",
+    ),
+    Rule(
+        "reward", "components",
+        lambda r: (r.components is not None) == (r.kind == "composite") and not _component_problems(r.components or []),
+        lambda r: ("is required by kind composite (its weighted terms)" if r.components is None
+                   else f"is only used by kind composite (kind is {r.kind!r})" if r.kind != "composite"
+                   else "; ".join(_component_problems(r.components))),  # fmt: skip
+        "has(self.components) == (self.kind == 'composite') && (!has(self.components) || self.components.all(c, "
+        f"(has(c.model) == (c.kind in {_cel_list(MODEL_KINDS)})) && (!has(c.verifiable) || c.kind == 'verifiable') "
+        "&& self.components.exists_one(d, d.name == c.name)))",
+        "is required by kind composite and only used by it; each component names a model exactly when its kind "
+        f"reads one ({', '.join(MODEL_KINDS)}), sets verifiable only with kind verifiable, and has a name of its own",
     ),
     Rule(
         "reward", "verifiable",
@@ -875,10 +957,11 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "", "prompts.answerField",
-        lambda s: s.reward.kind != "verifiable" or all(p.answer_field for p in _round_sources(s)),
+        lambda s: not s.reward.checks_answers or all(p.answer_field for p in _round_sources(s)),
         lambda s: "is required by reward kind verifiable, which checks each response against its prompt's gold "
         "answer" + (" (every prompts.perIteration entry needs one)" if s.prompts.per_iteration else ""),
-        "self.reward.kind != 'verifiable' || (has(self.prompts.perIteration) ? "
+        "!(self.reward.kind == 'verifiable' || (has(self.reward.components) && self.reward.components.exists(c, "
+        "c.kind == 'verifiable'))) || (has(self.prompts.perIteration) ? "
         "self.prompts.perIteration.all(p, has(p.answerField)) : has(self.prompts.answerField))",
         "is required by reward kind verifiable, which checks each response against its prompt's gold answer "
         "(in every prompts.perIteration entry when that is set)",

@@ -614,8 +614,8 @@ STAGE_TABLE: Mapping[Stage, StageDef] = table_of({d.stage: d for d in STAGES}, "
 
 # The run's reward server: a service of the stages with uses_reward_server, not a stage.
 REWARD_SERVER = Program("serve-reward", "iterdpo_reward_server.cli:main", "stage: the reward-model HTTP server")
-REWARD_SERVER_POD = Pod("reward", "The reward server's pod.", lambda spec: 0 if spec.reward.weightless else 1,
-                        "1, or 0 for a kind that loads no model (verifiable)")
+REWARD_SERVER_POD = Pod("reward", "The reward server's pod.", lambda spec: 1 if spec.reward.loads_model else 0,
+                        "1, or 0 when it loads no model (verifiable, length, or a composite of those)")
 PROGRAMS: tuple[Program, ...] = (*(p for d in STAGES for p in d.programs), REWARD_SERVER)
 
 

@@ -23,7 +23,7 @@ from iterdpo.planner import REWARD_TOKEN_ENV
 from iterdpo.layout import reward_model_for
 from iterdpo.localpaths import model_problems
 from iterdpo.runfile import load_run
-from iterdpo.spec import MAX_ITEMS_PER_REQUEST, RULES, WEIGHTLESS_KINDS, RewardSpec
+from iterdpo.spec import MAX_ITEMS_PER_REQUEST, MODEL_KINDS, RULES, RewardSpec
 
 MAX_ITEM_CHARS = 1_000_000
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -122,7 +122,7 @@ def settings_from_args(argv: list[str] | None) -> Settings:
     field, length = ("spec.reward.model", "spec.reward.maxLength") if args.spec else ("--model", "--max-length")
     if args.spec and run.spec.reward.training is not None:
         field = "the reward model of spec.reward.training (the RewardModel stage writes it)"
-    problems = [] if reward.weightless else model_problems(field, reward.model, {length: reward.max_length})
+    problems = model_problems(field, reward.model, {length: reward.max_length}) if reward.reads_model else []
     if problems:  # a local folder that cannot be the model: say so, before Hugging Face calls it a bad repo id
         raise SettingsError("; ".join(problems))
     try:
@@ -134,9 +134,9 @@ def settings_from_args(argv: list[str] | None) -> Settings:
 
 
 def _reward_from_flags(given: dict) -> RewardSpec:
-    if "model" not in given and given.get("kind") not in WEIGHTLESS_KINDS:
+    if "model" not in given and given.get("kind", "bradley-terry") in MODEL_KINDS:
         raise SettingsError("--model: required without --spec (the reward model folder or hub id), "
-                            f"unless --kind loads none ({', '.join(WEIGHTLESS_KINDS)})")
+                            "unless --kind reads none (verifiable)")
     if "chat_template" in given:
         path = Path(given["chat_template"])
         if given["chat_template"].lower() == "none":
@@ -148,6 +148,9 @@ def _reward_from_flags(given: dict) -> RewardSpec:
                 raise SettingsError(f"--chat-template: cannot read {path}: {exc.strerror}") from None
             if not given["chat_template"].strip():
                 raise SettingsError(f"--chat-template: {path} is empty")
+    if given.get("kind") == "composite":
+        raise SettingsError("--kind: composite is served from a run file (--spec), whose spec.reward.components "
+                            "lists its terms")
     try:
         reward = RewardSpec(**given)
     except ValidationError as exc:

@@ -28,6 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Sequence
 
+from iterdpo.errors import StageError
 from iterdpo.spec import VerifiableSpec
 from iterdpo_reward_server.scoring import ScoreInput, ScoreResult, UnscorableItem
 from iterdpo_reward_server.settings import Settings
@@ -128,7 +129,7 @@ class VerifiableScorer:
         try:
             import math_verify  # noqa: F401
         except ImportError as exc:
-            raise RuntimeError(f"kind verifiable needs the math-verify package ({exc})") from None
+            raise StageError(f"kind verifiable needs the math-verify package ({exc})") from None
 
     @classmethod
     def load(cls, settings: Settings) -> VerifiableScorer:

@@ -213,11 +213,19 @@ INVALID = {
     # reward kind verifiable (issue 13)
     "verifiable loads no model": ({"reward": {"kind": "verifiable"}, "prompts": {"perIteration": [
         {"dataset": f"/iterdpo/tiny/prompts-iter{i}.jsonl", "answerField": "answer"} for i in (1, 2, 3)]}},
-        "spec.reward.kind", "scores by rule and loads no model"),
+        "spec.reward.kind", "only bradley-terry reads reward.model and reward.training"),
     "verifiable needs answers": ({"reward": {"kind": "verifiable", "training": None}}, "spec.prompts.answerField",
                                  "is required by reward kind verifiable"),
     "verifiable settings unused": ({"reward": {"verifiable": {"correct": 2.0}}}, "spec.reward.verifiable",
                                    "is only used by kind verifiable (kind is 'bradley-terry')"),
+    "composite term without its model": ({"reward": {"kind": "composite", "training": None, "components": [
+        {"name": "rm", "kind": "bradley-terry"}, {"name": "len", "kind": "length", "weight": -0.01}]}},
+        "spec.reward.components", "each component names a model exactly when its kind reads one"),
+    "composite names twice": ({"reward": {"kind": "composite", "training": None, "components": [
+        {"name": "len", "kind": "length"}, {"name": "len", "kind": "length", "weight": -0.01}]}},
+        "spec.reward.components", "has a name of its own"),
+    "length alone": ({"reward": {"kind": "length", "training": None}}, "spec.reward.kind",
+                     "length is only a term of a composite reward"),
 }  # fmt: skip
 
 
@@ -264,6 +272,13 @@ def test_rules_pass_when_satisfied(crd, ns):
     create(crd, ns, body)
     body = minimal_run("rule-reward")  # kind verifiable: no reward model, gold answers in the prompt set
     body["spec"]["reward"] = {"kind": "verifiable", "verifiable": {"answerFormat": "any"}}
+    body["spec"]["prompts"]["answerField"] = "answer"
+    IterativeDPORun.model_validate(body)
+    create(crd, ns, body)
+    body = minimal_run("composite")  # a reward model, a rule and a length penalty, summed
+    body["spec"]["reward"] = {"kind": "composite", "components": [
+        {"name": "rm", "kind": "bradley-terry", "model": "org/rm"}, {"name": "math", "kind": "verifiable", "weight": 2},
+        {"name": "len", "kind": "length", "weight": -0.01}]}  # fmt: skip
     body["spec"]["prompts"]["answerField"] = "answer"
     IterativeDPORun.model_validate(body)
     create(crd, ns, body)

@@ -123,3 +123,57 @@ def test_serve_reward_verifiable_needs_no_model_over_real_http():
                           json={"items": [{"messages": Q, "response": "\\boxed{7}", "answer": "7"}]}).json()  # fmt: skip
     assert ready["kind"] == "verifiable" and ready["model"] is None
     assert body["scores"] == [1.0]
+
+
+# --- composite: a weighted sum of terms, each served as if alone -----------------------------------
+
+
+def test_composite_is_the_weighted_sum_of_its_terms_each_reported(tiny):
+    from iterdpo.spec import RewardComponent
+
+    components = [
+        RewardComponent(name="rm", kind="bradley-terry", model=str(tiny.reward), weight=0.5),
+        RewardComponent(name="math", kind="verifiable", weight=2.0, verifiable=VerifiableSpec(answer_format="any")),
+        RewardComponent(name="len", kind="length", weight=-0.01),
+    ]
+    composite = Settings(reward=RewardSpec(kind="composite", components=components, max_length=256))
+    alone = Settings(reward=RewardSpec(model=str(tiny.reward), max_length=256))
+    items = [
+        {"messages": Q, "response": "it is 7, kind and calm", "answer": "7"},
+        {"messages": Q, "response": "cruel 8", "answer": "7"},
+        {"messages": Q, "response": "no idea", "answer": "7"},
+        {"messages": Q, "response": "7", "answer": "??"},  # the verifiable term cannot score it
+    ]
+    with TestClient(create_app(alone)) as client:
+        _ready(client)
+        rm = client.post("/v1/score", json={"items": items}).json()["scores"]
+    with TestClient(create_app(composite)) as client:
+        _ready(client)
+        body = client.post("/v1/score", json={"items": items}).json()
+    rule = [1.0, -0.5, -1.0]
+    for i in range(3):
+        expected = 0.5 * rm[i] + 2.0 * rule[i] - 0.01 * len(items[i]["response"])
+        assert body["scores"][i] == pytest.approx(expected, abs=1e-5)
+    assert body["scores"][3] is None
+    assert body["unscored"] == [{"index": 3, "reason": "math: math-verify cannot parse the gold answer (answerField)"}]
+    assert body["details"]["rm"] == pytest.approx(rm, abs=1e-5)
+    assert body["details"]["math"] == [1.0, -0.5, -1.0, None]
+    assert body["details"]["len"] == [float(len(i["response"])) for i in items]
+    assert body["details"]["math.correct"] == [1.0, 0.0, 0.0, None]
+
+
+def test_a_composite_term_that_cannot_be_served_fails_at_start_naming_it(tiny, capsys, tmp_path):
+    import yaml
+
+    from iterdpo_reward_server.cli import main as serve_main
+
+    run = {"apiVersion": "iterdpo.io/v1alpha1", "kind": "IterativeDPORun", "metadata": {"name": "c"},
+           "spec": {"policy": {"model": str(tiny.policy)}, "prompts": {"dataset": str(tiny.prompts[0])},
+                    "reward": {"kind": "composite", "maxLength": 256, "components": [
+                        {"name": "rm", "kind": "bradley-terry", "model": str(tiny.policy)},  # a causal LM: no score head
+                        {"name": "len", "kind": "length", "weight": -0.01}]}}}  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    assert serve_main(["--spec", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.reward.components[0] (rm): kind bradley-terry" in err and "exactly one output label" in err

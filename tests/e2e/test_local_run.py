@@ -364,3 +364,27 @@ def test_verifiable_reward_two_rounds_answers_more_and_accounts_for_every_prompt
     assert reasons[str(len(rows) - 1)] == "not scored: math-verify cannot parse the gold answer (answerField)"
     scored = [json.loads(line) for line in (workdir / "rule" / "iter-01" / "score" / "scored.jsonl").read_text().splitlines()]
     assert len(scored) == len(rows) - 2 and all(r["answer"] is not None for r in scored)
+
+
+def test_composite_reward_reports_each_term_and_sums_them(tiny, tmp_path):
+    """Reward kind composite end to end: the tiny reward model plus a length penalty, one server.
+    The round's mean reward is the weighted sum of its terms' means, each in status."""
+    run_file = write_tiny_run(
+        tmp_path / "mix.yaml", tiny, name="mix",
+        prompts={"dataset": str(tiny.prompts[0]), "maxPrompts": 16},
+        generation={"samplesPerPrompt": 4, "maxNewTokens": 16},
+        reward={"model": None, "kind": "composite", "components": [
+            {"name": "rm", "kind": "bradley-terry", "model": str(tiny.reward)},
+            {"name": "length", "kind": "length", "weight": -0.02}]},
+        training={"learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0,
+                  "maxLength": 96, "maxPromptLength": 40, "gradientCheckpointing": False},
+    )  # fmt: skip
+    workdir = tmp_path / "runs"
+    result = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (it,) = status_of(workdir, "mix")["iterations"]
+    s = it["scoring"]
+    assert set(s["details"]) == {"rm", "length"} and s["details"]["length"] > 0
+    assert s["meanReward"] == pytest.approx(s["details"]["rm"] - 0.02 * s["details"]["length"], abs=1e-3)
+    scored = [json.loads(line) for line in (workdir / "mix" / "iter-01" / "score" / "scored.jsonl").read_text().splitlines()]
+    assert sum(len(r["responses"]) for r in scored) == 64

@@ -162,7 +162,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
     """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
     from iterdpo.spec import RULES
 
-    assert len(RULES) == len({r.blames for r in RULES}) == 23
+    assert len(RULES) == len({r.blames for r in RULES}) == 24
     assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
     for rule in RULES:
         node = root["properties"]["spec"]
@@ -174,7 +174,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
             target = target["properties"][part]  # fieldPath names a real field
         assert rule.message and rule.reason in ("FieldValueInvalid", "FieldValueRequired")
         # the fields a rule reads, without a list macro's call (self.tolerations.all(t, ...))
-        fields = {re.sub(r"\.(all|exists)$", "", m) for m in re.findall(r"self\.([\w.]+)", rule.cel)}
+        fields = {re.sub(r"\.(all|exists|exists_one)$", "", m) for m in re.findall(r"self\.([\w.]+)", rule.cel)}
         assert fields, rule
         for dotted in fields:  # every field a rule reads exists (and has a default, or is guarded by has())
             leaf = node
@@ -221,6 +221,7 @@ def test_each_rule_is_checked_by_the_model_and_blames_its_field():
         "reward.kind": {"reward": {"kind": "verifiable"}, "prompts": {"answerField": "answer"}},
         "reward.verifiable": {"reward": {"verifiable": {"correct": 2.0}}},
         "prompts.answerField": {"reward": {"kind": "verifiable", "model": None}},
+        "reward.components": {"reward": {"kind": "composite", "model": None}},
     }  # fmt: skip
     assert set(breakers) == {r.blames for r in RULES}
     for blames, change in breakers.items():

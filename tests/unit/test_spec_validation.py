@@ -55,7 +55,7 @@ def test_valid_run_gets_defaults():
          "'max_min', 'max_random', 'max_max', 'random' or 'max_min_length_penalty'"),
         ("spec.training.loss.beta", -0.1, "spec.training.loss.beta: must be > 0.0 (got -0.1)"),
         ("spec.reference", "latest", "spec.reference: unknown value 'latest'; allowed: 'initial' or 'previous'"),
-        ("spec.reward.kind", "armo", "spec.reward.kind: unknown value 'armo'; allowed: 'bradley-terry' or 'verifiable'"),
+        ("spec.reward.kind", "armo", "spec.reward.kind: unknown value 'armo'; allowed: 'bradley-terry', 'verifiable', 'length' or 'composite'"),
         ("spec.training.zeroStage", 4, "spec.training.zeroStage: unknown value 4; allowed: 0, 1, 2 or 3"),
         ("spec.training.precision", "fp8", "spec.training.precision: unknown value 'fp8'; allowed: 'bf16', 'fp16' or 'fp32'"),
         ("spec.generation.topP", 1.5, "spec.generation.topP: must be <= 1.0 (got 1.5)"),
@@ -194,9 +194,9 @@ def test_reward_kind_verifiable_loads_no_model_and_needs_gold_answers():
                               "response against its prompt's gold answer"]  # fmt: skip
     data["spec"]["prompts"]["answerField"] = "answer"
     run = parse_run(data)
-    assert run.spec.reward.weightless and run.spec.reward.rule.correct == 1.0 and run.spec.reward.rule.no_answer == -1.0
+    assert not run.spec.reward.loads_model and run.spec.reward.rule.correct == 1.0 and run.spec.reward.rule.no_answer == -1.0
     data["spec"]["reward"]["model"] = "org/rm"
-    assert problems(data) == ["spec.reward.kind: verifiable scores by rule and loads no model: remove reward.model"]
+    assert problems(data) == ["spec.reward.kind: verifiable reads no reward.model (it scores by rule): remove reward.model"]
     bt = copy.deepcopy(VALID)
     bt["spec"]["reward"]["verifiable"] = {"correct": 2.0}
     assert problems(bt) == ["spec.reward.verifiable: is only used by kind verifiable (kind is 'bradley-terry')"]
@@ -217,5 +217,64 @@ def test_the_reward_pod_asks_for_no_gpu_when_the_kind_loads_no_model():
     data = copy.deepcopy(VALID)
     assert REWARD_SERVER_POD.default_gpus(parse_run(data).spec) == 1
     data["spec"]["reward"] = {"kind": "verifiable"}
+    data["spec"]["prompts"]["answerField"] = "answer"
+    assert REWARD_SERVER_POD.default_gpus(parse_run(data).spec) == 0
+
+
+def _composite(*components) -> dict:
+    data = copy.deepcopy(VALID)
+    data["spec"]["reward"] = {"kind": "composite", "components": list(components)}
+    return data
+
+
+def test_a_composite_reward_lists_its_terms_each_checked():
+    rm = {"name": "rm", "kind": "bradley-terry", "model": "org/rm"}
+    length = {"name": "len", "kind": "length", "weight": -0.01}
+    run = parse_run(_composite(rm, length))
+    assert run.spec.reward.loads_model and not run.spec.reward.checks_answers
+    assert run.spec.reward.components[1].as_reward(run.spec.reward).kind == "length"
+    assert problems(_composite({"name": "rm", "kind": "bradley-terry"}, length)) == [
+        "spec.reward.components: [0] (rm): kind bradley-terry needs its model"]
+    assert problems(_composite(rm, {**length, "model": "org/x"})) == [
+        "spec.reward.components: [1] (len): kind length reads no model: remove model"]
+    assert problems(_composite(rm, {**rm, "model": "org/other"})) == [
+        "spec.reward.components: [0]: the name 'rm' is used twice"]
+    assert problems(_composite(rm, {**length, "verifiable": {"correct": 2}})) == [
+        "spec.reward.components: [1] (len): verifiable is only used by kind verifiable"]
+    [bad_name] = problems(_composite({**rm, "name": "RM_1"}))
+    assert bad_name.startswith("spec.reward.components.0.name: must be a name of lowercase letters")
+    [nested] = problems(_composite({**rm, "kind": "composite"}))
+    assert nested.startswith("spec.reward.components.0.kind: unknown value 'composite'")
+
+
+def test_composite_needs_components_and_only_composite_has_them():
+    data = _composite()
+    del data["spec"]["reward"]["components"]
+    assert problems(data) == ["spec.reward.components: is required by kind composite (its weighted terms)"]
+    bt = copy.deepcopy(VALID)
+    bt["spec"]["reward"]["components"] = [{"name": "len", "kind": "length"}]
+    assert problems(bt) == ["spec.reward.components: is only used by kind composite (kind is 'bradley-terry')"]
+    withmodel = _composite({"name": "len", "kind": "length"})
+    withmodel["spec"]["reward"]["model"] = "org/rm"
+    assert problems(withmodel) == ["spec.reward.kind: composite reads no reward.model (its components name their "
+                                   "models): remove reward.model"]  # fmt: skip
+
+
+def test_length_is_a_term_not_a_reward_and_a_verifiable_term_needs_gold_answers():
+    data = copy.deepcopy(VALID)
+    data["spec"]["reward"] = {"kind": "length"}
+    assert problems(data) == ["spec.reward.kind: length is a term of a composite reward (a length penalty), not a "
+                              "reward on its own: use kind composite with a length component"]  # fmt: skip
+    mixed = _composite({"name": "rm", "kind": "bradley-terry", "model": "org/rm"}, {"name": "math", "kind": "verifiable"})
+    [problem] = problems(mixed)
+    assert problem.startswith("spec.prompts.answerField: is required by reward kind verifiable")
+    mixed["spec"]["prompts"]["answerField"] = "answer"
+    assert parse_run(mixed).spec.reward.checks_answers
+
+
+def test_a_reward_pod_of_rules_only_asks_for_no_gpu():
+    from iterdpo.stages import REWARD_SERVER_POD
+
+    data = _composite({"name": "math", "kind": "verifiable"}, {"name": "len", "kind": "length", "weight": -0.01})
     data["spec"]["prompts"]["answerField"] = "answer"
     assert REWARD_SERVER_POD.default_gpus(parse_run(data).spec) == 0
