@@ -34,6 +34,9 @@ PAIRING_STRATEGIES = ("max_min", "max_random", "max_max", "random", "max_min_len
 # registry must have exactly these keys (a unit test checks).
 SCORER_KINDS = {
     "bradley-terry": "a sequence classifier with one output label; the score is that logit at the last token",
+    "multi-objective": "ArmoRM's checkpoint layout (LlamaForRewardModelWithGating): per-objective rewards at the "
+                       "last token, mixed by a gating network read at the assistant-turn tokens; the score is the "
+                       "gated sum, or with reward.objectiveWeights a weighted sum of the named objectives",
     "verifiable": "no model: a rule checks each response's final answer against its prompt's gold answer "
                   "(prompts.answerField) with math-verify, scored as reward.verifiable says",
     "length": "no model: the response's length in characters; a component of composite (a length penalty, "
@@ -44,7 +47,7 @@ SCORER_KINDS = {
 # The kinds that read reward.model (or the model reward.training trains); the others load none
 # of their own (a rule, or composite's components), and a reward pod that loads no model asks
 # for no GPU.
-MODEL_KINDS = ("bradley-terry",)
+MODEL_KINDS = ("bradley-terry", "multi-objective")
 COMPONENT_KINDS = tuple(k for k in SCORER_KINDS if k != "composite")
 MAX_COMPONENTS = 8
 TERM_NAME = StringFormat(
@@ -433,7 +436,8 @@ class RewardComponent(_Model):
     def as_reward(self, parent: RewardSpec) -> RewardSpec:
         """The term as a reward of its own (the parent's maxLength and batchTokens)."""
         return parent.model_copy(update={"kind": self.kind, "model": self.model, "chat_template": self.chat_template,
-                                          "verifiable": self.verifiable, "training": None, "components": None})  # fmt: skip
+                                          "verifiable": self.verifiable, "training": None, "components": None,
+                                          "objective_weights": None})  # fmt: skip
 
 
 class RewardSpec(_Model):
@@ -477,6 +481,11 @@ class RewardSpec(_Model):
     )
     verifiable: VerifiableSpec | None = Field(
         default=None, description="Kind verifiable's rewards and answer form (its defaults when unset)."
+    )
+    objective_weights: dict[str, Annotated[float, Field(ge=-1e6, le=1e6)]] | None = Field(
+        default=None,
+        description="Kind multi-objective: score by these objectives' rewards, weighted (e.g. "
+        "{helpsteer-correctness: 1.0, helpsteer-verbosity: -0.5}), instead of the gated score.",
     )
     components: Annotated[list[RewardComponent], Field(min_length=1, max_length=MAX_COMPONENTS)] | None = Field(
         default=None, description="Kind composite's terms: the reward is the sum of weight x score."
@@ -932,8 +941,8 @@ RULES: tuple[Rule, ...] = (
         + ("(its components name their models)" if r.kind == "composite" else "(it scores by rule)")
         + ": remove " + ("reward.model" if r.model is not None else "reward.training"),
         f"self.kind != 'length' && (self.kind in {_cel_list(MODEL_KINDS)} || (!has(self.model) && !has(self.training)))",
-        "length is only a term of a composite reward, and only "
-        f"{', '.join(MODEL_KINDS)} reads reward.model and reward.training",
+        "length is only a term of a composite reward, and only the kinds that load a model "
+        f"({', '.join(MODEL_KINDS)}) read reward.model and reward.training",
     ),
     Rule(
         "reward", "components",
@@ -946,6 +955,14 @@ RULES: tuple[Rule, ...] = (
         "&& self.components.exists_one(d, d.name == c.name)))",
         "is required by kind composite and only used by it; each component names a model exactly when its kind "
         f"reads one ({', '.join(MODEL_KINDS)}), sets verifiable only with kind verifiable, and has a name of its own",
+    ),
+    Rule(
+        "reward", "objectiveWeights",
+        lambda r: r.objective_weights is None or r.kind == "multi-objective",
+        lambda r: f"is only used by kind multi-objective (kind is {r.kind!r})",
+        "!has(self.objectiveWeights) || self.kind == 'multi-objective'",
+        "is only used by kind multi-objective",
+        "\"is only used by kind multi-objective (kind is '\" + self.kind + \"')\"",
     ),
     Rule(
         "reward", "verifiable",
@@ -969,12 +986,14 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "reward", "training",
-        lambda r: r.model is None or r.training is None,
-        lambda r: f"trains the reward model every round scores with, so reward.model ({short(r.model)}) would "
+        lambda r: r.training is None or (r.model is None and r.kind != "multi-objective"),
+        lambda r: "trains a Bradley-Terry model, which kind multi-objective cannot read: use kind bradley-terry, "
+        "or name the multi-objective model in reward.model" if r.kind == "multi-objective"
+        else f"trains the reward model every round scores with, so reward.model ({short(r.model)}) would "
         "not be used: remove reward.model (the base to train from is reward.training.base)",
-        "!has(self.model) || !has(self.training)",
-        "trains the reward model every round scores with, so reward.model would not be used: remove "
-        "reward.model (the base to train from is reward.training.base)",
+        "!has(self.training) || (!has(self.model) && self.kind != 'multi-objective')",
+        "trains the (Bradley-Terry) reward model every round scores with: remove reward.model (the base to train "
+        "from is reward.training.base), and use kind bradley-terry",
     ),
     Rule(
         "reward.training", "heldOutSplit",

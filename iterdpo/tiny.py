@@ -12,6 +12,11 @@
   uniformly over the sequence and writes the mean value into dim 2; every
   other block is zero, so the residual stream passes through; the score head
   reads dim 2.
+- A multi-objective reward model (`armo/`) of ArmoRM's checkpoint layout
+  (LlamaForRewardModelWithGating: a Llama backbone, `regression_layer`, `gating.*`,
+  `reward_transform_matrix`), written as safetensors without any iterdpo class: objective
+  `kindness` is the tiny reward model's signal, `harshness` its opposite, `brevity` a constant;
+  the gating network is random. Reward kind multi-objective must read it as ArmoRM is read.
 - Prompt sets: one JSONL file per round of chat messages.
 - An arithmetic prompt set (`arithmetic.jsonl`): "what is 2 + 3" with its gold answer in
   `answer`, for reward kind verifiable (examples/tiny-verifiable.yaml). The tiny policy knows
@@ -92,6 +97,7 @@ class TinyAssets:
     preferences: Path  # pairs labelled by the gold (hand-wired) reward model
     sft: Path  # chat conversations for the SFT stage (examples/tiny-sft.yaml)
     arithmetic: Path  # sums with gold answers (field `answer`), for reward kind verifiable
+    armo: Path  # a multi-objective reward model of ArmoRM's layout
 
 
 def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, preference_pairs: int = 1024,
@@ -106,10 +112,11 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
         preferences=out / "preferences.jsonl",
         sft=out / "sft.jsonl",
         arithmetic=out / "arithmetic.jsonl",
+        armo=out / "armo",
     )
     marker = out / ".complete.json"
     wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "preference_pairs": preference_pairs,
-              "seed": seed, "version": 5}  # fmt: skip
+              "seed": seed, "version": 6}  # fmt: skip
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return assets
 
@@ -125,7 +132,10 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
     with atomic_path(assets.reward) as tmp:
         _build_reward_model(tokenizer).save_pretrained(tmp)
         _with_template(tokenizer, REWARD_TEMPLATE).save_pretrained(tmp)
-    for path in (*assets.policy.iterdir(), *assets.reward.iterdir()):
+    with atomic_path(assets.armo) as tmp:
+        _write_armo(tokenizer, tmp, seed)
+        _with_template(tokenizer, POLICY_TEMPLATE).save_pretrained(tmp)
+    for path in (*assets.policy.iterdir(), *assets.reward.iterdir(), *assets.armo.iterdir()):
         path.chmod(0o644)  # transformers writes weights 0600; other users and containers must read them
     rng = random.Random(seed)
     for path in assets.prompts:
@@ -344,3 +354,43 @@ def _sums(rng: random.Random, count: int) -> list[dict]:
         rows.append({"id": f"sum{i:04d}", "messages": [{"role": "user", "content": rng.choice(SUM_FORMS).format(a, b)}],
                      "answer": str(a + b)})  # fmt: skip
     return rows
+
+
+ARMO_OBJECTIVES = ("kindness", "harshness", "brevity")
+ARMO_GATING_HIDDEN = 16
+
+
+def _write_armo(tokenizer, folder: Path, seed: int) -> None:
+    """ArmoRM's layout, tiny: the hand-wired backbone of the tiny reward model (its dim 2 holds
+    the conversation's mean kind-word value at every token), three objectives read from it, a
+    random gating MLP of ArmoRM's shape (3 hidden layers), the identity transform matrix."""
+    import torch
+    from safetensors.torch import save_file
+
+    rm = _build_reward_model(tokenizer)  # the backbone computes the signal; its score head is left behind
+    state = {k: v.contiguous() for k, v in rm.state_dict().items() if k.startswith("model.")}
+    n, hidden = len(ARMO_OBJECTIVES), HIDDEN
+    regression = torch.zeros(n, hidden)
+    regression[0, 2] = REWARD_SCALE  # kindness: the tiny reward model's own reading
+    regression[1, 2] = -REWARD_SCALE  # harshness: its opposite
+    regression[2, 0] = 0.01  # brevity: a constant (dim 0 is constant after the norm)
+    state["regression_layer.weight"] = regression
+    state["reward_transform_matrix"] = torch.eye(n)
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [hidden, ARMO_GATING_HIDDEN, ARMO_GATING_HIDDEN, ARMO_GATING_HIDDEN, n]
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        state[f"gating.layers.{i}.weight"] = torch.randn(b, a, generator=generator) * 0.3
+        state[f"gating.layers.{i}.bias"] = torch.randn(b, generator=generator) * 0.1
+    state[f"gating.layers.{len(sizes) - 2}.bias"][0] += 20.0  # the gate leans on kindness (softmax of x / 10)
+    state["gating.logit_scale"] = torch.ones(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = _config(tokenizer)
+    config.architectures = ["LlamaForRewardModelWithGating"]
+    config.auto_map = {"AutoModel": "modeling_custom.LlamaForRewardModelWithGating"}  # as ArmoRM's: never run here
+    config.num_objectives = n
+    config.objective_names = list(ARMO_OBJECTIVES)
+    config.gating_temperature = 10
+    config.gating_hidden_dim = ARMO_GATING_HIDDEN
+    config.gating_n_hidden = 3
+    config.save_pretrained(str(folder))

@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 from iterdpo.errors import StageError
 from iterdpo_reward_server.scoring import ScoreInput, ScoreResult, UnscorableItem, encode, forward, pack, render
 from iterdpo_reward_server.settings import Settings
+from iterdpo_reward_server.armo import MultiObjectiveScorer
 from iterdpo_reward_server.composite import CompositeScorer, LengthScorer
 from iterdpo_reward_server.verifiable import VerifiableScorer
 
@@ -116,6 +117,7 @@ class BradleyTerryScorer:
 # kind -> class with `preflight(settings)` (cheap checks) and `load(settings) -> Scorer`.
 SCORERS: dict[str, type] = {
     "bradley-terry": BradleyTerryScorer,
+    "multi-objective": MultiObjectiveScorer,
     "verifiable": VerifiableScorer,
     "length": LengthScorer,
     "composite": CompositeScorer,

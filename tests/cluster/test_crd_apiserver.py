@@ -197,7 +197,7 @@ INVALID = {
                     "must be more than training.maxPromptLength"),
     # spec.reward.training (the RewardModel stage)
     "reward model and training": ({"reward": {"model": "/iterdpo/tiny/reward"}}, "spec.reward.training",
-                                  "so reward.model would not be used"),
+                                  "remove reward.model (the base to train"),
     "reward model required": ({"reward": {"training": None}}, "spec.reward.model",
                               "is required unless reward.training trains the reward model"),
     "rm globalBatchSize": ({"reward": {"training": {"globalBatchSize": 12}}}, "spec.reward.training.globalBatchSize",
@@ -213,7 +213,7 @@ INVALID = {
     # reward kind verifiable (issue 13)
     "verifiable loads no model": ({"reward": {"kind": "verifiable"}, "prompts": {"perIteration": [
         {"dataset": f"/iterdpo/tiny/prompts-iter{i}.jsonl", "answerField": "answer"} for i in (1, 2, 3)]}},
-        "spec.reward.kind", "only bradley-terry reads reward.model and reward.training"),
+        "spec.reward.kind", "read reward.model and reward.training"),
     "verifiable needs answers": ({"reward": {"kind": "verifiable", "training": None}}, "spec.prompts.answerField",
                                  "is required by reward kind verifiable"),
     "verifiable settings unused": ({"reward": {"verifiable": {"correct": 2.0}}}, "spec.reward.verifiable",
@@ -226,6 +226,10 @@ INVALID = {
         "spec.reward.components", "has a name of its own"),
     "length alone": ({"reward": {"kind": "length", "training": None}}, "spec.reward.kind",
                      "length is only a term of a composite reward"),
+    "objective weights unused": ({"reward": {"objectiveWeights": {"helpsteer-correctness": 1.0}}},
+                                 "spec.reward.objectiveWeights", "is only used by kind multi-objective (kind is 'bradley-terry')"),
+    "multi-objective trained": ({"reward": {"kind": "multi-objective"}}, "spec.reward.training",
+                                "use kind bradley-terry"),
 }  # fmt: skip
 
 

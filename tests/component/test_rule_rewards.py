@@ -177,3 +177,79 @@ def test_a_composite_term_that_cannot_be_served_fails_at_start_naming_it(tiny, c
     assert serve_main(["--spec", str(path)]) == 1
     err = capsys.readouterr().err
     assert "spec.reward.components[0] (rm): kind bradley-terry" in err and "exactly one output label" in err
+
+
+# --- multi-objective: ArmoRM's layout read by the in-tree head -------------------------------------
+
+
+def _direct_armo(folder, texts_ids, pattern):
+    """ArmoRM's forward written out from the checkpoint's tensors, one conversation at a time."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, LlamaModel
+
+    config = AutoConfig.from_pretrained(folder)
+    backbone = LlamaModel.from_pretrained(folder).eval()
+    w = load_file(str(folder / "model.safetensors"))
+    out = []
+    for ids in texts_ids:
+        gate_at = max(j for j in range(len(ids) - len(pattern) + 1) if ids[j : j + len(pattern)] == pattern)
+        with torch.no_grad():
+            hidden = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            rewards = w["regression_layer.weight"] @ hidden[-1]
+            x = hidden[gate_at]
+            for i in range(config.gating_n_hidden + 1):
+                x = w[f"gating.layers.{i}.weight"] @ x + w[f"gating.layers.{i}.bias"]
+                if i < config.gating_n_hidden:
+                    x = torch.relu(x)
+            gating = torch.softmax(x / config.gating_temperature, dim=-1) * w["gating.logit_scale"][0]
+            out.append(((gating * (rewards @ w["reward_transform_matrix"])).sum().item(), rewards.tolist()))
+    return out
+
+
+def test_multi_objective_serves_armos_forward_and_names_each_objective(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.armo)
+    pattern = tok.convert_tokens_to_ids(["<|eos|>", "<|assistant|>"])  # the tiny template's user end + header
+    conversation = [{"role": "user", "content": "tell me about the river"}]
+    responses = ["the river is kind and calm", "the river is cruel and sad", "river"]
+    items = [{"messages": conversation, "response": r} for r in responses]
+    ids = [tok(tok.apply_chat_template([*conversation, {"role": "assistant", "content": r}], tokenize=False),
+               add_special_tokens=False)["input_ids"] for r in responses]  # fmt: skip
+    direct = _direct_armo(tiny.armo, ids, pattern)
+    settings = Settings(reward=RewardSpec(kind="multi-objective", model=str(tiny.armo), max_length=256))
+    with TestClient(create_app(settings)) as client:
+        _ready(client)
+        body = client.post("/v1/score", json={"items": items}).json()
+    assert body["scores"] == pytest.approx([d[0] for d in direct], abs=1e-5)
+    assert set(body["details"]) == {"kindness", "harshness", "brevity"}
+    assert body["details"]["kindness"] == pytest.approx([d[1][0] for d in direct], abs=1e-5)
+    assert body["scores"][0] > body["scores"][2] > body["scores"][1]  # the gate leans on kindness
+    weighted = Settings(reward=RewardSpec(kind="multi-objective", model=str(tiny.armo), max_length=256,
+                                          objective_weights={"harshness": 2.0, "brevity": -1.0}))  # fmt: skip
+    with TestClient(create_app(weighted)) as client:
+        _ready(client)
+        scores = client.post("/v1/score", json={"items": items}).json()["scores"]
+    assert scores == pytest.approx([2.0 * d[1][1] - d[1][2] for d in direct], abs=1e-5)
+
+
+def test_multi_objective_refuses_other_layouts_and_unknown_objectives(tiny, capsys):
+    from iterdpo_reward_server.armo import MultiObjectiveError, MultiObjectiveScorer
+
+    with pytest.raises(MultiObjectiveError, match="reads ArmoRM's checkpoint layout"):
+        MultiObjectiveScorer.preflight(Settings(reward=RewardSpec(kind="multi-objective", model=str(tiny.reward))))
+    bad = RewardSpec(kind="multi-objective", model=str(tiny.armo), objective_weights={"helpfulness": 1.0})
+    with pytest.raises(MultiObjectiveError, match="no objective 'helpfulness'; its objectives: kindness, harshness, brevity"):
+        MultiObjectiveScorer.preflight(Settings(reward=bad))
+
+
+def test_multi_objective_leaves_out_a_conversation_without_the_gating_tokens(tiny):
+    """Cut from the left past the assistant header, the gating network has nothing to read."""
+    settings = Settings(reward=RewardSpec(kind="multi-objective", model=str(tiny.armo), max_length=16, batch_tokens=64))
+    items = [{"messages": Q, "response": "kind " * 40}, {"messages": Q, "response": "kind"}]
+    with TestClient(create_app(settings)) as client:
+        _ready(client)
+        body = client.post("/v1/score", json={"items": items}).json()
+    assert body["scores"][0] is None and body["scores"][1] is not None
+    assert body["unscored"][0]["reason"].endswith("(cut off by maxLength)") and body["truncated"] == 1

@@ -366,25 +366,41 @@ def test_verifiable_reward_two_rounds_answers_more_and_accounts_for_every_prompt
     assert len(scored) == len(rows) - 2 and all(r["answer"] is not None for r in scored)
 
 
-def test_composite_reward_reports_each_term_and_sums_them(tiny, tmp_path):
-    """Reward kind composite end to end: the tiny reward model plus a length penalty, one server.
-    The round's mean reward is the weighted sum of its terms' means, each in status."""
+def run_one_round(tiny, tmp_path: Path, name: str, reward: dict) -> tuple[Path, dict]:
+    """One small round (16 prompts, K=4) with this spec.reward; (workdir, its status entry)."""
     run_file = write_tiny_run(
-        tmp_path / "mix.yaml", tiny, name="mix",
+        tmp_path / f"{name}.yaml", tiny, name=name, reward=reward,
         prompts={"dataset": str(tiny.prompts[0]), "maxPrompts": 16},
         generation={"samplesPerPrompt": 4, "maxNewTokens": 16},
-        reward={"model": None, "kind": "composite", "components": [
-            {"name": "rm", "kind": "bradley-terry", "model": str(tiny.reward)},
-            {"name": "length", "kind": "length", "weight": -0.02}]},
         training={"learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0,
                   "maxLength": 96, "maxPromptLength": 40, "gradientCheckpointing": False},
     )  # fmt: skip
     workdir = tmp_path / "runs"
     result = run_cli("run", str(run_file), "--workdir", str(workdir))
     assert result.returncode == 0, result.stdout + result.stderr
-    (it,) = status_of(workdir, "mix")["iterations"]
+    (it,) = status_of(workdir, name)["iterations"]
+    return workdir, it
+
+
+def test_composite_reward_reports_each_term_and_sums_them(tiny, tmp_path):
+    """Reward kind composite end to end: the tiny reward model plus a length penalty, one server.
+    The round's mean reward is the weighted sum of its terms' means, each in status."""
+    workdir, it = run_one_round(tiny, tmp_path, "mix", {"model": None, "kind": "composite", "components": [
+        {"name": "rm", "kind": "bradley-terry", "model": str(tiny.reward)},
+        {"name": "length", "kind": "length", "weight": -0.02}]})  # fmt: skip
     s = it["scoring"]
     assert set(s["details"]) == {"rm", "length"} and s["details"]["length"] > 0
     assert s["meanReward"] == pytest.approx(s["details"]["rm"] - 0.02 * s["details"]["length"], abs=1e-3)
     scored = [json.loads(line) for line in (workdir / "mix" / "iter-01" / "score" / "scored.jsonl").read_text().splitlines()]
     assert sum(len(r["responses"]) for r in scored) == 64
+
+
+def test_multi_objective_reward_scores_a_round_and_reports_every_objective(tiny, tmp_path):
+    """Reward kind multi-objective end to end on a checkpoint of ArmoRM's layout: the round is
+    paired by the gated score, and status carries each objective's mean by name."""
+    _, it = run_one_round(tiny, tmp_path, "armo", {"model": str(tiny.armo), "kind": "multi-objective"})
+    s = it["scoring"]
+    assert set(s["details"]) == {"kindness", "harshness", "brevity"}
+    assert s["details"]["kindness"] == pytest.approx(-s["details"]["harshness"], abs=1e-3)
+    assert s["pairs"] + s["tiesDropped"] + s["promptsLeftOut"] == 16 and s["pairs"] > 0
+    assert Path(it["training"]["checkpoint"]).is_dir()

@@ -55,7 +55,7 @@ def test_valid_run_gets_defaults():
          "'max_min', 'max_random', 'max_max', 'random' or 'max_min_length_penalty'"),
         ("spec.training.loss.beta", -0.1, "spec.training.loss.beta: must be > 0.0 (got -0.1)"),
         ("spec.reference", "latest", "spec.reference: unknown value 'latest'; allowed: 'initial' or 'previous'"),
-        ("spec.reward.kind", "armo", "spec.reward.kind: unknown value 'armo'; allowed: 'bradley-terry', 'verifiable', 'length' or 'composite'"),
+        ("spec.reward.kind", "armo", "spec.reward.kind: unknown value 'armo'; allowed: 'bradley-terry', 'multi-objective', 'verifiable', 'length' or 'composite'"),
         ("spec.training.zeroStage", 4, "spec.training.zeroStage: unknown value 4; allowed: 0, 1, 2 or 3"),
         ("spec.training.precision", "fp8", "spec.training.precision: unknown value 'fp8'; allowed: 'bf16', 'fp16' or 'fp32'"),
         ("spec.generation.topP", 1.5, "spec.generation.topP: must be <= 1.0 (got 1.5)"),
@@ -278,3 +278,19 @@ def test_a_reward_pod_of_rules_only_asks_for_no_gpu():
     data = _composite({"name": "math", "kind": "verifiable"}, {"name": "len", "kind": "length", "weight": -0.01})
     data["spec"]["prompts"]["answerField"] = "answer"
     assert REWARD_SERVER_POD.default_gpus(parse_run(data).spec) == 0
+
+
+def test_multi_objective_reads_a_model_and_only_it_weighs_objectives():
+    data = copy.deepcopy(VALID)
+    data["spec"]["reward"] = {"kind": "multi-objective", "model": "RLHFlow/ArmoRM-Llama3-8B-v0.1",
+                              "objectiveWeights": {"helpsteer-correctness": 1.0, "helpsteer-verbosity": -0.5}}  # fmt: skip
+    run = parse_run(data)
+    assert run.spec.reward.loads_model and run.spec.reward.objective_weights["helpsteer-verbosity"] == -0.5
+    del data["spec"]["reward"]["model"]
+    assert problems(data)[0].startswith("spec.reward.model: is required unless reward.training trains")
+    data["spec"]["reward"]["training"] = {"base": "org/base", "data": {"dataset": "org/prefs"}}
+    assert problems(data) == ["spec.reward.training: trains a Bradley-Terry model, which kind multi-objective "
+                              "cannot read: use kind bradley-terry, or name the multi-objective model in reward.model"]  # fmt: skip
+    bt = copy.deepcopy(VALID)
+    bt["spec"]["reward"]["objectiveWeights"] = {"x": 1.0}
+    assert problems(bt) == ["spec.reward.objectiveWeights: is only used by kind multi-objective (kind is 'bradley-terry')"]
