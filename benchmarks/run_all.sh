@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the four benchmarks one after another (default sizes, ~14 minutes on 2 CPU cores)
+# Runs the five benchmarks one after another (default sizes, ~14 minutes on 2 CPU cores)
 # and prints each one's results; the full output also goes to a log file.
 #
 #   bash benchmarks/run_all.sh            # PYTHON=... to use another interpreter than .venv/bin/python
@@ -18,7 +18,7 @@ if ! "$PY" -c "import trl, vllm, deepspeed" >/dev/null 2>&1; then
 fi
 
 failed=()
-for bench in reward_server generate train reward_model; do
+for bench in reward_server generate train reward_model selection; do
   echo
   started=$(date +%s)
   # stderr and DeepSpeed's "Setting accelerator to CPU" notice go to the log only.

@@ -135,6 +135,8 @@ class ScoreStats(Camel):
     strategy: str
     seconds: float
     details: dict[str, float] = Field(default_factory=dict)  # mean of each named part of the reward (verifiable: correct, answered)
+    comparisons: int = 0  # kind pairwise: the tournaments' comparisons (each one two forward sequences)
+    forward_passes: int = 0  # kind pairwise: sequences the reward model read
 
     @model_validator(mode="after")
     def _adds_up(self) -> ScoreStats:

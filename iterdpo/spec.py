@@ -22,6 +22,7 @@ from pydantic.alias_generators import to_camel
 from iterdpo import __version__
 from iterdpo.kubevalues import StringFormat, AbsolutePath, DnsLabel, DnsSubdomain, Image, LabelValue, QualifiedName, Quantity, SecretKey
 from iterdpo.stages import STAGES, pods
+from iterdpo.tournament import SELECTIONS
 from iterdpo.yamlfile import short
 
 API_VERSION = "iterdpo.io/v1alpha1"
@@ -37,6 +38,9 @@ SCORER_KINDS = {
     "multi-objective": "ArmoRM's checkpoint layout (LlamaForRewardModelWithGating): per-objective rewards at the "
                        "last token, mixed by a gating network read at the assistant-turn tokens; the score is the "
                        "gated sum, or with reward.objectiveWeights a weighted sum of the named objectives",
+    "pairwise": "a causal-LM preference model read as the report's pair-pm code reads it ([CONTEXT] ... [RESPONSE A] "
+                "... [RESPONSE B] ... as one user turn; p(A) from the A and B logits at the last position, both "
+                "orders averaged); each prompt's pair comes from pairing.selection's tournament",
     "verifiable": "no model: a rule checks each response's final answer against its prompt's gold answer "
                   "(prompts.answerField) with math-verify, scored as reward.verifiable says",
     "length": "no model: the response's length in characters; a component of composite (a length penalty, "
@@ -47,8 +51,8 @@ SCORER_KINDS = {
 # The kinds that read reward.model (or the model reward.training trains); the others load none
 # of their own (a rule, or composite's components), and a reward pod that loads no model asks
 # for no GPU.
-MODEL_KINDS = ("bradley-terry", "multi-objective")
-COMPONENT_KINDS = tuple(k for k in SCORER_KINDS if k != "composite")
+MODEL_KINDS = ("bradley-terry", "multi-objective", "pairwise")
+COMPONENT_KINDS = tuple(k for k in SCORER_KINDS if k not in ("composite", "pairwise"))  # a term scores one response
 MAX_COMPONENTS = 8
 TERM_NAME = StringFormat(
     "term name",
@@ -235,6 +239,11 @@ class PairingSpec(_Model):
     )
     length_penalty: Annotated[float, Field(ge=0.0, le=1e6)] = Field(
         default=0.0, description="Per-character penalty of max_min_length_penalty."
+    )
+    selection: Literal[tuple(SELECTIONS)] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="Reward kind pairwise: how each prompt's pair is picked from comparisons (bracket when unset). "
+        + "; ".join(f"{k}: {v}" for k, v in SELECTIONS.items()) + ".",
     )
 
 
@@ -986,12 +995,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "reward", "training",
-        lambda r: r.training is None or (r.model is None and r.kind != "multi-objective"),
-        lambda r: "trains a Bradley-Terry model, which kind multi-objective cannot read: use kind bradley-terry, "
-        "or name the multi-objective model in reward.model" if r.kind == "multi-objective"
+        lambda r: r.training is None or (r.model is None and r.kind not in ("multi-objective", "pairwise")),
+        lambda r: f"trains a Bradley-Terry model, which kind {r.kind} cannot read: use kind bradley-terry, "
+        f"or name the {r.kind} model in reward.model" if r.kind in ("multi-objective", "pairwise")
         else f"trains the reward model every round scores with, so reward.model ({short(r.model)}) would "
         "not be used: remove reward.model (the base to train from is reward.training.base)",
-        "!has(self.training) || (!has(self.model) && self.kind != 'multi-objective')",
+        "!has(self.training) || (!has(self.model) && !(self.kind in ['multi-objective', 'pairwise']))",
         "trains the (Bradley-Terry) reward model every round scores with: remove reward.model (the base to train "
         "from is reward.training.base), and use kind bradley-terry",
     ),
@@ -1027,6 +1036,17 @@ RULES: tuple[Rule, ...] = (
         f"(policy.sft.nodes is {s.policy.sft.nodes})",
         "self.kubernetes.launcher != 'job' || !has(self.policy.sft) || self.policy.sft.nodes == 1",
         "launcher job trains on one node: set policy.sft.nodes to 1 or use pytorchjob",
+    ),
+    Rule(
+        "", "pairing.selection",
+        lambda s: (s.pairing.selection is None or s.reward.kind == "pairwise")
+        and (s.reward.kind != "pairwise" or s.pairing.strategy == "max_min"),
+        lambda s: f"is only used by reward kind pairwise (kind is {s.reward.kind!r})" if s.reward.kind != "pairwise"
+        else f"kind pairwise picks each pair by pairing.selection, so pairing.strategy ({s.pairing.strategy!r}) "
+        "would not be used: remove it",
+        "(!has(self.pairing.selection) || self.reward.kind == 'pairwise') && "
+        "(self.reward.kind != 'pairwise' || self.pairing.strategy == 'max_min')",
+        "is only used by reward kind pairwise, which picks pairs by it (not by pairing.strategy)",
     ),
     Rule(
         "pairing", "lengthPenalty",

@@ -410,6 +410,8 @@ class ScoreSummary(StageSummary):
     prompts_left_out: int
     seconds: float
     details: dict[str, float] = Field(default_factory=dict)  # mean of each named part of the reward
+    comparisons: int = 0  # kind pairwise
+    forward_passes: int = 0
 
 
 class ScoringFigures(Figures):
@@ -428,6 +430,12 @@ class ScoringFigures(Figures):
         default=None,
         description="Mean of each named part of the reward over the round's responses (verifiable: correct and "
         "answered, the shares of responses with the right answer and with any answer); unset when the kind has none.",
+    )
+    comparisons: int | None = Field(
+        default=None, description="Kind pairwise: comparisons the tournaments made (pairing.selection)."
+    )
+    forward_passes: int | None = Field(
+        default=None, description="Kind pairwise: sequences the reward model read (two per comparison)."
     )
 
 
@@ -452,6 +460,7 @@ def _scoring_figures(summaries: list[ScoreSummary], seconds: float, run: Iterati
         pairs=s.pairs,
         ties_dropped=s.ties_dropped, prompts_left_out=s.prompts_left_out, seconds=round(seconds, 1),
         details={name: _rounded(v) for name, v in s.details.items()} or None,
+        comparisons=s.comparisons or None, forward_passes=s.forward_passes or None,
     )  # fmt: skip
 
 
@@ -460,6 +469,7 @@ def _scoring_line(f: ScoringFigures) -> str:
         f"mean reward {_signed(f.mean_reward)} (min {_signed(f.min_reward)}, max {_signed(f.max_reward)}), "
         f"{f.pairs} pairs, {f.ties_dropped} ties dropped, {f.prompts_left_out} prompts left out in {f.seconds:.1f}s"
         + "".join(f", {name} {value:.3f}" for name, value in (f.details or {}).items())
+        + (f", {f.comparisons} comparisons ({f.forward_passes} forward passes)" if f.comparisons else "")
     )
 
 

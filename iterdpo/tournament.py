@@ -71,6 +71,7 @@ class Referee:
         self.comparisons = 0
         self.ties = 0
         self.wins: dict[int, float] = {}
+        self.games: dict[int, int] = {}  # comparisons each response played
 
     def settle(self, matches: Sequence[Match], probabilities: Sequence[float]) -> list[tuple[int, int]]:
         """(winner, loser) of each match."""
@@ -83,6 +84,8 @@ class Referee:
             self.comparisons += 1
             self.wins.setdefault(a, 0.0)
             self.wins.setdefault(b, 0.0)
+            self.games[a] = self.games.get(a, 0) + 1
+            self.games[b] = self.games.get(b, 0) + 1
             if p == 0.5:
                 self.ties += 1
                 self.wins[a] += 0.5

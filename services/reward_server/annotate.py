@@ -25,6 +25,8 @@ from iterdpo.contracts import LeftOut, PairRecord, ScoredRecord, ScoreStats, rea
 from iterdpo.errors import StageError, stage_main
 from iterdpo.layout import RunLayout, claim_run_folder
 from iterdpo.pairing import Pair, TIE, choose_pair, prompt_rng
+from iterdpo.tournament import Outcome as TournamentOutcome
+from iterdpo.tournament import Tournament, run_all
 from iterdpo.planner import REWARD_TOKEN_ENV
 from iterdpo.runfile import load_for_stage
 from iterdpo.spec import IterativeDPORun
@@ -55,6 +57,9 @@ def pair_round(
     samples_per_prompt: int,
     truncated: int,
     details: dict[str, float] | None = None,
+    choices: list[Pair | str] | None = None,
+    comparisons: int = 0,
+    forward_passes: int = 0,
 ) -> Outcome:
     """Pure: scored rows, pairs and stats from the rewards of each record's responses
     (or, for a record the reward server could not score, the reason: it is left out)."""
@@ -66,7 +71,7 @@ def pair_round(
     scored, pairs = [], []
     left_out = list(generations.left_out)
     ties = not_k = 0
-    for record, record_rewards in zip(records, rewards):
+    for index, (record, record_rewards) in enumerate(zip(records, rewards)):
         if len(record.responses) != samples_per_prompt:
             not_k += 1
         if isinstance(record_rewards, str):
@@ -74,7 +79,7 @@ def pair_round(
             continue
         scored.append(ScoredRecord(prompt_id=record.prompt_id, prompt=record.prompt, responses=record.responses,
                                    rewards=record_rewards, answer=record.answer))  # fmt: skip
-        choice = choose_pair(
+        choice = choices[index] if choices is not None else choose_pair(
             record_rewards,
             [len(r) for r in record.responses],
             strategy,
@@ -114,6 +119,8 @@ def pair_round(
         strategy=strategy,
         seconds=0.0,
         details=details or {},
+        comparisons=comparisons,
+        forward_passes=forward_passes,
     )
     return Outcome(scored, pairs, stats)
 
@@ -183,6 +190,20 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
         "round %d: %d prompts in, %d responses, %d distinct to score",
         iteration, generations.prompts_in, len(where), len(items),
     )
+    if spec.reward.kind == "pairwise":  # a judge of two responses: each prompt's pair from a tournament
+        outcome = _pair_by_comparisons(run, iteration, generations, reward_url, transport)
+    else:
+        outcome = _pair_by_scores(run, iteration, generations, items, where, reward_url, transport)
+    stats = outcome.stats.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
+    write_lines(layout.scored_file(iteration), outcome.scored)
+    write_lines(layout.pairs_file(iteration), outcome.pairs)
+    write_model(stats_path, stats)  # last: the completion marker
+    emit_summary(summary_of(stats))
+    return stats
+
+
+def _pair_by_scores(run, iteration, generations, items, where, reward_url, transport) -> Outcome:
+    spec = run.spec
     batch = asyncio.run(_score(spec.reward, reward_url, items, transport)) if items else Batch([], 0)
     bad = [s for s in batch.scores if s is not None and not math.isfinite(s)]
     if bad:
@@ -200,27 +221,86 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
         truncated=batch.truncated,
         details=detail_means(batch, spans, rewards),
     )
-    stats = outcome.stats.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
-    write_lines(layout.scored_file(iteration), outcome.scored)
-    write_lines(layout.pairs_file(iteration), outcome.pairs)
-    write_model(stats_path, stats)  # last: the completion marker
-    emit_summary(summary_of(stats))
-    return stats
+    return outcome
+
+
+def _pair_by_comparisons(run, iteration, generations, reward_url, transport) -> Outcome:
+    """Each prompt's tournament (pairing.selection), all prompts in lockstep: one batch of
+    comparisons per tournament round. A response's reward is its share of comparisons won."""
+    spec = run.spec
+    selection = spec.pairing.selection or "bracket"
+    records = generations.records
+    tours = [Tournament(len(r.responses), selection, prompt_rng(spec.generation.seed, iteration, r.prompt_id))
+             for r in records]  # fmt: skip
+    client = _client(spec.reward, reward_url, transport)
+    asyncio.run(_wait(client, spec.reward))
+    cost = {"forward_passes": 0, "truncated": 0}
+
+    def compare(asked: list[tuple[int, int, int]]) -> list[float]:
+        out: list[float | None] = [None] * len(asked)
+        items, slots = [], []
+        for n, (t, a, b) in enumerate(asked):
+            ra, rb = records[t].responses[a], records[t].responses[b]
+            if ra == rb:
+                out[n] = 0.5  # identical responses tie exactly, without the model
+                continue
+            answer = {} if records[t].answer is None else {"answer": records[t].answer}
+            items.append({"messages": [m.model_dump() for m in records[t].prompt], "a": ra, "b": rb, **answer})
+            slots.append(n)
+        if items:
+            got = asyncio.run(client.compare_all(items, request_size=spec.reward.request_batch_size,
+                                                 concurrency=spec.reward.concurrency))  # fmt: skip
+            cost["forward_passes"] += got.forward_passes
+            cost["truncated"] += got.truncated
+            for n, p in zip(slots, got.probabilities):
+                out[n] = p
+        return out  # type: ignore[return-value]
+
+    batches = run_all(tours, compare)
+    log.info("round %d: %s tournaments in %d batches", iteration, selection, batches)
+    rewards: list[list[float] | str] = []
+    choices: list[Pair | str] = []
+    for record, tour in zip(records, tours):
+        wins = tour.referee.wins
+        played = tour.referee.games
+        rewards.append([wins.get(i, 0.0) / played[i] if played.get(i) else 0.0 for i in range(len(record.responses))])
+        out = tour.outcome
+        if isinstance(out, TournamentOutcome):
+            share = rewards[-1]
+            choices.append(Pair(out.chosen, out.rejected, share[out.chosen] - share[out.rejected]))
+        else:
+            choices.append(out)  # type: ignore[arg-type]
+    return pair_round(
+        generations, rewards, strategy=selection, length_penalty=0.0, seed=spec.generation.seed, iteration=iteration,
+        samples_per_prompt=spec.generation.samples_per_prompt, truncated=cost["truncated"], choices=choices,
+        comparisons=sum(t.referee.comparisons for t in tours), forward_passes=cost["forward_passes"],
+    )  # fmt: skip
+
+
 
 
 def summary_of(stats: ScoreStats) -> ScoreSummary:
     return ScoreSummary(mean_reward=stats.mean_reward, min_reward=stats.min_reward, max_reward=stats.max_reward,
                         pairs=stats.pairs, ties_dropped=stats.ties_dropped, prompts_left_out=stats.prompts_left_out,
-                        seconds=stats.seconds, details=stats.details)  # fmt: skip
+                        seconds=stats.seconds, details=stats.details, comparisons=stats.comparisons,
+                        forward_passes=stats.forward_passes)  # fmt: skip
 
 
-async def _score(reward, url: str, items: list[dict], transport) -> Batch:
-    client = RewardClient(
+def _client(reward, url: str, transport) -> RewardClient:
+    return RewardClient(
         url, timeout_seconds=reward.timeout_seconds, retry=RetryPolicy(max_retries=reward.max_retries), transport=transport,
         token=os.environ.get(REWARD_TOKEN_ENV) or None,
     )
+
+
+async def _wait(client: RewardClient, reward) -> None:
     ready = await client.wait_ready(reward.startup_timeout_seconds)
     log.info("reward server ready: %s", ready)
+
+
+async def _score(reward, url: str, items: list[dict], transport) -> Batch:
+    client = _client(reward, url, transport)
+    await _wait(client, reward)
     done, step = [0], max(1, len(items) // 10)
 
     def progress(n: int) -> None:

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from iterdpo_reward_server.gate import Gate
 from iterdpo_reward_server.problems import on_validation_error, problem, validation_response
 from iterdpo_reward_server.schemas import (
+    CompareResponse,
     GetRewardResponse,
     Liveness,
     Problem,
@@ -37,11 +38,12 @@ from iterdpo_reward_server.schemas import (
     ScoreResponse,
     Unscored,
     ValidationProblem,
+    compare_request_model,
     get_reward_request_model,
     score_request_model,
 )
 from iterdpo_reward_server.scorers import Scorer, scorer_kind
-from iterdpo_reward_server.scoring import ScoreInput, ScoringError, UnscorableItem
+from iterdpo_reward_server.scoring import CompareInput, ScoreInput, ScoringError, UnscorableItem, compare_by_scores
 from iterdpo_reward_server.settings import Settings
 from iterdpo_reward_server.waiting import ForwardQueue, QueueFull
 
@@ -107,6 +109,8 @@ def create_app(settings: Settings, *, loader: Loader | None = None, on_fatal: Ca
     app.include_router(router)
     app.add_api_route("/v1/score", _score_route(settings), methods=["POST"], response_model=ScoreResponse,
                       responses=SCORE_RESPONSES)  # fmt: skip
+    app.add_api_route("/v1/compare", _compare_route(settings), methods=["POST"], response_model=CompareResponse,
+                      responses=SCORE_RESPONSES, summary="Which of two responses is better")  # fmt: skip
     app.add_api_route("/get_reward", _get_reward_route(settings), methods=["POST"], response_model=GetRewardResponse,
                       responses=SCORE_RESPONSES, summary="OpenRLHF-compatible remote reward")  # fmt: skip
     # Outside the routing: it answers before FastAPI reads (and parses) the body.
@@ -135,12 +139,13 @@ async def readyz(request: Request, scorer: Scorer = Depends(ready_scorer)) -> Re
     return Readiness(model=settings.reward.model, kind=settings.reward.kind)
 
 
-async def _run(request: Request, scorer: Scorer, items: list[ScoreInput], where: Callable[[UnscorableItem], list]):
-    """Score `items` in the model's turn; the result, or the error response (`where`: an
-    unscorable item's location in the request body)."""
+async def _run(request: Request, scorer: Scorer, items: list, where: Callable[[UnscorableItem], list], call=None):
+    """Score (or `call(scorer, items)`) in the model's turn; the result, or the error response
+    (`where`: an unscorable item's location in the request body)."""
+    work = scorer.score if call is None else (lambda batch: call(scorer, batch))
     try:
         async with request.app.state.forward_queue.turn():
-            return await anyio.to_thread.run_sync(scorer.score, items)
+            return await anyio.to_thread.run_sync(work, items)
     except QueueFull as full:
         raise HTTPException(status_code=429, headers={"Retry-After": str(full.retry_after)},
                             detail=f"{full.waiting} requests are already waiting for the model (--max-queue)") from None  # fmt: skip
@@ -170,6 +175,29 @@ def _score_route(settings: Settings):
                              details=result.details)  # fmt: skip
 
     return score
+
+
+def _compare(scorer, items):
+    """A pairwise scorer compares itself; any other kind through its scores (Bradley-Terry)."""
+    compare = getattr(scorer, "compare", None)
+    return compare(items) if compare is not None else compare_by_scores(scorer, items)
+
+
+def _compare_route(settings: Settings):
+    """POST /v1/compare: which of two responses is better, per item."""
+    CompareRequest = compare_request_model(settings.max_items, settings.max_item_chars)
+
+    async def compare(body: CompareRequest, request: Request, scorer: Scorer = Depends(ready_scorer)):
+        items = [CompareInput([m.model_dump() for m in item.messages], item.a, item.b, item.answer) for item in body.items]
+        result = await _run(request, scorer, items, lambda exc: ["body", "items", exc.index, exc.field], call=_compare)
+        if isinstance(result, JSONResponse):
+            return result
+        reward = request.app.state.settings.reward
+        return CompareResponse(probabilities=result.probabilities, model=reward.model, kind=reward.kind,
+                               forward_passes=result.forward_passes, truncated=result.truncated,
+                               unscored=[Unscored(index=i, reason=why) for i, why in sorted(result.unscored.items())])  # fmt: skip
+
+    return compare
 
 
 def _get_reward_route(settings: Settings):

@@ -23,10 +23,21 @@ import functools
 import logging
 import math
 import threading
+from dataclasses import dataclass, field
 from typing import Sequence
 
-from iterdpo.errors import StageError
-from iterdpo_reward_server.scoring import ScoreInput, ScoreResult, ScoringError, UnscorableItem, encode, pack, render
+from iterdpo_reward_server.scoring import (
+    ScoreInput,
+    ScorerError,
+    ScoreResult,
+    ScoringError,
+    UnscorableItem,
+    encode,
+    model_config,
+    pack,
+    render,
+)
+from iterdpo.padding import right_padded
 from iterdpo_reward_server.settings import Settings
 
 log = logging.getLogger("iterdpo.reward_server")
@@ -43,7 +54,7 @@ ARMO_OBJECTIVES = (
 _PROBE = "iterdpoprobe"
 
 
-class MultiObjectiveError(StageError):
+class MultiObjectiveError(ScorerError):
     """The checkpoint is not of ArmoRM's layout, or the run asks for objectives it lacks."""
 
 
@@ -126,30 +137,31 @@ def model_class():
     return MultiObjectiveRewardModel
 
 
+@dataclass
 class MultiObjectiveScorer:
-    def __init__(self, settings: Settings, model, tokenizer, pattern: list[int], names: list[str], pad_id: int, device: str):
-        self.settings = settings
-        self.model = model
-        self.tokenizer = tokenizer
-        self.pattern = pattern
-        self.names = names
-        self.pad_id = pad_id
-        self.device = device
-        weights = settings.reward.objective_weights
-        self.weights = None if weights is None else [weights.get(name, 0.0) for name in names]
-        self._lock = threading.Lock()
+    settings: Settings
+    model: object
+    tokenizer: object
+    pattern: list[int]  # the gating network's token pattern
+    names: list[str]  # the objectives, in the regression layer's order
+    pad_id: int
+    device: str
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def weights(self) -> list[float] | None:
+        """spec.reward.objectiveWeights in objective order (0 for the rest), or None: the gated score."""
+        weights = self.settings.reward.objective_weights
+        return None if weights is None else [weights.get(name, 0.0) for name in self.names]
 
     @staticmethod
     def preflight(settings: Settings):
         """Config, tokenizer, template and objective names: every check but the weights. Returns
         (tokenizer, pattern, names, config)."""
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         reward = settings.reward
-        try:
-            config = AutoConfig.from_pretrained(reward.model)
-        except (OSError, ValueError) as exc:
-            raise MultiObjectiveError(f"spec.reward.model: cannot read a model config from {reward.model}: {exc}") from None
+        config = model_config(reward.model)
         architectures = config.architectures or []
         if ARCHITECTURE not in architectures or not getattr(config, "num_objectives", None):
             raise MultiObjectiveError(
@@ -205,7 +217,7 @@ class MultiObjectiveScorer:
                                    + (" (cut off by maxLength)" if encoded.truncated else ""))  # fmt: skip
             sequences.append(encoded.ids)
             gates.append(gate)
-        n = len(self.names)
+        n, weights = len(self.names), self.weights
         rewards: list[list[float] | None] = [None] * len(items)
         scores: list[float | None] = [None] * len(items)
         live = [i for i in range(len(items)) if i not in unscored]
@@ -213,18 +225,13 @@ class MultiObjectiveScorer:
         with self._lock, torch.inference_mode():
             for group in groups:
                 rows = [live[k] for k in group]
-                longest = max(len(sequences[i]) for i in rows)
-                ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(rows), longest), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
-                    mask[r, : len(sequences[i])] = 1
-                last = torch.tensor([len(sequences[i]) - 1 for i in rows])
-                gate = torch.tensor([gates[i] for i in rows])
-                objective, _, gated = self.model(ids.to(self.device), mask.to(self.device), last.to(self.device), gate.to(self.device))
+                ids, mask = right_padded([sequences[i] for i in rows], self.pad_id, self.device)
+                last = torch.tensor([len(sequences[i]) - 1 for i in rows], device=self.device)
+                gate = torch.tensor([gates[i] for i in rows], device=self.device)
+                objective, _, gated = self.model(ids, mask, last, gate)
                 for r, i in enumerate(rows):
                     values = objective[r].float().cpu().tolist()
-                    total = gated[r].float().item() if self.weights is None else sum(w * v for w, v in zip(self.weights, values))
+                    total = gated[r].float().item() if weights is None else sum(w * v for w, v in zip(weights, values))
                     if not math.isfinite(total) or not all(math.isfinite(v) for v in values):
                         raise ScoringError(f"the model produced a non-finite score for item {i}")
                     rewards[i], scores[i] = values, total

@@ -23,11 +23,13 @@ from pydantic import ValidationError
 
 from iterdpo.errors import StageError
 from iterdpo.planner import REWARD_TOKEN_ENV
-from iterdpo_reward_server.schemas import ScoreRequest, ScoreResponse
+from iterdpo_reward_server.settings import MAX_ITEM_CHARS, MAX_ITEMS_PER_REQUEST
+from iterdpo_reward_server.schemas import CompareResponse, ScoreRequest, ScoreResponse, compare_request_model
 
 log = logging.getLogger("iterdpo.annotate")
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+CompareRequest = compare_request_model(MAX_ITEMS_PER_REQUEST, MAX_ITEM_CHARS)
 
 
 class RewardClientError(StageError):
@@ -54,6 +56,13 @@ class Batch:
     truncated: int
     unscored: dict[int, str] = field(default_factory=dict)  # item index -> reason
     details: dict[str, list[float | None]] = field(default_factory=dict)  # named parts of each score
+
+
+@dataclass(frozen=True)
+class Comparisons:
+    probabilities: list[float]  # p(a beats b), in item order
+    forward_passes: int
+    truncated: int
 
 
 def concat(batches: Sequence[Batch]) -> Batch:
@@ -122,14 +131,23 @@ class RewardClient:
         self, items: Sequence[dict], *, request_size: int, concurrency: int, progress: Callable[[int], None] | None = None
     ) -> Batch:
         """Scores of every item, in order: requests of `request_size` items, `concurrency` in flight."""
+        return concat(await self._all(self._score_request, items, request_size, concurrency, progress))
+
+    async def compare_all(self, items: Sequence[dict], *, request_size: int, concurrency: int) -> Comparisons:
+        """p(a beats b) of every {messages, a, b} item, in order (POST /v1/compare)."""
+        parts = await self._all(self._compare_request, items, request_size, concurrency, None)
+        probabilities = [p for part in parts for p in part.probabilities]
+        return Comparisons(probabilities, sum(p.forward_passes for p in parts), sum(p.truncated for p in parts))
+
+    async def _all(self, request, items, request_size, concurrency, progress) -> list:
         ranges = chunk(len(items), request_size)
-        results: list[Batch | None] = [None] * len(ranges)
+        results: list = [None] * len(ranges)
         gate = asyncio.Semaphore(concurrency)
         async with self._client() as client:
 
             async def one(k: int, span: range) -> None:
                 async with gate:
-                    results[k] = await self._score_request(client, [items[i] for i in span])
+                    results[k] = await request(client, [items[i] for i in span])
                 if progress is not None:
                     progress(len(span))
 
@@ -139,7 +157,7 @@ class RewardClient:
                         group.create_task(one(k, span))
             except BaseExceptionGroup as group_error:  # the first failure cancels the rest; report it
                 raise group_error.exceptions[0] from None
-        return concat(results)  # type: ignore[arg-type]
+        return results
 
     async def score(self, items: Sequence[dict]) -> Batch:
         """One request (with retries)."""
@@ -147,20 +165,26 @@ class RewardClient:
             return await self._score_request(client, items)
 
     async def _score_request(self, client: httpx.AsyncClient, items: Sequence[dict]) -> Batch:
+        return await self._request(client, "/v1/score", ScoreRequest, items, _parse)
+
+    async def _compare_request(self, client: httpx.AsyncClient, items: Sequence[dict]) -> Comparisons:
+        return await self._request(client, "/v1/compare", CompareRequest, items, _parse_comparisons)
+
+    async def _request(self, client: httpx.AsyncClient, path: str, model, items: Sequence[dict], parse):
         try:
-            body = ScoreRequest.model_validate({"items": list(items)}).model_dump_json()
+            body = model.model_validate({"items": list(items)}).model_dump_json()
         except ValidationError as exc:
             e = exc.errors()[0]
             raise RewardClientError(f"not a valid scoring request: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
         for attempt in range(self.retry.max_retries + 1):
             retry_after = None
             try:
-                r = await client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+                r = await client.post(path, content=body, headers={"content-type": "application/json"})
             except httpx.TransportError as exc:
                 problem = _describe_transport(exc)
             else:
                 if r.status_code == 200:
-                    return _parse(r, len(items))
+                    return parse(r, len(items))
                 problem = f"HTTP {r.status_code}: {_server_message(r)}"
                 if r.status_code == 401:
                     raise RewardClientError(
@@ -180,11 +204,15 @@ class RewardClient:
         raise AssertionError("unreachable")
 
 
-def _parse(r: httpx.Response, expected: int) -> Batch:
+def _body(r: httpx.Response, model):
     try:
-        body = ScoreResponse.model_validate_json(r.content)
+        return model.model_validate_json(r.content)
     except ValidationError as exc:
-        raise RewardClientError(f"the reward server's answer is not a ScoreResponse: {exc.errors()[0]['msg']}") from None
+        raise RewardClientError(f"the reward server's answer is not a {model.__name__}: {exc.errors()[0]['msg']}") from None
+
+
+def _parse(r: httpx.Response, expected: int) -> Batch:
+    body = _body(r, ScoreResponse)
     if len(body.scores) != expected:
         raise RewardClientError(f"the reward server answered {len(body.scores)} scores for {expected} items")
     unscored = {u.index: u.reason for u in body.unscored}
@@ -193,6 +221,16 @@ def _parse(r: httpx.Response, expected: int) -> Batch:
     if any(len(values) != expected for values in body.details.values()):
         raise RewardClientError(f"the reward server's details do not have one value per item ({expected})")
     return Batch(body.scores, body.truncated, unscored, body.details)
+
+
+def _parse_comparisons(r: httpx.Response, expected: int) -> Comparisons:
+    body = _body(r, CompareResponse)
+    if len(body.probabilities) != expected:
+        raise RewardClientError(f"the reward server answered {len(body.probabilities)} comparisons for {expected} items")
+    if body.unscored or any(p is None or not 0.0 <= p <= 1.0 for p in body.probabilities):
+        why = body.unscored[0].reason if body.unscored else "a probability outside [0, 1]"
+        raise RewardClientError(f"the reward server could not compare every pair: {why}")
+    return Comparisons(body.probabilities, body.forward_passes, body.truncated)  # type: ignore[arg-type]
 
 
 def _server_message(r: httpx.Response) -> str:

@@ -58,6 +58,7 @@ def judge(run, judge_reward: RewardSpec) -> list[RoundJudgement]:
     from transformers.utils import logging as hf_logging
 
     from iterdpo_reward_server.scorers import scorer_kind
+    from iterdpo_reward_server.scoring import ScoreInput
     from iterdpo_reward_server.settings import Settings
 
     hf_logging.disable_progress_bar()
@@ -71,7 +72,7 @@ def judge(run, judge_reward: RewardSpec) -> list[RoundJudgement]:
             out.append(RoundJudgement(t, 0, None, None))
             continue
         records = read_lines(path, ScoredRecord)
-        items = [([m.model_dump() for m in r.prompt], response) for r in records for response in r.responses]
+        items = [ScoreInput([m.model_dump() for m in r.prompt], response, r.answer) for r in records for response in r.responses]
         proxy = [reward for r in records for reward in r.rewards]
         scores = scorer.score(items).scores if items else []
         out.append(RoundJudgement(t, len(items), _mean(proxy), _mean(scores)))

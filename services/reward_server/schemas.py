@@ -31,16 +31,26 @@ def valid_unicode(text: str) -> str:
     return text
 
 
-@functools.cache
-def score_request_model(max_items: int, max_item_chars: int) -> type[BaseModel]:
-    """The ScoreRequest model for these limits (one class per pair of limits)."""
-    Text = Annotated[str, Field(max_length=max_item_chars), AfterValidator(valid_unicode)]
+def text_type(max_item_chars: int):
+    return Annotated[str, Field(max_length=max_item_chars), AfterValidator(valid_unicode)]
 
+
+@functools.cache
+def message_model(max_item_chars: int) -> type[BaseModel]:
     class Message(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
         role: Literal["system", "user", "assistant"]
-        content: Text
+        content: text_type(max_item_chars)  # type: ignore[valid-type]
+
+    return Message
+
+
+@functools.cache
+def score_request_model(max_items: int, max_item_chars: int) -> type[BaseModel]:
+    """The ScoreRequest model for these limits (one class per pair of limits)."""
+    Text = text_type(max_item_chars)
+    Message = message_model(max_item_chars)
 
     class ScoreItem(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -62,9 +72,31 @@ def score_request_model(max_items: int, max_item_chars: int) -> type[BaseModel]:
 
 
 @functools.cache
+def compare_request_model(max_items: int, max_item_chars: int) -> type[BaseModel]:
+    """The CompareRequest model (`POST /v1/compare`) for these limits."""
+    Text = text_type(max_item_chars)
+    Message = message_model(max_item_chars)
+
+    class CompareItem(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        messages: Annotated[list[Message], Field(min_length=1)] = Field(description="The prompt conversation.")
+        a: Text = Field(description="One response.")
+        b: Text = Field(description="The other.")
+        answer: Text | None = Field(default=None, description="The prompt's gold answer (kind verifiable).")
+
+    class CompareRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        items: Annotated[list[CompareItem], Field(min_length=1, max_length=max_items)]
+
+    return CompareRequest
+
+
+@functools.cache
 def get_reward_request_model(max_items: int, max_item_chars: int) -> type[BaseModel]:
     """OpenRLHF's remote reward request (`POST /get_reward`) for these limits."""
-    Text = Annotated[str, Field(max_length=max_item_chars), AfterValidator(valid_unicode)]
+    Text = text_type(max_item_chars)
     Texts = Annotated[list[Text], Field(min_length=1, max_length=max_items)]
 
     class GetRewardRequest(BaseModel):
@@ -109,6 +141,18 @@ class ScoreResponse(BaseModel):
         default_factory=dict,
         description="Named parts of each score, one value per item (verifiable: correct and answered, 1 or 0).",
     )
+
+
+class CompareResponse(BaseModel):
+    probabilities: list[float | None] = Field(
+        description="Per item, the probability that `a` is the better response (kind pairwise: both orders averaged; "
+        "other kinds: sigmoid(score(a) - score(b))); null for an item in `unscored`."
+    )
+    model: str | None
+    kind: str
+    forward_passes: int = Field(description="Sequences the model read for this request (pairwise: 2 per item).")
+    truncated: int = Field(description="Sequences truncated from the left to --max-length.")
+    unscored: list[Unscored] = Field(default_factory=list, description="Items without a probability, and why.")
 
 
 class GetRewardResponse(BaseModel):

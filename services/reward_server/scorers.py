@@ -12,18 +12,24 @@ import logging
 import threading
 from typing import Protocol, Sequence
 
-from iterdpo.errors import StageError
-from iterdpo_reward_server.scoring import ScoreInput, ScoreResult, UnscorableItem, encode, forward, pack, render
+from iterdpo_reward_server.scoring import (  # noqa: F401  (ScorerError: this registry's error, defined with the rest)
+    ScoreInput,
+    ScoreResult,
+    ScorerError,
+    UnscorableItem,
+    encode,
+    forward,
+    model_config,
+    pack,
+    render,
+)
 from iterdpo_reward_server.settings import Settings
 from iterdpo_reward_server.armo import MultiObjectiveScorer
 from iterdpo_reward_server.composite import CompositeScorer, LengthScorer
+from iterdpo_reward_server.pairwise import PairwiseScorer
 from iterdpo_reward_server.verifiable import VerifiableScorer
 
 log = logging.getLogger("iterdpo.reward_server")
-
-
-class ScorerError(StageError):
-    """The model cannot be served as the asked-for kind; the message says why."""
 
 
 class Scorer(Protocol):
@@ -45,12 +51,9 @@ class BradleyTerryScorer:
     @staticmethod
     def preflight(settings: Settings):
         """Cheap checks (config + tokenizer, no weights): fail before serving. Returns the tokenizer."""
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        try:
-            config = AutoConfig.from_pretrained(settings.reward.model)
-        except (OSError, ValueError) as exc:
-            raise ScorerError(f"spec.reward.model (--model): cannot read a model config from {settings.reward.model}: {exc}") from None
+        config = model_config(settings.reward.model)
         num_labels = config.num_labels
         if num_labels != 1:
             raise ScorerError(
@@ -118,6 +121,7 @@ class BradleyTerryScorer:
 SCORERS: dict[str, type] = {
     "bradley-terry": BradleyTerryScorer,
     "multi-objective": MultiObjectiveScorer,
+    "pairwise": PairwiseScorer,
     "verifiable": VerifiableScorer,
     "length": LengthScorer,
     "composite": CompositeScorer,

@@ -18,6 +18,23 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
+from iterdpo.errors import StageError
+from iterdpo.padding import right_padded
+
+
+class ScorerError(StageError):
+    """The model cannot be served as the asked-for kind; the message says why."""
+
+
+def model_config(model: str):
+    """The transformers config of `model`, or a ScorerError naming spec.reward.model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise ScorerError(f"spec.reward.model (--model): cannot read a model config from {model}: {exc}") from None
+
 
 class ScoringError(RuntimeError):
     """The model gave something that is not a usable score."""
@@ -56,6 +73,41 @@ class ScoreResult:
     # Named parts of each score, one value per item (verifiable: correct, answered): their
     # means per round are reported; None where the item has no score.
     details: dict[str, list[float | None]] = field(default_factory=dict)
+
+
+class CompareInput(NamedTuple):
+    """Two responses to one prompt: which answers it better?"""
+
+    messages: Sequence[dict]
+    a: str
+    b: str
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    probabilities: list[float | None]  # p(a beats b) per item; None where `unscored` says why
+    forward_passes: int  # sequences run through the model
+    truncated: int
+    unscored: dict[int, str] = field(default_factory=dict)
+
+
+def compare_by_scores(scorer, items: Sequence[CompareInput]) -> CompareResult:
+    """A comparison from a scorer of single responses: the Bradley-Terry probability
+    sigmoid(score(a) - score(b)); equal scores give 0.5 exactly."""
+    flat = [ScoreInput(item.messages, response, item.answer) for item in items for response in (item.a, item.b)]
+    result = scorer.score(flat)
+    probabilities: list[float | None] = []
+    unscored: dict[int, str] = {}
+    for i in range(len(items)):
+        sa, sb = result.scores[2 * i], result.scores[2 * i + 1]
+        if sa is None or sb is None:
+            unscored[i] = result.unscored.get(2 * i) or result.unscored.get(2 * i + 1) or "not scored"
+            probabilities.append(None)
+        else:
+            d = sa - sb
+            probabilities.append(1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d)))
+    return CompareResult(probabilities, len(flat), result.truncated, unscored)
 
 
 def render(tokenizer, messages: Sequence[dict], response: str, chat_template: str | None = None) -> str:
@@ -103,14 +155,8 @@ def forward(model, sequences: Sequence[list[int]], groups: list[list[int]], *, p
     scores: list[float | None] = [None] * len(sequences)
     with torch.inference_mode():
         for group in groups:
-            longest = max(len(sequences[i]) for i in group)
-            input_ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(group), longest), dtype=torch.long)
-            for row, i in enumerate(group):
-                n = len(sequences[i])
-                input_ids[row, :n] = torch.tensor(sequences[i], dtype=torch.long)
-                attention[row, :n] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            input_ids, attention = right_padded([sequences[i] for i in group], pad_id, device)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
             for row, value in zip(group, logits[:, 0].float().cpu().tolist()):
                 if not math.isfinite(value):
                     raise ScoringError(f"the model produced a non-finite score ({value}) for item {row}")

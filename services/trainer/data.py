@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from iterdpo.chat import assistant_turn
+from iterdpo.padding import right_padded
 from iterdpo.contracts import PairRecord, read_lines
 from iterdpo.errors import StageError
 
@@ -98,13 +99,7 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Te
 
 def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), [N, longest], each row's tokens first, padding after."""
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
+    return right_padded(sequences, pad_token_id)
 
 
 def pad_token_id(tokenizer) -> int:

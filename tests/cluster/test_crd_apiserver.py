@@ -230,6 +230,8 @@ INVALID = {
                                  "spec.reward.objectiveWeights", "is only used by kind multi-objective (kind is 'bradley-terry')"),
     "multi-objective trained": ({"reward": {"kind": "multi-objective"}}, "spec.reward.training",
                                 "use kind bradley-terry"),
+    "selection without pairwise": ({"pairing": {"selection": "bracket"}}, "spec.pairing.selection",
+                                   "is only used by reward kind pairwise"),
 }  # fmt: skip
 
 
@@ -277,6 +279,11 @@ def test_rules_pass_when_satisfied(crd, ns):
     body = minimal_run("rule-reward")  # kind verifiable: no reward model, gold answers in the prompt set
     body["spec"]["reward"] = {"kind": "verifiable", "verifiable": {"answerFormat": "any"}}
     body["spec"]["prompts"]["answerField"] = "answer"
+    IterativeDPORun.model_validate(body)
+    create(crd, ns, body)
+    body = minimal_run("pairwise")  # a pairwise judge, pairs from a bracket
+    body["spec"]["reward"] = {"kind": "pairwise", "model": "org/pm"}
+    body["spec"]["pairing"] = {"selection": "bracket"}
     IterativeDPORun.model_validate(body)
     create(crd, ns, body)
     body = minimal_run("composite")  # a reward model, a rule and a length penalty, summed

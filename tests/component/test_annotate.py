@@ -112,7 +112,8 @@ def test_annotate_end_to_end(server, tiny, tmp_path, monkeypatch, capsys):
 
     summary = read_summary(summary_path, ScoreSummary)
     assert summary.model_dump(by_alias=True) == {"stage": "score", **{k: stats[k] for k in (
-        "meanReward", "minReward", "maxReward", "pairs", "tiesDropped", "promptsLeftOut", "seconds", "details")}}
+        "meanReward", "minReward", "maxReward", "pairs", "tiesDropped", "promptsLeftOut", "seconds", "details",
+        "comparisons", "forwardPasses")}}
 
     # A rerun is a no-op that re-emits the summary (the server is not even needed).
     before = {p: p.stat().st_mtime_ns for p in layout.stage_dir(1, Stage.SCORE).iterdir()}

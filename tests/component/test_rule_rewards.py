@@ -253,3 +253,76 @@ def test_multi_objective_leaves_out_a_conversation_without_the_gating_tokens(tin
         body = client.post("/v1/score", json={"items": items}).json()
     assert body["scores"][0] is None and body["scores"][1] is not None
     assert body["unscored"][0]["reason"].endswith("(cut off by maxLength)") and body["truncated"] == 1
+
+
+# --- pairwise: the report's pair-pm reading, and /v1/compare ------------------------------------
+
+
+def test_pairwise_text_is_the_reports_byte_for_byte(tiny):
+    from transformers import AutoTokenizer
+
+    from iterdpo_reward_server.pairwise import CONTEXT_TEMPLATE, pairwise_text
+
+    tok = AutoTokenizer.from_pretrained(tiny.policy)
+    one = [{"role": "user", "content": "q"}]
+    three = [*one, {"role": "assistant", "content": "r"}, {"role": "user", "content": "q2"}]
+    # Hugging Face's compiler (trim_blocks, lstrip_blocks), as the report's code renders it ...
+    assert tok.apply_chat_template(one, chat_template=CONTEXT_TEMPLATE, tokenize=False) == "\n\n<turn> user\n q\n"
+    assert tok.apply_chat_template(three, chat_template=CONTEXT_TEMPLATE, tokenize=False) == (
+        "\n\n<turn> user\n q\n<turn> assistant\n r\n<turn> user\n q2\n")
+    # ... and then one user turn of the judge's own template, no generation prompt, no BOS.
+    assert pairwise_text(tok, one, "x", "y") == "<|user|>[CONTEXT] \n\n<turn> user\n q\n [RESPONSE A] x [RESPONSE B] y \n<|eos|>"
+    bos_template = "{{ bos_token }}" + tok.chat_template
+    assert pairwise_text(tok, one, "x", "y", bos_template) == pairwise_text(tok, one, "x", "y")
+
+
+def test_pairwise_compare_averages_both_orders_of_a_direct_forward(tiny):
+    """A causal LM read as a pairwise judge (the tiny policy: its preferences are arbitrary,
+    the reading is what is checked): served probabilities equal p(A) computed by hand."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from iterdpo_reward_server.pairwise import pairwise_text
+
+    tok = AutoTokenizer.from_pretrained(tiny.policy)
+    model = AutoModelForCausalLM.from_pretrained(tiny.policy).eval()
+    a_id, b_id = tok.encode("A", add_special_tokens=False)[0], tok.encode("B", add_special_tokens=False)[0]
+
+    def p_a(first, second):
+        ids = tok(pairwise_text(tok, Q, first, second), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, [a_id, b_id]]
+        return torch.softmax(logits, -1)[0].item()
+
+    pairs = [("the river is kind", "the river is cruel"), ("calm", "a much longer answer about the stone"), ("same", "same")]
+    settings = Settings(reward=RewardSpec(kind="pairwise", model=str(tiny.policy), max_length=256))
+    with TestClient(create_app(settings)) as client:
+        _ready(client)
+        body = client.post("/v1/compare", json={"items": [{"messages": Q, "a": a, "b": b} for a, b in pairs]}).json()
+        flipped = client.post("/v1/compare", json={"items": [{"messages": Q, "a": b, "b": a} for a, b in pairs]}).json()
+        r = client.post("/v1/score", json={"items": [{"messages": Q, "response": "x"}]})
+    expected = [(p_a(a, b) + 1 - p_a(b, a)) / 2 for a, b in pairs]
+    assert body["probabilities"] == pytest.approx(expected, abs=1e-5)
+    assert [p + q for p, q in zip(body["probabilities"], flipped["probabilities"])] == pytest.approx([1.0] * 3, abs=1e-6)
+    assert body["probabilities"][2] == 0.5 and body["forward_passes"] == 6 and body["kind"] == "pairwise"
+    assert r.status_code == 422 and "POST /v1/compare" in r.json()["detail"][0]["msg"]
+
+
+def test_compare_on_a_scoring_kind_is_the_bradley_terry_probability(tiny):
+    import math
+
+    settings = Settings(reward=RewardSpec(model=str(tiny.reward), max_length=256))
+    responses = ["the river is kind and calm", "the river is cruel"]
+    with TestClient(create_app(settings)) as client:
+        _ready(client)
+        s = client.post("/v1/score", json={"items": [{"messages": Q, "response": r} for r in responses]}).json()["scores"]
+        p = client.post("/v1/compare", json={"items": [{"messages": Q, "a": responses[0], "b": responses[1]}]}).json()
+    assert p["probabilities"] == pytest.approx([1 / (1 + math.exp(s[1] - s[0]))], abs=1e-6)
+    assert p["forward_passes"] == 2
+
+
+def test_pairwise_refuses_a_classifier(tiny):
+    from iterdpo_reward_server.pairwise import PairwiseError, PairwiseScorer
+
+    with pytest.raises(PairwiseError, match="reads a causal LM's next-token logits"):
+        PairwiseScorer.preflight(Settings(reward=RewardSpec(kind="pairwise", model=str(tiny.reward))))

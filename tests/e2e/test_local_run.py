@@ -366,41 +366,66 @@ def test_verifiable_reward_two_rounds_answers_more_and_accounts_for_every_prompt
     assert len(scored) == len(rows) - 2 and all(r["answer"] is not None for r in scored)
 
 
-def run_one_round(tiny, tmp_path: Path, name: str, reward: dict) -> tuple[Path, dict]:
-    """One small round (16 prompts, K=4) with this spec.reward; (workdir, its status entry)."""
+def test_composite_of_a_multi_objective_model_and_a_length_penalty(tiny, tmp_path):
+    """Reward kinds composite and multi-objective end to end, in one run (one server): ArmoRM's
+    layout (the tiny armo/) as one term and a length penalty as the other. The round's mean
+    reward is the weighted sum of its terms' means, and status names every term and objective."""
     run_file = write_tiny_run(
-        tmp_path / f"{name}.yaml", tiny, name=name, reward=reward,
+        tmp_path / "mix.yaml", tiny, name="mix",
         prompts={"dataset": str(tiny.prompts[0]), "maxPrompts": 16},
         generation={"samplesPerPrompt": 4, "maxNewTokens": 16},
+        reward={"model": None, "kind": "composite", "components": [
+            {"name": "armo", "kind": "multi-objective", "model": str(tiny.armo)},
+            {"name": "length", "kind": "length", "weight": -0.02}]},
         training={"learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0,
                   "maxLength": 96, "maxPromptLength": 40, "gradientCheckpointing": False},
     )  # fmt: skip
     workdir = tmp_path / "runs"
     result = run_cli("run", str(run_file), "--workdir", str(workdir))
     assert result.returncode == 0, result.stdout + result.stderr
-    (it,) = status_of(workdir, name)["iterations"]
-    return workdir, it
-
-
-def test_composite_reward_reports_each_term_and_sums_them(tiny, tmp_path):
-    """Reward kind composite end to end: the tiny reward model plus a length penalty, one server.
-    The round's mean reward is the weighted sum of its terms' means, each in status."""
-    workdir, it = run_one_round(tiny, tmp_path, "mix", {"model": None, "kind": "composite", "components": [
-        {"name": "rm", "kind": "bradley-terry", "model": str(tiny.reward)},
-        {"name": "length", "kind": "length", "weight": -0.02}]})  # fmt: skip
-    s = it["scoring"]
-    assert set(s["details"]) == {"rm", "length"} and s["details"]["length"] > 0
-    assert s["meanReward"] == pytest.approx(s["details"]["rm"] - 0.02 * s["details"]["length"], abs=1e-3)
+    (it,) = status_of(workdir, "mix")["iterations"]
+    s, d = it["scoring"], it["scoring"]["details"]
+    assert set(d) == {"armo", "armo.kindness", "armo.harshness", "armo.brevity", "length"} and d["length"] > 0
+    assert s["meanReward"] == pytest.approx(d["armo"] - 0.02 * d["length"], abs=1e-3)
+    assert d["armo.kindness"] == pytest.approx(-d["armo.harshness"], abs=1e-3)
+    assert s["pairs"] + s["tiesDropped"] + s["promptsLeftOut"] == 16 and s["pairs"] > 0
     scored = [json.loads(line) for line in (workdir / "mix" / "iter-01" / "score" / "scored.jsonl").read_text().splitlines()]
     assert sum(len(r["responses"]) for r in scored) == 64
-
-
-def test_multi_objective_reward_scores_a_round_and_reports_every_objective(tiny, tmp_path):
-    """Reward kind multi-objective end to end on a checkpoint of ArmoRM's layout: the round is
-    paired by the gated score, and status carries each objective's mean by name."""
-    _, it = run_one_round(tiny, tmp_path, "armo", {"model": str(tiny.armo), "kind": "multi-objective"})
-    s = it["scoring"]
-    assert set(s["details"]) == {"kindness", "harshness", "brevity"}
-    assert s["details"]["kindness"] == pytest.approx(-s["details"]["harshness"], abs=1e-3)
-    assert s["pairs"] + s["tiesDropped"] + s["promptsLeftOut"] == 16 and s["pairs"] > 0
     assert Path(it["training"]["checkpoint"]).is_dir()
+    # A gold judge reads the same samples with another reward model (iterdpo judge).
+    judged = run_cli("judge", str(run_file), "--model", str(tiny.reward), "--workdir", str(workdir))
+    assert judged.returncode == 0, judged.stdout + judged.stderr
+    row = next(line.split() for line in judged.stdout.splitlines() if line.split()[:2] == ["1", "64"])
+    assert float(row[2]) == pytest.approx(s["meanReward"], abs=1e-3) and -10 < float(row[3]) < 10
+
+
+def test_pairwise_reward_pairs_by_tournament_for_two_rounds(tiny, tmp_path):
+    """Reward kind pairwise end to end: every prompt's pair from a bracket of comparisons sent
+    to /v1/compare in lockstep, counted in stats and status. The judge is the tiny policy read
+    as a pairwise model: its preferences are arbitrary; the mechanics are what is checked."""
+    from iterdpo.tournament import expected_comparisons
+
+    run_file = write_tiny_run(
+        tmp_path / "pw.yaml", tiny, name="pw", iterations=2,
+        prompts={"dataset": None, "perIteration": [{"dataset": str(p), "maxPrompts": 16} for p in tiny.prompts[:2]]},
+        generation={"samplesPerPrompt": 4, "maxNewTokens": 16},
+        reward={"model": str(tiny.policy), "kind": "pairwise"},
+        pairing={"selection": "bracket"},
+        training={"learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0,
+                  "maxLength": 96, "maxPromptLength": 40, "gradientCheckpointing": False},
+    )  # fmt: skip
+    workdir = tmp_path / "runs"
+    result = run_cli("run", str(run_file), "--workdir", str(workdir), timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = status_of(workdir, "pw")
+    assert status["phase"] == "Succeeded" and len(status["iterations"]) == 2
+    for it in status["iterations"]:
+        s = it["scoring"]
+        assert s["comparisons"] == 16 * expected_comparisons("bracket", 4)
+        assert 0 < s["forwardPasses"] <= 2 * s["comparisons"]  # identical responses tie without the model
+        assert s["pairs"] + s["tiesDropped"] + s["promptsLeftOut"] == 16 and s["pairs"] > 0
+        assert 0.0 <= s["minReward"] <= s["maxReward"] <= 1.0  # a response's share of comparisons won
+    stats = json.loads((workdir / "pw" / "iter-01" / "score" / "stats.json").read_text())
+    assert stats["strategy"] == "bracket" and stats["comparisons"] == 64
+    pairs = [json.loads(line) for line in (workdir / "pw" / "iter-01" / "score" / "pairs.jsonl").read_text().splitlines()]
+    assert all(p["chosen"] != p["rejected"] and p["chosen_reward"] > p["rejected_reward"] for p in pairs)

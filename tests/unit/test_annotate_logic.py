@@ -442,3 +442,38 @@ def test_a_null_score_without_its_reason_is_refused():
 
     with pytest.raises(RewardClientError, match="null score must come with its reason"):
         asyncio.run(_client(handler).score(ITEMS[:2]))
+
+
+def test_pairwise_annotation_runs_tournaments_over_compare_and_counts_them(tmp_path: Path):
+    """Kind pairwise, server mocked as a judge that prefers the longer response: each prompt's
+    pair is its longest vs its shortest (a bracket finds both), identical responses tie without
+    a request, and stats count comparisons and forward passes."""
+    from iterdpo.runfile import parse_run
+    from iterdpo.tournament import expected_comparisons
+    from iterdpo_reward_server.annotate import annotate
+
+    run = parse_run({"apiVersion": "iterdpo.io/v1alpha1", "kind": "IterativeDPORun", "metadata": {"name": "pw"},
+                     "spec": {"policy": {"model": "/m/p"}, "prompts": {"dataset": "/d/p.jsonl"},
+                              "generation": {"samplesPerPrompt": 4}, "storage": {"root": str(tmp_path)},
+                              "reward": {"kind": "pairwise", "model": "/m/pm"}, "pairing": {"selection": "bracket"}}})  # fmt: skip
+    layout = RunLayout.of(run)
+    _write_shard(layout, 0, 1, [_row("a", ["xx", "x", "xxxx", "xxx"]), _row("same", ["y"] * 4)])
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/readyz":
+            return httpx.Response(200, json={"status": "ready", "model": "/m/pm", "kind": "pairwise"})
+        assert request.url.path == "/v1/compare"
+        items = json.loads(request.content)["items"]
+        sent.extend(items)
+        probs = [1.0 if len(i["a"]) > len(i["b"]) else 0.0 for i in items]
+        return httpx.Response(200, json={"probabilities": probs, "model": "/m/pm", "kind": "pairwise",
+                                         "forward_passes": 2 * len(items), "truncated": 0})  # fmt: skip
+
+    stats = annotate(run, 1, "http://rm.test", transport=httpx.MockTransport(handler))
+    per_prompt = expected_comparisons("bracket", 4)
+    assert stats.comparisons == 2 * per_prompt and stats.forward_passes == 2 * per_prompt  # "same" asked nothing
+    assert len(sent) == per_prompt and stats.strategy == "bracket"
+    assert (stats.pairs, stats.ties_dropped) == (1, 1)
+    (pair,) = [json.loads(line) for line in layout.pairs_file(1).read_text().splitlines()]
+    assert (pair["chosen"], pair["rejected"]) == ("xxxx", "x") and pair["chosen_reward"] == 1.0

@@ -162,7 +162,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
     """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
     from iterdpo.spec import RULES
 
-    assert len(RULES) == len({r.blames for r in RULES}) == 25
+    assert len(RULES) == len({r.blames for r in RULES}) == 26
     assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
     for rule in RULES:
         node = root["properties"]["spec"]
@@ -223,6 +223,7 @@ def test_each_rule_is_checked_by_the_model_and_blames_its_field():
         "prompts.answerField": {"reward": {"kind": "verifiable", "model": None}},
         "reward.components": {"reward": {"kind": "composite", "model": None}},
         "reward.objectiveWeights": {"reward": {"objectiveWeights": {"helpsteer-correctness": 1.0}}},
+        "pairing.selection": {"pairing": {"selection": "bracket"}},
     }  # fmt: skip
     assert set(breakers) == {r.blames for r in RULES}
     for blames, change in breakers.items():

@@ -55,7 +55,7 @@ def test_valid_run_gets_defaults():
          "'max_min', 'max_random', 'max_max', 'random' or 'max_min_length_penalty'"),
         ("spec.training.loss.beta", -0.1, "spec.training.loss.beta: must be > 0.0 (got -0.1)"),
         ("spec.reference", "latest", "spec.reference: unknown value 'latest'; allowed: 'initial' or 'previous'"),
-        ("spec.reward.kind", "armo", "spec.reward.kind: unknown value 'armo'; allowed: 'bradley-terry', 'multi-objective', 'verifiable', 'length' or 'composite'"),
+        ("spec.reward.kind", "armo", "spec.reward.kind: unknown value 'armo'; allowed: 'bradley-terry', 'multi-objective', 'pairwise', 'verifiable', 'length' or 'composite'"),
         ("spec.training.zeroStage", 4, "spec.training.zeroStage: unknown value 4; allowed: 0, 1, 2 or 3"),
         ("spec.training.precision", "fp8", "spec.training.precision: unknown value 'fp8'; allowed: 'bf16', 'fp16' or 'fp32'"),
         ("spec.generation.topP", 1.5, "spec.generation.topP: must be <= 1.0 (got 1.5)"),
@@ -294,3 +294,21 @@ def test_multi_objective_reads_a_model_and_only_it_weighs_objectives():
     bt = copy.deepcopy(VALID)
     bt["spec"]["reward"]["objectiveWeights"] = {"x": 1.0}
     assert problems(bt) == ["spec.reward.objectiveWeights: is only used by kind multi-objective (kind is 'bradley-terry')"]
+
+
+def test_pairwise_picks_pairs_by_selection_and_only_it_does():
+    data = copy.deepcopy(VALID)
+    data["spec"]["reward"] = {"kind": "pairwise", "model": "RLHFlow/pair-preference-model-LLaMA3-8B"}
+    data["spec"]["pairing"] = {"selection": "all-pairs"}
+    assert parse_run(data).spec.pairing.selection == "all-pairs"
+    data["spec"]["pairing"]["strategy"] = "max_random"
+    assert problems(data) == ["spec.pairing.selection: kind pairwise picks each pair by pairing.selection, so "
+                              "pairing.strategy ('max_random') would not be used: remove it"]  # fmt: skip
+    bt = copy.deepcopy(VALID)
+    bt["spec"]["pairing"] = {"selection": "bracket"}
+    assert problems(bt) == ["spec.pairing.selection: is only used by reward kind pairwise (kind is 'bradley-terry')"]
+    [bad] = problems({**data, "spec": {**data["spec"], "pairing": {"selection": "swiss"}}})
+    assert bad.startswith("spec.pairing.selection: unknown value 'swiss'; allowed: 'bracket', 'knockout-random'")
+    composite = copy.deepcopy(VALID)
+    composite["spec"]["reward"] = {"kind": "composite", "components": [{"name": "pm", "kind": "pairwise", "model": "org/pm"}]}
+    assert problems(composite)[0].startswith("spec.reward.components.0.kind: unknown value 'pairwise'")
