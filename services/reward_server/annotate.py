@@ -1,8 +1,11 @@
 """`iterdpo annotate`: score a round's generations over HTTP, pair them, count every prompt.
 
-Every prompt the generator was given ends in exactly one of: a pair, a dropped
-tie, or `leftOut` with its reason (the generator's, or fewer than 2 responses
-here); `promptsIn == pairs + tiesDropped + promptsLeftOut` is checked before
+Two ways to a pair, by the reward kind: a kind that scores each response (`POST /v1/score`)
+is paired by `pairing.strategy`; kind pairwise, which only compares two, runs each prompt's
+tournament (`pairing.selection`, iterdpo/tournament.py) over `POST /v1/compare`, all prompts
+in lockstep. Every prompt the generator was given ends in exactly one of: a pair, a dropped
+tie, or `leftOut` with its reason (the generator's, fewer than 2 responses, or the server's
+reason for not scoring it); `promptsIn == pairs + tiesDropped + promptsLeftOut` is checked before
 anything is written. A prompt with a response count other than K is paired all
 the same (if it has 2) and counted in `promptsNotK`, never skipped silently.
 stats.json is written last: it is the stage's completion marker, and a rerun

@@ -88,7 +88,8 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="iterdpo serve-reward",
-        description="Serve a reward model over HTTP: POST /v1/score, GET /healthz, GET /readyz.",
+        description="Serve a reward model (or a rule) over HTTP: POST /v1/score, POST /v1/compare, POST /get_reward "
+        "(OpenRLHF), GET /healthz, GET /readyz.",
     )
     p.add_argument("--spec", type=Path, help="run file: serve its spec.reward (how the planner starts the server)")
     for name in SERVER_FIELDS:  # standalone use: spec.reward's fields as flags
