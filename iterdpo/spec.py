@@ -52,7 +52,8 @@ SCORER_KINDS = {
 # of their own (a rule, or composite's components), and a reward pod that loads no model asks
 # for no GPU.
 MODEL_KINDS = ("bradley-terry", "multi-objective", "pairwise")
-COMPONENT_KINDS = tuple(k for k in SCORER_KINDS if k not in ("composite", "pairwise"))  # a term scores one response
+COMPARING_KINDS = ("pairwise",)  # judge two responses, score none: paired by pairing.selection's tournament
+COMPONENT_KINDS = tuple(k for k in SCORER_KINDS if k != "composite" and k not in COMPARING_KINDS)  # a term scores one
 MAX_COMPONENTS = 8
 TERM_NAME = StringFormat(
     "term name",
@@ -511,6 +512,11 @@ class RewardSpec(_Model):
         return self.reads_model or any(c.kind in MODEL_KINDS for c in self.components or [])
 
     @property
+    def compares(self) -> bool:
+        """This kind judges two responses and scores none: pairs come from pairing.selection."""
+        return self.kind in COMPARING_KINDS
+
+    @property
     def checks_answers(self) -> bool:
         """Some term is verifiable: every prompt needs its gold answer."""
         return self.kind == "verifiable" or any(c.kind == "verifiable" for c in self.components or [])
@@ -864,6 +870,18 @@ def _component_problems(components: list[RewardComponent]) -> list[str]:
     return problems
 
 
+def _kind_option(field: str, attr: str, kind: str) -> Rule:
+    """spec.reward.<field>, an option of one reward kind: set only with that kind."""
+    return Rule(
+        "reward", field,
+        lambda r: getattr(r, attr) is None or r.kind == kind,
+        lambda r: f"is only used by kind {kind} (kind is {r.kind!r})",
+        f"!has(self.{field}) || self.kind == '{kind}'",
+        f"is only used by kind {kind}",
+        f"\"is only used by kind {kind} (kind is '\" + self.kind + \"')\"",
+    )  # fmt: skip
+
+
 def _round_sources(s: IterativeDPORunSpec) -> list[RoundPromptSource]:
     return list(s.prompts.per_iteration) if s.prompts.per_iteration else [s.prompts]
 
@@ -965,22 +983,8 @@ RULES: tuple[Rule, ...] = (
         "is required by kind composite and only used by it; each component names a model exactly when its kind "
         f"reads one ({', '.join(MODEL_KINDS)}), sets verifiable only with kind verifiable, and has a name of its own",
     ),
-    Rule(
-        "reward", "objectiveWeights",
-        lambda r: r.objective_weights is None or r.kind == "multi-objective",
-        lambda r: f"is only used by kind multi-objective (kind is {r.kind!r})",
-        "!has(self.objectiveWeights) || self.kind == 'multi-objective'",
-        "is only used by kind multi-objective",
-        "\"is only used by kind multi-objective (kind is '\" + self.kind + \"')\"",
-    ),
-    Rule(
-        "reward", "verifiable",
-        lambda r: r.verifiable is None or r.kind == "verifiable",
-        lambda r: f"is only used by kind verifiable (kind is {r.kind!r})",
-        "!has(self.verifiable) || self.kind == 'verifiable'",
-        "is only used by kind verifiable",
-        "\"is only used by kind verifiable (kind is '\" + self.kind + \"')\"",
-    ),
+    _kind_option("objectiveWeights", "objective_weights", "multi-objective"),
+    _kind_option("verifiable", "verifiable", "verifiable"),
     Rule(
         "", "prompts.answerField",
         lambda s: not s.reward.checks_answers or all(p.answer_field for p in _round_sources(s)),
@@ -1039,9 +1043,9 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "", "pairing.selection",
-        lambda s: (s.pairing.selection is None or s.reward.kind == "pairwise")
-        and (s.reward.kind != "pairwise" or s.pairing.strategy == "max_min"),
-        lambda s: f"is only used by reward kind pairwise (kind is {s.reward.kind!r})" if s.reward.kind != "pairwise"
+        lambda s: (s.pairing.selection is None or s.reward.compares)
+        and (not s.reward.compares or s.pairing.strategy == "max_min"),
+        lambda s: f"is only used by reward kind pairwise (kind is {s.reward.kind!r})" if not s.reward.compares
         else f"kind pairwise picks each pair by pairing.selection, so pairing.strategy ({s.pairing.strategy!r}) "
         "would not be used: remove it",
         "(!has(self.pairing.selection) || self.reward.kind == 'pairwise') && "

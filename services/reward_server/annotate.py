@@ -35,7 +35,8 @@ from iterdpo.runfile import load_for_stage
 from iterdpo.spec import IterativeDPORun
 from iterdpo.stages import ScoreSummary, Stage
 from iterdpo.summary import emit_summary
-from iterdpo_reward_server.client import Batch, RetryPolicy, RewardClient
+from iterdpo_reward_server.client import RetryPolicy, RewardClient
+from iterdpo_reward_server.scoring import ScoreResult
 from iterdpo_reward_server.shards import RoundGenerations, read_round
 
 log = logging.getLogger("iterdpo.annotate")
@@ -146,7 +147,7 @@ def unique_items(generations: RoundGenerations) -> tuple[list[dict], list[int]]:
     return items, where
 
 
-def record_rewards(spans: list[list[int]], batch: Batch) -> list[list[float] | str]:
+def record_rewards(spans: list[list[int]], batch: ScoreResult) -> list[list[float] | str]:
     """Each record's rewards in response order (`spans`: its responses' item indices),
     or why the server could not score it."""
     out: list[list[float] | str] = []
@@ -156,7 +157,7 @@ def record_rewards(spans: list[list[int]], batch: Batch) -> list[list[float] | s
     return out
 
 
-def detail_means(batch: Batch, spans: list[list[int]], rewards: list[list[float] | str]) -> dict[str, float]:
+def detail_means(batch: ScoreResult, spans: list[list[int]], rewards: list[list[float] | str]) -> dict[str, float]:
     """The mean of each named part of the reward over the round's scored responses."""
     means = {}
     for name, values in batch.details.items():
@@ -193,7 +194,7 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
         "round %d: %d prompts in, %d responses, %d distinct to score",
         iteration, generations.prompts_in, len(where), len(items),
     )
-    if spec.reward.kind == "pairwise":  # a judge of two responses: each prompt's pair from a tournament
+    if spec.reward.compares:  # a judge of two responses: each prompt's pair from a tournament
         outcome = _pair_by_comparisons(run, iteration, generations, reward_url, transport)
     else:
         outcome = _pair_by_scores(run, iteration, generations, items, where, reward_url, transport)
@@ -207,13 +208,13 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
 
 def _pair_by_scores(run, iteration, generations, items, where, reward_url, transport) -> Outcome:
     spec = run.spec
-    batch = asyncio.run(_score(spec.reward, reward_url, items, transport)) if items else Batch([], 0)
+    batch = asyncio.run(_score(spec.reward, reward_url, items, transport)) if items else ScoreResult([], 0)
     bad = [s for s in batch.scores if s is not None and not math.isfinite(s)]
     if bad:
         raise StageError(f"the reward server returned {len(bad)} non-finite scores")
     spans = split(where, [len(g.responses) for g in generations.records])
     rewards = record_rewards(spans, batch)
-    outcome = pair_round(
+    return pair_round(
         generations,
         rewards,
         strategy=spec.pairing.strategy,
@@ -224,7 +225,6 @@ def _pair_by_scores(run, iteration, generations, items, where, reward_url, trans
         truncated=batch.truncated,
         details=detail_means(batch, spans, rewards),
     )
-    return outcome
 
 
 def _pair_by_comparisons(run, iteration, generations, reward_url, transport) -> Outcome:
@@ -239,6 +239,10 @@ def _pair_by_comparisons(run, iteration, generations, reward_url, transport) -> 
     asyncio.run(_wait(client, spec.reward))
     cost = {"forward_passes": 0, "truncated": 0}
 
+    # Each prompt's part of a comparison item, built once (its messages and gold answer).
+    prompt_of = [{"messages": [m.model_dump() for m in r.prompt], **({} if r.answer is None else {"answer": r.answer})}
+                 for r in records]  # fmt: skip
+
     def compare(asked: list[tuple[int, int, int]]) -> list[float]:
         out: list[float | None] = [None] * len(asked)
         items, slots = [], []
@@ -247,8 +251,7 @@ def _pair_by_comparisons(run, iteration, generations, reward_url, transport) -> 
             if ra == rb:
                 out[n] = 0.5  # identical responses tie exactly, without the model
                 continue
-            answer = {} if records[t].answer is None else {"answer": records[t].answer}
-            items.append({"messages": [m.model_dump() for m in records[t].prompt], "a": ra, "b": rb, **answer})
+            items.append({**prompt_of[t], "a": ra, "b": rb})
             slots.append(n)
         if items:
             got = asyncio.run(client.compare_all(items, request_size=spec.reward.request_batch_size,
@@ -280,8 +283,6 @@ def _pair_by_comparisons(run, iteration, generations, reward_url, transport) -> 
     )  # fmt: skip
 
 
-
-
 def summary_of(stats: ScoreStats) -> ScoreSummary:
     return ScoreSummary(mean_reward=stats.mean_reward, min_reward=stats.min_reward, max_reward=stats.max_reward,
                         pairs=stats.pairs, ties_dropped=stats.ties_dropped, prompts_left_out=stats.prompts_left_out,
@@ -301,7 +302,7 @@ async def _wait(client: RewardClient, reward) -> None:
     log.info("reward server ready: %s", ready)
 
 
-async def _score(reward, url: str, items: list[dict], transport) -> Batch:
+async def _score(reward, url: str, items: list[dict], transport) -> ScoreResult:
     client = _client(reward, url, transport)
     await _wait(client, reward)
     done, step = [0], max(1, len(items) // 10)

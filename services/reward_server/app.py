@@ -139,10 +139,9 @@ async def readyz(request: Request, scorer: Scorer = Depends(ready_scorer)) -> Re
     return Readiness(model=settings.reward.model, kind=settings.reward.kind)
 
 
-async def _run(request: Request, scorer: Scorer, items: list, where: Callable[[UnscorableItem], list], call=None):
-    """Score (or `call(scorer, items)`) in the model's turn; the result, or the error response
-    (`where`: an unscorable item's location in the request body)."""
-    work = scorer.score if call is None else (lambda batch: call(scorer, batch))
+async def _run(request: Request, work: Callable, items: list, where: Callable[[UnscorableItem], list]):
+    """`work(items)` in the model's turn; its result, or the error response (`where`: an
+    unscorable item's location in the request body)."""
     try:
         async with request.app.state.forward_queue.turn():
             return await anyio.to_thread.run_sync(work, items)
@@ -160,19 +159,22 @@ async def _run(request: Request, scorer: Scorer, items: list, where: Callable[[U
         raise HTTPException(status_code=500, detail=f"scoring failed ({type(exc).__name__}); see the server's log") from None
 
 
+def _unscored(reasons: dict[int, str]) -> list[Unscored]:
+    return [Unscored(index=i, reason=why) for i, why in sorted(reasons.items())]
+
+
 def _score_route(settings: Settings):
     """POST /v1/score, its body validated against the settings' limits."""
     ScoreRequest = score_request_model(settings.max_items, settings.max_item_chars)
 
     async def score(body: ScoreRequest, request: Request, scorer: Scorer = Depends(ready_scorer)):
         items = [ScoreInput([m.model_dump() for m in item.messages], item.response, item.answer) for item in body.items]
-        result = await _run(request, scorer, items, lambda exc: ["body", "items", exc.index, exc.field])
+        result = await _run(request, scorer.score, items, lambda exc: ["body", "items", exc.index, exc.field])
         if isinstance(result, JSONResponse):
             return result
         reward = request.app.state.settings.reward
         return ScoreResponse(scores=result.scores, model=reward.model, kind=reward.kind, truncated=result.truncated,
-                             unscored=[Unscored(index=i, reason=why) for i, why in sorted(result.unscored.items())],
-                             details=result.details)  # fmt: skip
+                             unscored=_unscored(result.unscored), details=result.details)  # fmt: skip
 
     return score
 
@@ -189,13 +191,14 @@ def _compare_route(settings: Settings):
 
     async def compare(body: CompareRequest, request: Request, scorer: Scorer = Depends(ready_scorer)):
         items = [CompareInput([m.model_dump() for m in item.messages], item.a, item.b, item.answer) for item in body.items]
-        result = await _run(request, scorer, items, lambda exc: ["body", "items", exc.index, exc.field], call=_compare)
+        result = await _run(request, lambda batch: _compare(scorer, batch), items,
+                            lambda exc: ["body", "items", exc.index, exc.field])  # fmt: skip
         if isinstance(result, JSONResponse):
             return result
         reward = request.app.state.settings.reward
         return CompareResponse(probabilities=result.probabilities, model=reward.model, kind=reward.kind,
                                forward_passes=result.forward_passes, truncated=result.truncated,
-                               unscored=[Unscored(index=i, reason=why) for i, why in sorted(result.unscored.items())])  # fmt: skip
+                               unscored=_unscored(result.unscored))  # fmt: skip
 
     return compare
 
@@ -210,10 +213,10 @@ def _get_reward_route(settings: Settings):
         labels = body.labels or [None] * len(body.query)
         items = [ScoreInput((), query.removeprefix(prompt), label, text=query)
                  for query, prompt, label in zip(body.query, prompts, labels)]  # fmt: skip
-        result = await _run(request, scorer, items, lambda exc: ["body", field_of.get(exc.field, "query"), exc.index])
+        result = await _run(request, scorer.score, items, lambda exc: ["body", field_of.get(exc.field, "query"), exc.index])
         if isinstance(result, JSONResponse):
             return result
         return GetRewardResponse(rewards=result.scores, scores=result.scores, extra_logs=result.details,
-                                 unscored=[Unscored(index=i, reason=why) for i, why in sorted(result.unscored.items())])  # fmt: skip
+                                 unscored=_unscored(result.unscored))  # fmt: skip
 
     return get_reward

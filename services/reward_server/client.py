@@ -25,6 +25,7 @@ from iterdpo.errors import StageError
 from iterdpo.planner import REWARD_TOKEN_ENV
 from iterdpo_reward_server.settings import MAX_ITEM_CHARS, MAX_ITEMS_PER_REQUEST
 from iterdpo_reward_server.schemas import CompareResponse, ScoreRequest, ScoreResponse, compare_request_model
+from iterdpo_reward_server.scoring import CompareResult, ScoreResult
 
 log = logging.getLogger("iterdpo.annotate")
 
@@ -50,23 +51,8 @@ class RetryPolicy:
         return backoff
 
 
-@dataclass(frozen=True)
-class Batch:
-    scores: list[float | None]  # None where `unscored` says why
-    truncated: int
-    unscored: dict[int, str] = field(default_factory=dict)  # item index -> reason
-    details: dict[str, list[float | None]] = field(default_factory=dict)  # named parts of each score
-
-
-@dataclass(frozen=True)
-class Comparisons:
-    probabilities: list[float]  # p(a beats b), in item order
-    forward_passes: int
-    truncated: int
-
-
-def concat(batches: Sequence[Batch]) -> Batch:
-    """Batches of consecutive items as one (indices of `unscored` shifted to match)."""
+def concat(batches: Sequence[ScoreResult]) -> ScoreResult:
+    """Results of consecutive items as one (indices of `unscored` shifted to match)."""
     scores: list[float | None] = []
     unscored: dict[int, str] = {}
     names = list(dict.fromkeys(name for b in batches for name in b.details))
@@ -76,7 +62,7 @@ def concat(batches: Sequence[Batch]) -> Batch:
         for name in names:
             details[name].extend(b.details.get(name, [None] * len(b.scores)))
         scores.extend(b.scores)
-    return Batch(scores, sum(b.truncated for b in batches), unscored, details)
+    return ScoreResult(scores, sum(b.truncated for b in batches), unscored, details)
 
 
 def chunk(n: int, size: int) -> list[range]:
@@ -129,15 +115,15 @@ class RewardClient:
 
     async def score_all(
         self, items: Sequence[dict], *, request_size: int, concurrency: int, progress: Callable[[int], None] | None = None
-    ) -> Batch:
+    ) -> ScoreResult:
         """Scores of every item, in order: requests of `request_size` items, `concurrency` in flight."""
         return concat(await self._all(self._score_request, items, request_size, concurrency, progress))
 
-    async def compare_all(self, items: Sequence[dict], *, request_size: int, concurrency: int) -> Comparisons:
+    async def compare_all(self, items: Sequence[dict], *, request_size: int, concurrency: int) -> CompareResult:
         """p(a beats b) of every {messages, a, b} item, in order (POST /v1/compare)."""
         parts = await self._all(self._compare_request, items, request_size, concurrency, None)
         probabilities = [p for part in parts for p in part.probabilities]
-        return Comparisons(probabilities, sum(p.forward_passes for p in parts), sum(p.truncated for p in parts))
+        return CompareResult(probabilities, sum(p.forward_passes for p in parts), sum(p.truncated for p in parts))
 
     async def _all(self, request, items, request_size, concurrency, progress) -> list:
         ranges = chunk(len(items), request_size)
@@ -159,15 +145,15 @@ class RewardClient:
                 raise group_error.exceptions[0] from None
         return results
 
-    async def score(self, items: Sequence[dict]) -> Batch:
+    async def score(self, items: Sequence[dict]) -> ScoreResult:
         """One request (with retries)."""
         async with self._client() as client:
             return await self._score_request(client, items)
 
-    async def _score_request(self, client: httpx.AsyncClient, items: Sequence[dict]) -> Batch:
+    async def _score_request(self, client: httpx.AsyncClient, items: Sequence[dict]) -> ScoreResult:
         return await self._request(client, "/v1/score", ScoreRequest, items, _parse)
 
-    async def _compare_request(self, client: httpx.AsyncClient, items: Sequence[dict]) -> Comparisons:
+    async def _compare_request(self, client: httpx.AsyncClient, items: Sequence[dict]) -> CompareResult:
         return await self._request(client, "/v1/compare", CompareRequest, items, _parse_comparisons)
 
     async def _request(self, client: httpx.AsyncClient, path: str, model, items: Sequence[dict], parse):
@@ -211,7 +197,7 @@ def _body(r: httpx.Response, model):
         raise RewardClientError(f"the reward server's answer is not a {model.__name__}: {exc.errors()[0]['msg']}") from None
 
 
-def _parse(r: httpx.Response, expected: int) -> Batch:
+def _parse(r: httpx.Response, expected: int) -> ScoreResult:
     body = _body(r, ScoreResponse)
     if len(body.scores) != expected:
         raise RewardClientError(f"the reward server answered {len(body.scores)} scores for {expected} items")
@@ -220,17 +206,17 @@ def _parse(r: httpx.Response, expected: int) -> Batch:
         raise RewardClientError("the reward server's answer is inconsistent: a null score must come with its reason in `unscored`")
     if any(len(values) != expected for values in body.details.values()):
         raise RewardClientError(f"the reward server's details do not have one value per item ({expected})")
-    return Batch(body.scores, body.truncated, unscored, body.details)
+    return ScoreResult(body.scores, body.truncated, unscored, body.details)
 
 
-def _parse_comparisons(r: httpx.Response, expected: int) -> Comparisons:
+def _parse_comparisons(r: httpx.Response, expected: int) -> CompareResult:
     body = _body(r, CompareResponse)
     if len(body.probabilities) != expected:
         raise RewardClientError(f"the reward server answered {len(body.probabilities)} comparisons for {expected} items")
     if body.unscored or any(p is None or not 0.0 <= p <= 1.0 for p in body.probabilities):
         why = body.unscored[0].reason if body.unscored else "a probability outside [0, 1]"
         raise RewardClientError(f"the reward server could not compare every pair: {why}")
-    return Comparisons(body.probabilities, body.forward_passes, body.truncated)  # type: ignore[arg-type]
+    return CompareResult(body.probabilities, body.forward_passes, body.truncated)  # type: ignore[arg-type]
 
 
 def _server_message(r: httpx.Response) -> str:

@@ -16,6 +16,7 @@ with that reason (the annotator leaves its prompt out), never a silent -1.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing
@@ -25,7 +26,6 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import Sequence
 
 from iterdpo.errors import StageError
@@ -55,6 +55,7 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # per worker: the K responses of a prompt share one gold answer
 def _parse_gold(gold: str, seconds: int):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
@@ -100,26 +101,11 @@ def _warm() -> None:
     import math_verify  # noqa: F401  (sympy and the LaTeX parser load once per worker, at start)
 
 
-@dataclass(frozen=True)
-class Values:
-    correct: float
-    wrong: float
-    no_answer: float
-
-    @classmethod
-    def of(cls, rule: VerifiableSpec) -> Values:
-        return cls(rule.correct, rule.wrong_answer, rule.no_answer)
-
-    def reward(self, outcome: str) -> float:
-        return {CORRECT: self.correct, WRONG: self.wrong, NO_ANSWER: self.no_answer}[outcome]
-
-
 class VerifiableScorer:
     """Scores by rule; items must carry their prompt's gold answer (`answer`)."""
 
     def __init__(self, rule: VerifiableSpec, workers: int):
         self.rule = rule
-        self.values = Values.of(rule)
         self.workers = workers
         self._lock = threading.Lock()
         self._pool = self._start_pool()
@@ -162,7 +148,7 @@ class VerifiableScorer:
                 scores.append(None)
                 unscored[index] = "math-verify cannot parse the gold answer (answerField)"
             else:
-                scores.append(self.values.reward(outcome))
+                scores.append({CORRECT: self.rule.correct, WRONG: self.rule.wrong_answer, NO_ANSWER: self.rule.no_answer}[outcome])
         details = {
             "correct": [None if o == BAD_GOLD else float(o == CORRECT) for o in outcomes],
             "answered": [None if o == BAD_GOLD else float(o != NO_ANSWER) for o in outcomes],
@@ -176,8 +162,9 @@ class VerifiableScorer:
         rule = self.rule
         size = max(1, math.ceil(len(tasks) / (self.workers * 4)))
         chunks = [tasks[i : i + size] for i in range(0, len(tasks), size)]
-        # Each check is bounded in its worker; this bounds a worker that stopped answering altogether.
-        budget = 2 * max(1, math.ceil(rule.check_timeout_seconds)) * (size * 3) + 30
+        # Each check is at most three bounded steps in its worker (gold, answer, comparison); twice
+        # that per check, plus a start-up margin, bounds a worker that stopped answering altogether.
+        budget = 2 * 3 * max(1, math.ceil(rule.check_timeout_seconds)) * size + 30
         with self._lock:
             done: list[list[str] | None] = [None] * len(chunks)
             pending = list(range(len(chunks)))

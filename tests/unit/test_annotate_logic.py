@@ -397,11 +397,11 @@ def test_settings_from_the_run_file_are_spec_reward(tmp_path: Path):
 
 def test_an_unscored_record_is_left_out_with_the_servers_reason_and_details_are_averaged():
     from iterdpo_reward_server.annotate import detail_means, record_rewards
-    from iterdpo_reward_server.client import Batch
+    from iterdpo_reward_server.scoring import ScoreResult
 
     generations = RoundGenerations([_gen("a", 2), _gen("bad-gold", 2), _gen("c", 2)], 3, [])
     _, where = unique_items(generations)
-    batch = Batch(
+    batch = ScoreResult(
         scores=[1.0, -1.0, None, None, -0.5, -0.5], truncated=0, unscored={2: "gold?", 3: "gold?"},
         details={"correct": [1.0, 0.0, None, None, 0.0, 0.0], "answered": [1.0, 0.0, None, None, 1.0, 1.0]},
     )  # fmt: skip
@@ -426,10 +426,11 @@ def test_unique_items_carry_the_gold_answer_only_when_there_is_one():
 
 
 def test_concat_shifts_unscored_indices_and_fills_missing_details():
-    from iterdpo_reward_server.client import Batch, concat
+    from iterdpo_reward_server.client import concat
+    from iterdpo_reward_server.scoring import ScoreResult
 
-    a = Batch([1.0, None], 1, {1: "why"}, {"correct": [1.0, None]})
-    b = Batch([None, 2.0], 0, {0: "why not"}, {})
+    a = ScoreResult([1.0, None], 1, {1: "why"}, {"correct": [1.0, None]})
+    b = ScoreResult([None, 2.0], 0, {0: "why not"}, {})
     out = concat([a, b])
     assert out.scores == [1.0, None, None, 2.0] and out.truncated == 1
     assert out.unscored == {1: "why", 2: "why not"}
