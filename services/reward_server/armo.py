@@ -175,6 +175,9 @@ class MultiObjectiveScorer:
         if not template:
             raise MultiObjectiveError(f"the tokenizer of {reward.model} has no chat template: set spec.reward.chatTemplate")
         names = objective_names(config)
+        if len(names) != config.num_objectives:
+            raise MultiObjectiveError(f"{reward.model}: config objective_names lists {len(names)} names for "
+                                      f"num_objectives {config.num_objectives}")  # fmt: skip
         unknown = sorted(set(reward.objective_weights or {}) - set(names))
         if unknown:
             raise MultiObjectiveError(f"spec.reward.objectiveWeights: {reward.model} has no objective {unknown[0]!r}; "
@@ -217,7 +220,7 @@ class MultiObjectiveScorer:
                                    + (" (cut off by maxLength)" if encoded.truncated else ""))  # fmt: skip
             sequences.append(encoded.ids)
             gates.append(gate)
-        n, weights = len(self.names), self.weights
+        weights = self.weights
         rewards: list[list[float] | None] = [None] * len(items)
         scores: list[float | None] = [None] * len(items)
         live = [i for i in range(len(items)) if i not in unscored]
@@ -235,5 +238,5 @@ class MultiObjectiveScorer:
                     if not math.isfinite(total) or not all(math.isfinite(v) for v in values):
                         raise ScoringError(f"the model produced a non-finite score for item {i}")
                     rewards[i], scores[i] = values, total
-        details = {name: [None if r is None else r[k] for r in rewards] for k, name in enumerate(self.names[:n])}
+        details = {name: [None if r is None else r[k] for r in rewards] for k, name in enumerate(self.names)}
         return ScoreResult(scores, truncated, unscored, details)

@@ -234,8 +234,17 @@ def test_multi_objective_serves_armos_forward_and_names_each_objective(tiny):
     assert scores == pytest.approx([2.0 * d[1][1] - d[1][2] for d in direct], abs=1e-5)
 
 
-def test_multi_objective_refuses_other_layouts_and_unknown_objectives(tiny, capsys):
+def test_multi_objective_refuses_other_layouts_and_unknown_objectives(tiny, tmp_path):
+    import json
+    import shutil
+
     from iterdpo_reward_server.armo import MultiObjectiveError, MultiObjectiveScorer
+
+    odd = shutil.copytree(tiny.armo, tmp_path / "armo")
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "objective_names": ["kindness", "harshness"]}))
+    with pytest.raises(MultiObjectiveError, match="objective_names lists 2 names for num_objectives 3"):
+        MultiObjectiveScorer.preflight(Settings(reward=RewardSpec(kind="multi-objective", model=str(odd))))
 
     with pytest.raises(MultiObjectiveError, match="reads ArmoRM's checkpoint layout"):
         MultiObjectiveScorer.preflight(Settings(reward=RewardSpec(kind="multi-objective", model=str(tiny.reward))))
