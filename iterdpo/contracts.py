@@ -244,6 +244,7 @@ class HeldOutMetrics(Camel):
 class RewardModelMetrics(Camel):
     """`iter-00/reward_model/metrics.json`, written after the checkpoint: the reward model is trained."""
 
+    objective: str = Field(default="bradley-terry", description="what it was trained as: spec.reward.kind")
     pairs: int = Field(description="training pairs used")
     pairs_left_out: int = Field(description="rows read but unusable, each in left-out.jsonl")
     left_out_reasons: list[str] = Field(default_factory=list, description="the first few of them")

@@ -52,6 +52,7 @@ SCORER_KINDS = {
 # of their own (a rule, or composite's components), and a reward pod that loads no model asks
 # for no GPU.
 MODEL_KINDS = ("bradley-terry", "multi-objective", "pairwise")
+TRAINABLE_KINDS = ("bradley-terry", "pairwise")  # reward.training trains a model of these kinds (rm_train.OBJECTIVES)
 COMPARING_KINDS = ("pairwise",)  # judge two responses, score none: paired by pairing.selection's tournament
 COMPONENT_KINDS = tuple(k for k in SCORER_KINDS if k != "composite" and k not in COMPARING_KINDS)  # a term scores one
 MAX_COMPONENTS = 8
@@ -333,9 +334,12 @@ class PreferenceDataSpec(_Model):
 
 
 class RewardTrainingSpec(OptimizationSpec):
-    """A Bradley-Terry reward model trained before round 1 (the report's first half); its
-    defaults are the report's (RLHF-Reward-Modeling): lr 2e-6, weight decay 0.001, cosine,
-    warmup 0.03, global batch 512, 1 epoch, ZeRO-3, bf16."""
+    """The reward model trained before round 1 (the report's first half), as reward.kind says:
+    bradley-terry, a score head on both sides of each pair; pairwise, the base taught to answer
+    A or B to the pair in the report's [CONTEXT] ... [RESPONSE A] ... [RESPONSE B] prompt, the
+    chosen side at a seeded random slot, loss on the label token. Its defaults are the report's
+    Bradley-Terry ones (RLHF-Reward-Modeling): lr 2e-6, weight decay 0.001, cosine, warmup 0.03,
+    global batch 512, 1 epoch, ZeRO-3, bf16."""
 
     base: ModelRef = Field(
         description="Model the reward model starts from (a causal LM gets a one-label score head): a local path "
@@ -999,14 +1003,21 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "reward", "training",
-        lambda r: r.training is None or (r.model is None and r.kind not in ("multi-objective", "pairwise")),
-        lambda r: f"trains a Bradley-Terry model, which kind {r.kind} cannot read: use kind bradley-terry, "
-        f"or name the {r.kind} model in reward.model" if r.kind in ("multi-objective", "pairwise")
+        lambda r: r.training is None or (r.model is None and (r.kind in TRAINABLE_KINDS or not r.reads_model)),
+        lambda r: f"trains a {' or '.join(TRAINABLE_KINDS)} model, not a {r.kind} one: use one of those kinds, "
+        f"or name the {r.kind} model in reward.model" if r.model is None
         else f"trains the reward model every round scores with, so reward.model ({short(r.model)}) would "
         "not be used: remove reward.model (the base to train from is reward.training.base)",
-        "!has(self.training) || (!has(self.model) && !(self.kind in ['multi-objective', 'pairwise']))",
-        "trains the (Bradley-Terry) reward model every round scores with: remove reward.model (the base to train "
-        "from is reward.training.base), and use kind bradley-terry",
+        f"!has(self.training) || (!has(self.model) && !(self.kind in {_cel_list(tuple(k for k in MODEL_KINDS if k not in TRAINABLE_KINDS))}))",
+        "trains the reward model every round scores with (kind "
+        f"{' or '.join(TRAINABLE_KINDS)}): remove reward.model (the base to train from is reward.training.base)",
+    ),
+    Rule(
+        "reward", "training.data.marginField",
+        lambda r: r.training is None or r.kind != "pairwise" or r.training.data.margin_field is None,
+        lambda r: "is a Bradley-Terry margin; kind pairwise trains on which side won, not by how much: remove it",
+        "!has(self.training) || self.kind != 'pairwise' || !has(self.training.data.marginField)",
+        "is a Bradley-Terry margin; kind pairwise trains on which side won, not by how much: remove it",
     ),
     Rule(
         "reward.training", "heldOutSplit",

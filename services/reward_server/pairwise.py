@@ -1,17 +1,10 @@
 """Reward kind `pairwise`: a causal-LM preference model, read as the report's pair-pm code reads it.
 
-The model (e.g. RLHFlow/pair-preference-model-LLaMA3-8B) was trained to answer `A` or `B`
-to one user turn:
-
-    [CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \\n
-
-where `context` is the conversation rendered with the "plain" template below through Hugging
-Face's chat-template compiler (trim_blocks and lstrip_blocks on: a plain Jinja render gives a
-different string). That turn is rendered with the model's own chat template, no generation
-prompt, the BOS string removed, and encoded without special tokens. p(A) is the softmax of the
-`A` and `B` logits at the last position; both orders are scored and averaged against position
-bias: p(a beats b) = (p_A(a, b) + 1 - p_A(b, a)) / 2, so identical responses tie at 0.5 exactly.
-Each comparison costs two forward sequences (`forward_passes`).
+The model (e.g. RLHFlow/pair-preference-model-LLaMA3-8B, or one the RewardModel stage trained) was
+trained to answer `A` or `B` to one user turn; what it reads is `iterdpo.pairwise_prompt`'s, shared
+with the trainer. p(A) is the softmax of the `A` and `B` logits at the last position; both orders
+are scored and averaged against position bias: p(a beats b) = (p_A(a, b) + 1 - p_A(b, a)) / 2, so
+identical responses tie at 0.5 exactly. Each comparison costs two forward sequences (`forward_passes`).
 """
 
 from __future__ import annotations
@@ -29,40 +22,18 @@ from iterdpo_reward_server.scoring import (
     ScorerError,
     ScoringError,
     UnscorableItem,
-    encode,
     model_config,
     pack,
 )
 from iterdpo.padding import right_padded
+from iterdpo.pairwise_prompt import label_ids, pairwise_ids, pairwise_text
 from iterdpo_reward_server.settings import Settings
 
 log = logging.getLogger("iterdpo.reward_server")
 
-CONTEXT_TEMPLATE = (
-    "\n{% for message in messages %}{% if loop.index0 % 2 == 0 %}\n\n<turn> user\n {{ message['content'] }}"
-    "{% else %}\n\n<turn> assistant\n {{ message['content'] }}{% endif %}{% endfor %}\n\n\n"
-)
-PROMPT = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \n"
-
 
 class PairwiseError(ScorerError):
     """The checkpoint cannot be read as a pairwise preference model; the message says why."""
-
-
-def pairwise_text(tokenizer, messages: Sequence[dict], a: str, b: str, chat_template: str | None = None) -> str:
-    """The text the model reads to say which of `a` and `b` answers `messages` better."""
-    context = tokenizer.apply_chat_template(list(messages), chat_template=CONTEXT_TEMPLATE, tokenize=False)
-    turn = [{"role": "user", "content": PROMPT.format(context=context, a=a, b=b)}]
-    text = tokenizer.apply_chat_template(turn, chat_template=chat_template, tokenize=False)
-    return text.replace(tokenizer.bos_token, "") if tokenizer.bos_token else text
-
-
-def label_ids(tokenizer) -> tuple[int, int]:
-    """The single tokens `A` and `B`, or a PairwiseError."""
-    ids = [tokenizer.encode(label, add_special_tokens=False) for label in ("A", "B")]
-    if any(len(i) != 1 for i in ids):
-        raise PairwiseError(f"kind pairwise reads the logits of the tokens 'A' and 'B'; this tokenizer splits them: {ids}")
-    return ids[0][0], ids[1][0]
 
 
 @dataclass
@@ -88,7 +59,10 @@ class PairwiseScorer:
         tokenizer = AutoTokenizer.from_pretrained(reward.model)
         if not (reward.chat_template or tokenizer.chat_template):
             raise PairwiseError(f"the tokenizer of {reward.model} has no chat template: set spec.reward.chatTemplate")
-        return tokenizer, label_ids(tokenizer)
+        labels = label_ids(tokenizer)
+        if isinstance(labels, str):
+            raise PairwiseError(labels)
+        return tokenizer, labels
 
     @classmethod
     def load(cls, settings: Settings) -> PairwiseScorer:
@@ -117,7 +91,7 @@ class PairwiseScorer:
                     text = pairwise_text(self.tokenizer, item.messages, first, second, reward.chat_template)
                 except Exception as exc:  # the template's own checks
                     raise UnscorableItem(index, f"the chat template cannot format this comparison: {exc}") from None
-                encoded = encode(self.tokenizer, text, reward.max_length)
+                encoded = pairwise_ids(self.tokenizer, text, reward.max_length)
                 truncated += encoded.truncated
                 sequences.append(encoded.ids)
         p_first = self._p_a(sequences)

@@ -18,13 +18,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from iterdpo.errors import StageError
 from iterdpo.prompts import clipped
+from iterdpo_trainer.data import right_pad
 from iterdpo_trainer.preferences import LeftOutRow, PreferencePair
 
 PAD_TOKEN = "[PAD]"  # what the report adds when the tokenizer has no pad token
 
 
 class BTLoss(NamedTuple):
+    """Per-pair figures of a reward-model objective (the pairwise one returns the same shape)."""
+
     losses: torch.Tensor  # [B] -log sigmoid(r_c - r_r - margin); the training loss is their mean
     correct: torch.Tensor  # [B] 1.0 where r_c > r_r (a tie is wrong), detached: accuracy = mean
     margins: torch.Tensor  # [B] r_c - r_r, detached (the data's margin not subtracted)
@@ -141,7 +145,7 @@ def encode_pair(tokenizer, pair: PreferencePair, *, max_length: int, chat_templa
 
 @dataclass(frozen=True)
 class EncodedPairs:
-    pairs: list[EncodedPair]  # usable ones, in input order
+    pairs: list  # usable ones, in input order (EncodedPair; pair_pm.PairwiseExample for kind pairwise)
     unusable: list[LeftOutRow]  # the rest, each with its reason
     truncated: int  # usable pairs with either side truncated
 
@@ -158,6 +162,65 @@ def encode_pairs(
         else:
             usable.append(encoded)
     return EncodedPairs(usable, unusable, sum(p.truncated for p in usable))
+
+
+# -- the objective rm_train runs ----------------------------------------------------------
+class BradleyTerry:
+    """The objective `OBJECTIVES["bradley-terry"]` of rm_train: a one-label score head, bt_loss."""
+
+    name = "bradley-terry"
+
+    def check_base(self, base: str) -> None:
+        """Any causal-LM or sequence-classification base takes a score head."""
+
+    def encode_pairs(self, tokenizer, pairs: Sequence[PreferencePair], *, max_length: int,
+                     chat_template: str | None = None, seed: int = 0) -> EncodedPairs:  # fmt: skip
+        return encode_pairs(tokenizer, pairs, max_length=max_length, chat_template=chat_template)
+
+    def check(self, pairs: Sequence[EncodedPair], pad_token_id: int, what: str) -> None:
+        """Every side non-empty, and not ending with the pad id (the head would read the wrong token)."""
+        for pair in pairs:
+            for side, encoded in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+                if not encoded.ids:
+                    raise StageError(f"{what} pair (row {pair.row}): {side} has no tokens")
+                if encoded.ids[-1] == pad_token_id:
+                    raise StageError(
+                        f"{what} pair (row {pair.row}): {side} ends with the pad token (id {pad_token_id}), so the "
+                        "score head would read an earlier token: use a tokenizer whose pad token differs from its "
+                        "end-of-turn tokens"
+                    )
+
+    def load_model(self, base: str, dtype):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
+
+    def train_losses(self, model, pairs: Sequence[EncodedPair], pad_token_id: int, device) -> BTLoss:
+        batch = collate(pairs, pad_token_id)
+        chosen, rejected = pair_rewards(model, batch, device)
+        margin = batch.get("margin")
+        return bt_loss(chosen, rejected, None if margin is None else margin.to(device))
+
+    def held_out(self, model, pairs: Sequence[EncodedPair], pad_token_id: int, device) -> BTLoss:
+        return bt_loss(*pair_rewards(model, collate(pairs, pad_token_id), device))
+
+
+def collate(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded [2B, L] batch: rows [0, B) chosen, [B, 2B) rejected; margins [B] or absent."""
+    input_ids, attention_mask = right_pad([p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs], pad_token_id)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if all(p.margin is not None for p in pairs):
+        batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def pair_rewards(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [B], r_rejected [B]) in one forward of both halves."""
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+    ).logits[:, 0]
+    half = logits.shape[0] // 2
+    return logits[:half], logits[half:]
 
 
 # -- the pad token ----------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""The RewardModel stage: train the run's Bradley-Terry reward model once, before round 1.
+"""The RewardModel stage: train the run's reward model once, before round 1.
 
     DS_ACCELERATOR=cpu torchrun --nproc-per-node P -m iterdpo_trainer.reward_model --spec RUN --iteration 0
 
 (on GPUs, without DS_ACCELERATOR). It reads `spec.reward.training`: the preference data
 (`preferences.read_preferences`, every row counted), holds out a seeded share of the pairs or
-reads a held-out split, encodes both sides with the base's tokenizer and the reward model's
-template (`spec.reward.chatTemplate`, else the base's), truncated from the left to
-`spec.reward.maxLength` (`bt.encode_pairs`), then trains (`rm_train.train_reward_model`).
+reads a held-out split, encodes them with the base's tokenizer and the reward model's template
+(`spec.reward.chatTemplate`, else the base's), truncated from the left to `spec.reward.maxLength`,
+then trains (`rm_train.train_reward_model`). The objective follows `spec.reward.kind`
+(`rm_train.OBJECTIVES`): kind bradley-terry trains a score head on both sides (`bt`), kind
+pairwise teaches the base to name the better of the two in the report's A/B prompt (`pair_pm`).
 
 Writes, under `iter-00/reward_model/`: `left-out.jsonl` (every row that is not a pair, with its
 split, row and reason), `model/` (the Hugging Face checkpoint that every round's Score serves)
@@ -18,6 +20,7 @@ way on every rank, at once.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import random
 import sys
@@ -30,7 +33,7 @@ from iterdpo.spec import IterativeDPORun, PreferenceDataSpec
 from iterdpo.stages import LEFT_OUT_SHOWN, REASON_CHARS, RewardModelSummary, Stage
 from iterdpo.yamlfile import clip
 
-from iterdpo_trainer import bt, cli
+from iterdpo_trainer import cli
 from iterdpo_trainer.preferences import LeftOutRow, PreferencePair, PreferenceSource, read_preferences
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,9 @@ class Inputs:
     run: IterativeDPORun
     layout: RunLayout
     tokenizer: object
-    train: list[bt.EncodedPair]
-    held_out: list[bt.EncodedPair]
+    objective: object  # an rm_train.OBJECTIVES entry
+    train: list
+    held_out: list
     left_out: list[LeftOutPair]
 
 
@@ -88,12 +92,14 @@ def summary_of(metrics: RewardModelMetrics) -> RewardModelSummary:
 
 def prepare(run: IterativeDPORun, rank: int) -> Inputs:
     """Read, split, check and encode the pairs; rank 0 writes left-out.jsonl. No process group."""
-    from iterdpo_trainer.rm_train import load_tokenizer
+    from iterdpo_trainer.rm_train import OBJECTIVES, load_tokenizer
 
     spec = run.spec.reward
     training = spec.training
     assert training is not None  # load_for_stage: the stage runs only when it is set
     layout = RunLayout.of(run)
+    objective = OBJECTIVES[spec.kind]()
+    objective.check_base(training.base)
     read = read_preferences(source_of(training.data), field_path=FIELD)
     left_out = _left_out(read.left_out, training.data.split)
     log.info("%s: %d rows -> %d pairs (%s format), %d left out", training.data.dataset, read.rows_in,
@@ -105,16 +111,20 @@ def prepare(run: IterativeDPORun, rank: int) -> Inputs:
         left_out += _left_out(held.left_out, training.held_out_split)
     else:
         train_pairs, held_pairs = split_held_out(read.pairs, training.held_out, training.seed)
+    if read.margins and objective.name != "bradley-terry":
+        log.warning("kind %s has no use for a per-pair margin: the margins of %s are not used", spec.kind,
+                    training.data.dataset)  # fmt: skip
     tokenizer = load_tokenizer(training.base, spec.chat_template)
-    encoded_train = bt.encode_pairs(tokenizer, train_pairs, max_length=spec.max_length, chat_template=spec.chat_template)
-    encoded_held = bt.encode_pairs(tokenizer, held_pairs, max_length=spec.max_length, chat_template=spec.chat_template)
+    encode = functools.partial(objective.encode_pairs, tokenizer, max_length=spec.max_length,
+                               chat_template=spec.chat_template, seed=training.seed)  # fmt: skip
+    encoded_train, encoded_held = encode(train_pairs), encode(held_pairs)
     left_out += _left_out(encoded_train.unusable, training.data.split)
     left_out += _left_out(encoded_held.unusable, training.held_out_split or training.data.split)
     if rank == 0:
         write_lines(layout.reward_model_left_out(), left_out)
     log.info("%d training pairs (%d truncated), %d held out, %d rows left out (%s)", len(encoded_train.pairs),
              encoded_train.truncated, len(encoded_held.pairs), len(left_out), layout.reward_model_left_out())  # fmt: skip
-    return Inputs(run, layout, tokenizer, encoded_train.pairs, encoded_held.pairs, left_out)
+    return Inputs(run, layout, tokenizer, objective, encoded_train.pairs, encoded_held.pairs, left_out)
 
 
 def _left_out(rows: list[LeftOutRow], split: str) -> list[LeftOutPair]:
@@ -136,14 +146,15 @@ def train(run: IterativeDPORun, rank: int, started: float) -> RewardModelMetrics
         held_out=inputs.held_out, destination=inputs.layout.reward_model(),
         metrics_path=inputs.layout.reward_model_metrics(), pairs_left_out=len(inputs.left_out),
         left_out_reasons=[p.reason for p in inputs.left_out[:LEFT_OUT_SHOWN]], started=started,
+        objective=inputs.objective,
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(
         argv, prog=PROG, first_round=0,
-        description="RewardModel stage (round 0, before round 1): train the run's Bradley-Terry reward model "
-        "on spec.reward.training's preference pairs with DeepSpeed; writes iter-00/reward_model/model "
+        description="RewardModel stage (round 0, before round 1): train the run's reward model (Bradley-Terry, "
+        "or pairwise with kind pairwise) on spec.reward.training's preference pairs with DeepSpeed; writes iter-00/reward_model/model "
         "(Hugging Face checkpoint), left-out.jsonl and metrics.json.",
     )  # fmt: skip
     return cli.launch(args, PROG, _main, label="reward-model")

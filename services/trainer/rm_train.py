@@ -1,9 +1,15 @@
-"""Train a Bradley-Terry reward model on DeepSpeed ZeRO (0-3) under torchrun.
+"""Train a reward model on DeepSpeed ZeRO (0-3) under torchrun, with one of two objectives.
 
-The reward-modelling half of the report's recipe (RLHFlow/RLHF-Reward-Modeling): a one-label
-score head on a causal-LM (or sequence-classification) base, loss -log sigmoid(r_c - r_r - margin)
-(`bt.bt_loss`), a held-out evaluation each epoch, then a Hugging Face checkpoint that
-`iterdpo serve-reward --model DIR` loads as is, and a metrics file written last (the marker).
+The reward-modelling half of the report's recipe (RLHFlow/RLHF-Reward-Modeling), one loop for
+the objectives in `OBJECTIVES`, chosen by `spec.reward.kind`:
+- `bradley-terry` (`bt.BradleyTerry`): a one-label score head on a causal-LM (or
+  sequence-classification) base, loss -log sigmoid(r_c - r_r - margin) (`bt.bt_loss`);
+- `pairwise` (`pair_pm.PairPreference`): the causal LM itself, taught the label token (`A` or
+  `B`) of the better response, the chosen one at a random slot.
+An objective encodes the pairs, loads the model, and gives per-pair (loss, correct, margin) for
+training and for the held-out evaluation each epoch. Then a Hugging Face checkpoint that
+`iterdpo serve-reward --kind KIND --model DIR` loads as is, and a metrics file written last (the
+marker). A new objective is a class with those methods and one entry in `OBJECTIVES`.
 
 Shared with the DPO loop (train.py), not copied: process group and device (`init_distributed`),
 seeding, the step plan, its warmup and learning-rate curve (`plan_steps`, `initialize_engine`),
@@ -36,9 +42,8 @@ from iterdpo.contracts import HeldOutMetrics, RewardModelMetrics, RMStepMetrics,
 from iterdpo.errors import StageError
 from iterdpo.spec import OptimizationSpec
 
-from iterdpo_trainer.bt import EncodedPair, bt_loss, ensure_pad_token
+from iterdpo_trainer.bt import BradleyTerry, ensure_pad_token
 from iterdpo_trainer.checkpoint import save_checkpoint
-from iterdpo_trainer.data import right_pad
 from iterdpo_trainer.dsconfig import build_ds_config
 from iterdpo_trainer.schedule import rank_micro_batches
 from iterdpo_trainer.train import (
@@ -53,7 +58,13 @@ from iterdpo_trainer.train import (
     seed_everything,
 )
 
+from iterdpo_trainer.pair_pm import PairPreference
+
 log = logging.getLogger(__name__)
+
+# spec.reward.kind -> the objective that trains a model of that kind (a factory: objectives
+# remember what they read from the tokenizer).
+OBJECTIVES = {"bradley-terry": BradleyTerry, "pairwise": PairPreference}
 
 
 # -- tokenizer and batches -----------------------------------------------------------------
@@ -74,40 +85,8 @@ def load_tokenizer(base: str | Path, chat_template: str | None = None):
     return tokenizer
 
 
-def collate(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded [2B, L] batch: rows [0, B) chosen, [B, 2B) rejected; margins [B] or absent."""
-    input_ids, attention_mask = right_pad([p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs], pad_token_id)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if all(p.margin is not None for p in pairs):
-        batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
-    return batch
-
-
-def pair_rewards(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen [B], r_rejected [B]) in one forward of both halves."""
-    logits = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
-    ).logits[:, 0]
-    half = logits.shape[0] // 2
-    return logits[:half], logits[half:]
-
-
-def check_pairs(pairs: Sequence[EncodedPair], pad_token_id: int, what: str) -> None:
-    """Every side non-empty, and not ending with the pad id (the head would read the wrong token)."""
-    for pair in pairs:
-        for side, encoded in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-            if not encoded.ids:
-                raise StageError(f"{what} pair (row {pair.row}): {side} has no tokens")
-            if encoded.ids[-1] == pad_token_id:
-                raise StageError(
-                    f"{what} pair (row {pair.row}): {side} ends with the pad token (id {pad_token_id}), so the "
-                    "score head would read an earlier token: use a tokenizer whose pad token differs from its "
-                    "end-of-turn tokens"
-                )
-
-
 # -- the distributed part --------------------------------------------------------------------
-def evaluate(engine, pairs: Sequence[EncodedPair], *, pad_token_id: int, micro_batch: int, rank: int,
+def evaluate(engine, objective, pairs: Sequence, *, pad_token_id: int, micro_batch: int, rank: int,
              world_size: int, device) -> tuple[float, float]:
     """(accuracy, mean margin) over all held-out pairs, every rank taking a contiguous slice.
 
@@ -121,10 +100,8 @@ def evaluate(engine, pairs: Sequence[EncodedPair], *, pad_token_id: int, micro_b
     with torch.no_grad():
         for start in range(0, per_rank, micro_batch):
             indices = mine[start : start + micro_batch]
-            batch = collate([pairs[i] for i in (indices or [0])], pad_token_id)
-            chosen, rejected = pair_rewards(engine, batch, device)
+            result = objective.held_out(engine, [pairs[i] for i in (indices or [0])], pad_token_id, device)
             if indices:
-                result = bt_loss(chosen, rejected)
                 sums += torch.stack([
                     result.correct.sum(), result.margins.sum(), torch.tensor(float(len(indices)), device=device),
                 ]).double()  # fmt: skip
@@ -138,21 +115,23 @@ def train_reward_model(
     base: str | Path,
     training: OptimizationSpec,
     tokenizer,
-    train_pairs: Sequence[EncodedPair],
-    held_out: Sequence[EncodedPair],
+    train_pairs: Sequence,
+    held_out: Sequence,
     destination: Path,
     metrics_path: Path,
     pairs_left_out: int = 0,
     left_out_reasons: Sequence[str] = (),
     started: float | None = None,
+    objective=None,
 ) -> RewardModelMetrics:
     """Train on every rank; rank 0 writes the checkpoint, then `metrics_path` (last: the marker).
 
-    `tokenizer` is the one the pairs were encoded with (`load_tokenizer`). Returns the
-    metrics on every rank.
+    `tokenizer` is the one the pairs were encoded with (`load_tokenizer`), by `objective`'s
+    `encode_pairs` (default: a Bradley-Terry objective). Returns the metrics on every rank.
     """
     import torch.distributed as dist
-    from transformers import AutoModelForSequenceClassification
+
+    objective = BradleyTerry() if objective is None else objective
 
     started = time.monotonic() if started is None else started
     base = str(base)
@@ -161,8 +140,8 @@ def train_reward_model(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = build_ds_config(training, world_size)  # bad batch arithmetic fails before any process group
     pad = ensure_pad_token(tokenizer)
-    check_pairs(train_pairs, pad.id, "a training")
-    check_pairs(held_out, pad.id, "a held-out")
+    objective.check(train_pairs, pad.id, "a training")
+    objective.check(held_out, pad.id, "a held-out")
 
     distributed = init_distributed()
     rank, device = distributed.rank, distributed.device
@@ -170,7 +149,7 @@ def train_reward_model(
 
     dtype_to_save = original_dtype(base)
     seed_everything(training.seed)  # before loading: a new score head's initial weights follow the seed
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[training.precision])
+    model = objective.load_model(base, DTYPES[training.precision])
     ensure_pad_token(tokenizer, model)  # resizes the embeddings if a pad token was added; sets pad_token_id
     prepare_model(model, training)
     engine = initialize_engine(model, training, plan, warmup, ds_config)
@@ -187,10 +166,7 @@ def train_reward_model(
                 rank=rank, world_size=world_size, micro_batch=training.micro_batch_size,
             )
             for indices in micro_batches:
-                batch = collate([train_pairs[i] for i in indices], pad.id)
-                chosen, rejected = pair_rewards(engine, batch, device)
-                margin = batch.get("margin")
-                result = bt_loss(chosen, rejected, None if margin is None else margin.to(device))
+                result = objective.train_losses(engine, [train_pairs[i] for i in indices], pad.id, device)
                 engine.backward(result.losses.mean())  # DeepSpeed divides by the accumulation steps
                 engine.step()  # steps the optimizer at the accumulation boundary only
                 sums += torch.stack([
@@ -211,7 +187,7 @@ def train_reward_model(
             require_finite(loss, record["step"])
         if held_out:
             accuracy, margin_mean = evaluate(
-                engine, held_out, pad_token_id=pad.id, micro_batch=training.micro_batch_size,
+                engine, objective, held_out, pad_token_id=pad.id, micro_batch=training.micro_batch_size,
                 rank=rank, world_size=world_size, device=device,
             )
             evaluations.append(HeldOutMetrics(epoch=epoch + 1, pairs=len(held_out), accuracy=accuracy, margin=margin_mean))
@@ -222,6 +198,7 @@ def train_reward_model(
     )
     last_epoch = steps[-plan.steps_per_epoch :]
     metrics = RewardModelMetrics(
+        objective=objective.name,
         pairs=len(train_pairs),
         pairs_left_out=pairs_left_out,
         left_out_reasons=list(left_out_reasons),

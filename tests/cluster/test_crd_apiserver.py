@@ -229,7 +229,9 @@ INVALID = {
     "objective weights unused": ({"reward": {"objectiveWeights": {"helpsteer-correctness": 1.0}}},
                                  "spec.reward.objectiveWeights", "is only used by kind multi-objective (kind is 'bradley-terry')"),
     "multi-objective trained": ({"reward": {"kind": "multi-objective"}}, "spec.reward.training",
-                                "use kind bradley-terry"),
+                                "(kind bradley-terry or pairwise)"),
+    "pairwise trained with margins": ({"reward": {"kind": "pairwise", "training": {"data": {"marginField": "margin"}}}},
+                                      "spec.reward.training.data.marginField", "kind pairwise trains on which side won"),
     "selection without pairwise": ({"pairing": {"selection": "bracket"}}, "spec.pairing.selection",
                                    "is only used by reward kind pairwise"),
 }  # fmt: skip
@@ -284,6 +286,10 @@ def test_rules_pass_when_satisfied(crd, ns):
     body = minimal_run("pairwise")  # a pairwise judge, pairs from a bracket
     body["spec"]["reward"] = {"kind": "pairwise", "model": "org/pm"}
     body["spec"]["pairing"] = {"selection": "bracket"}
+    IterativeDPORun.model_validate(body)
+    create(crd, ns, body)
+    body = tiny_run("pairwise-trained")  # the RewardModel stage trains the pairwise judge
+    body["spec"]["reward"]["kind"] = "pairwise"
     IterativeDPORun.model_validate(body)
     create(crd, ns, body)
     body = minimal_run("composite")  # a reward model, a rule and a length penalty, summed

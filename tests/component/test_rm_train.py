@@ -33,7 +33,7 @@ import json, logging, os, sys
 from pathlib import Path
 
 from iterdpo.spec import TrainingSpec
-from iterdpo_trainer import bt, rm_train
+from iterdpo_trainer import rm_train
 from iterdpo_trainer.preferences import Message, PreferencePair
 
 rank = int(os.environ.get("RANK", "0"))
@@ -51,12 +51,14 @@ def pairs(rows, first_row):
         for i, (p, c, r, m) in enumerate(rows)
     ]
 
-train = bt.encode_pairs(tokenizer, pairs(job["train"], 0), max_length=training.max_length)
-held = bt.encode_pairs(tokenizer, pairs(job["held_out"], len(job["train"])), max_length=training.max_length)
+objective = rm_train.OBJECTIVES[job["objective"]]()
+train = objective.encode_pairs(tokenizer, pairs(job["train"], 0), max_length=training.max_length, seed=training.seed)
+held = objective.encode_pairs(tokenizer, pairs(job["held_out"], len(job["train"])), max_length=training.max_length,
+                              seed=training.seed)
 rm_train.train_reward_model(
     base=job["base"], training=training, tokenizer=tokenizer, train_pairs=train.pairs, held_out=held.pairs,
     destination=Path(job["destination"]), metrics_path=Path(job["metrics"]),
-    pairs_left_out=len(train.unusable) + len(held.unusable),
+    pairs_left_out=len(train.unusable) + len(held.unusable), objective=objective,
 )
 '''
 
@@ -81,10 +83,12 @@ def _free_port() -> int:
 
 
 def run_rm_training(
-    tmp: Path, base: Path, *, training: dict, train: list, held_out: list, fails: bool = False
+    tmp: Path, base: Path, *, training: dict, train: list, held_out: list, fails: bool = False,
+    objective: str = "bradley-terry",
 ) -> tuple[Path, dict]:
     job = {
         "base": str(base), "training": {"seed": SEED, **training}, "train": train, "held_out": held_out,
+        "objective": objective,
         "destination": str(tmp / "reward-model"), "metrics": str(tmp / "rm-metrics.json"),
     }  # fmt: skip
     (tmp / "job.json").write_text(json.dumps(job))
@@ -208,6 +212,34 @@ def test_a_few_epochs_on_kind_vs_unkind_pairs_reach_held_out_accuracy_0_9(tiny, 
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(checkpoint).dtype == torch.float32  # the base's dtype, from the fp32 master weights
+
+
+def test_the_pairwise_objective_learns_kind_over_unkind_and_is_served_as_it_evaluated(tiny, tmp_path):
+    """Kind pairwise (issue 13 item 2): the tiny policy taught to answer A or B, the chosen side at a
+    seeded random slot, ZeRO-3 in fp32. The checkpoint stays a causal LM; served by `serve-reward
+    --kind pairwise`, its /v1/compare reading of the held-out pairs gives the accuracy and margin
+    the trainer measured (the same prompt, both orders averaged)."""
+    from transformers import AutoConfig
+
+    training = {"zeroStage": 3, "precision": "fp32", "gradientCheckpointing": False, "epochs": 4,
+                "learningRate": 3e-3, "globalBatchSize": 16, "microBatchSize": 4, "warmupRatio": 0.0,
+                "scheduler": "constant", "maxLength": 128, "nprocPerNode": 2}  # fmt: skip
+    held_out = synthetic_pairs(24, 32)
+    checkpoint, metrics = run_rm_training(tmp_path, tiny.policy, training=training, train=synthetic_pairs(128, 31),
+                                          held_out=held_out, objective="pairwise")  # fmt: skip
+    assert metrics["objective"] == "pairwise" and metrics["pairs"] == 128 and metrics["heldOutPairs"] == 24
+    assert len(metrics["steps"]) == 32 and metrics["finalLoss"] < metrics["steps"][0]["loss"]
+    assert metrics["heldOutAccuracy"] >= 0.9, metrics["heldOut"]
+    assert AutoConfig.from_pretrained(checkpoint).architectures == ["LlamaForCausalLM"]
+
+    items = [{"messages": [{"role": "user", "content": p}], "a": c, "b": r} for p, c, r, _ in held_out]
+    with RewardServerProcess(["--kind", "pairwise", "--model", str(checkpoint), "--max-length", "128"]) as server:
+        response = httpx.post(f"{server.url}/v1/compare", json={"items": items}, timeout=120)
+        assert response.status_code == 200, response.text
+        served = response.json()["probabilities"]
+    assert sum(p > 0.5 for p in served) / len(served) == pytest.approx(metrics["heldOutAccuracy"])
+    served_margin = sum(math.log(p / (1 - p)) for p in served) / len(served)
+    assert served_margin == pytest.approx(metrics["heldOutMargin"], rel=1e-3, abs=1e-4)
 
 
 def test_a_non_finite_loss_stops_training_before_anything_is_written(tiny, tmp_path):

@@ -270,7 +270,7 @@ def test_multi_objective_leaves_out_a_conversation_without_the_gating_tokens(tin
 def test_pairwise_text_is_the_reports_byte_for_byte(tiny):
     from transformers import AutoTokenizer
 
-    from iterdpo_reward_server.pairwise import CONTEXT_TEMPLATE, pairwise_text
+    from iterdpo.pairwise_prompt import CONTEXT_TEMPLATE, pairwise_text
 
     tok = AutoTokenizer.from_pretrained(tiny.policy)
     one = [{"role": "user", "content": "q"}]
@@ -291,7 +291,7 @@ def test_pairwise_compare_averages_both_orders_of_a_direct_forward(tiny):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from iterdpo_reward_server.pairwise import pairwise_text
+    from iterdpo.pairwise_prompt import pairwise_text
 
     tok = AutoTokenizer.from_pretrained(tiny.policy)
     model = AutoModelForCausalLM.from_pretrained(tiny.policy).eval()

@@ -1,4 +1,4 @@
-"""The Bradley-Terry loss against hand-computed values, and how a conversation becomes a reward
+"""The Bradley-Terry and pairwise objectives against hand-computed values, and how a conversation becomes a reward
 model's token ids: one BOS, left truncation, unusable pairs, the pad token; on the tiny models
 and on a Llama-3-style tokenizer built offline."""
 
@@ -327,3 +327,71 @@ def test_without_a_model_only_the_tokenizer_changes(llama3):
     tokenizer = copy.deepcopy(llama3)
     pad = ensure_pad_token(tokenizer)
     assert pad.added and pad.embeddings is None and pad.id == len(llama3)
+
+
+# -- the pairwise objective (kind pairwise, issue 13 item 2) ----------------------------------
+def test_the_pairwise_prompt_has_no_bos_even_when_the_tokenizer_adds_one(llama3):
+    """The report encodes the judge's turn with add_special_tokens=False: Llama-3's tokenizer
+    would otherwise add <|begin_of_text|>; training and serving share pairwise_ids."""
+    from iterdpo.pairwise_prompt import pairwise_ids, pairwise_text
+
+    text = pairwise_text(llama3, pair().chosen_messages()[:1], "x", "y")
+    assert text.startswith("<|start_header_id|>user<|end_header_id|>\n\n[CONTEXT] \n\n<turn> user\n tell me about")
+    ids, truncated = pairwise_ids(llama3, text, 4096)
+    assert llama3.bos_token_id not in ids and not truncated
+    assert llama3.convert_ids_to_tokens(ids[-1]) == "<|eot_id|>"
+    cut = pairwise_ids(llama3, text, 5)
+    assert cut.truncated and cut.ids == ids[-5:]  # the end, where the label is read, is kept
+
+
+def test_label_loss_is_the_label_tokens_cross_entropy_over_the_vocabulary():
+    from iterdpo_trainer.pair_pm import label_loss
+
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 3.0, 3.0, 0.0]])
+    out = label_loss(logits, torch.tensor([0, 1]), torch.tensor([2, 2]))
+    expected = [-torch.log_softmax(logits[0], -1)[0].item(), -torch.log_softmax(logits[1], -1)[1].item()]
+    assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert out.margins.tolist() == [1.0, 0.0] and out.correct.tolist() == [1.0, 0.0]  # a tie is wrong
+    grad = logits.clone().requires_grad_()
+    label_loss(grad, torch.tensor([0, 1]), torch.tensor([2, 2])).losses.sum().backward()
+    assert grad.grad[0, 1] > 0 and grad.grad[0, 0] < 0  # every other token is pushed down, not only the other label
+
+
+def test_held_out_reading_averages_both_orders_as_the_server_does():
+    from iterdpo_trainer.pair_pm import both_orders
+
+    out = both_orders(torch.tensor([0.8, 0.3, 0.5]), torch.tensor([0.3, 0.6, 0.5]), torch.tensor([True, False, True]))
+    # chosen is A: (0.8 + (1 - 0.3)) / 2; chosen is B: ((1 - 0.3) + 0.6) / 2; identical readings tie
+    assert out.margins.tolist() == pytest.approx([math.log(0.75 / 0.25), math.log(0.65 / 0.35), 0.0])
+    assert out.correct.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_the_chosen_slot_is_a_seeded_coin_per_row():
+    from iterdpo_trainer.pair_pm import chosen_is_a
+
+    draws = [chosen_is_a(7, row) for row in range(2000)]
+    assert draws == [chosen_is_a(7, row) for row in range(2000)]
+    assert 900 < sum(draws) < 1100 and draws != [chosen_is_a(8, row) for row in range(2000)]
+
+
+def test_pairwise_encoding_puts_the_chosen_at_its_slot_and_counts_what_it_leaves_out(llama3):
+    from iterdpo.pairwise_prompt import pairwise_ids, pairwise_text
+    from iterdpo_trainer.pair_pm import PairPreference, PairwiseExample
+
+    objective = PairPreference()
+    two_turns = PreferencePair(3, (Message("user", "q"),), (Message("assistant", "a"), Message("user", "more?")),
+                               (Message("assistant", "b"),))  # fmt: skip
+    pairs = [pair(row=r) for r in range(6)] + [pair(row=6, good="same", bad="same"), two_turns]
+    encoded = objective.encode_pairs(llama3, pairs, max_length=4096, seed=1)
+    assert len(encoded.pairs) == 6 and [r.row for r in encoded.unusable] == [6, 3]
+    assert encoded.unusable[0].reason == "row 6: chosen and rejected are the same response"
+    assert encoded.unusable[1].reason.startswith("row 3: kind pairwise compares one assistant response per side; "
+                                                 "chosen has turns ['assistant', 'user']")  # fmt: skip
+    assert {e.chosen_is_a for e in encoded.pairs} == {True, False}  # both slots occur
+    prompt = pair().chosen_messages()[:1]
+    for example in encoded.pairs:
+        assert isinstance(example, PairwiseExample)
+        a, b = ("the river is kind", "the river is cruel")[:: 1 if example.chosen_is_a else -1]
+        assert example.ordered.ids == pairwise_ids(llama3, pairwise_text(llama3, prompt, a, b), 4096).ids
+        assert example.swapped.ids == pairwise_ids(llama3, pairwise_text(llama3, prompt, b, a), 4096).ids
+    assert objective.labels == (llama3.convert_tokens_to_ids("A"), llama3.convert_tokens_to_ids("B"))

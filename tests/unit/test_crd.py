@@ -162,7 +162,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
     """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
     from iterdpo.spec import RULES
 
-    assert len(RULES) == len({r.blames for r in RULES}) == 26
+    assert len(RULES) == len({r.blames for r in RULES}) == 27
     assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
     for rule in RULES:
         node = root["properties"]["spec"]
@@ -224,6 +224,8 @@ def test_each_rule_is_checked_by_the_model_and_blames_its_field():
         "reward.components": {"reward": {"kind": "composite", "model": None}},
         "reward.objectiveWeights": {"reward": {"objectiveWeights": {"helpsteer-correctness": 1.0}}},
         "pairing.selection": {"pairing": {"selection": "bracket"}},
+        "reward.training.data.marginField": {"reward": {"kind": "pairwise", "model": None, "training": {
+            **RM, "data": {"dataset": "/d/prefs.jsonl", "marginField": "margin"}}}},
     }  # fmt: skip
     assert set(breakers) == {r.blames for r in RULES}
     for blames, change in breakers.items():

@@ -265,3 +265,11 @@ def test_a_held_out_split_of_a_single_file_is_refused(tmp_path):
     assert [p for p in local_path_problems(run) if "heldOutSplit" in p] == [
         f"spec.reward.training.heldOutSplit: {data} is one file, which has one split: hold out a share instead "
         "(heldOutShare), or give a folder or hub dataset that has a 'test' split"]
+
+
+def test_every_trainable_kind_has_an_objective_of_that_name():
+    from iterdpo.spec import TRAINABLE_KINDS
+    from iterdpo_trainer.rm_train import OBJECTIVES
+
+    assert tuple(OBJECTIVES) == TRAINABLE_KINDS
+    assert all(objective().name == kind for kind, objective in OBJECTIVES.items())

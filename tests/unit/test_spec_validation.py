@@ -289,8 +289,8 @@ def test_multi_objective_reads_a_model_and_only_it_weighs_objectives():
     del data["spec"]["reward"]["model"]
     assert problems(data)[0].startswith("spec.reward.model: is required unless reward.training trains")
     data["spec"]["reward"]["training"] = {"base": "org/base", "data": {"dataset": "org/prefs"}}
-    assert problems(data) == ["spec.reward.training: trains a Bradley-Terry model, which kind multi-objective "
-                              "cannot read: use kind bradley-terry, or name the multi-objective model in reward.model"]  # fmt: skip
+    assert problems(data) == ["spec.reward.training: trains a bradley-terry or pairwise model, not a multi-objective "
+                              "one: use one of those kinds, or name the multi-objective model in reward.model"]  # fmt: skip
     bt = copy.deepcopy(VALID)
     bt["spec"]["reward"]["objectiveWeights"] = {"x": 1.0}
     assert problems(bt) == ["spec.reward.objectiveWeights: is only used by kind multi-objective (kind is 'bradley-terry')"]
@@ -312,3 +312,26 @@ def test_pairwise_picks_pairs_by_selection_and_only_it_does():
     composite = copy.deepcopy(VALID)
     composite["spec"]["reward"] = {"kind": "composite", "components": [{"name": "pm", "kind": "pairwise", "model": "org/pm"}]}
     assert problems(composite)[0].startswith("spec.reward.components.0.kind: unknown value 'pairwise'")
+
+
+def test_reward_training_trains_a_pairwise_model_without_margins():
+    data = copy.deepcopy(VALID)
+    data["spec"]["reward"] = {"kind": "pairwise", "training": {"base": "org/base", "data": {"dataset": "org/prefs"}}}
+    run = parse_run(data)
+    assert run.spec.reward.compares and run.spec.reward.training.base == "org/base"
+    data["spec"]["reward"]["training"]["data"]["marginField"] = "margin"
+    assert problems(data) == ["spec.reward.training.data.marginField: is a Bradley-Terry margin; kind pairwise trains "
+                              "on which side won, not by how much: remove it"]  # fmt: skip
+    data["spec"]["reward"]["model"] = "org/pm"
+    del data["spec"]["reward"]["training"]["data"]["marginField"]
+    assert problems(data)[0].startswith("spec.reward.training: trains the reward model every round scores with, so "
+                                        "reward.model ('org/pm') would not be used")  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)  # fmt: skip
+def test_every_example_run_file_is_valid(path):
+    runs = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "IterativeDPORun"]
+    for data in runs:
+        parse_run(data)
+    assert runs or path.name == "tiny-k8s-assets.yaml"  # that one holds the volume and the asset Job
