@@ -169,6 +169,7 @@ class BradleyTerry:
     """The objective `OBJECTIVES["bradley-terry"]` of rm_train: a one-label score head, bt_loss."""
 
     name = "bradley-terry"
+    uses_margins = True  # a pair's margin, when the data has one, is subtracted inside the sigmoid
 
     def check_base(self, base: str) -> None:
         """Any causal-LM or sequence-classification base takes a score head."""

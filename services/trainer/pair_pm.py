@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from iterdpo.errors import StageError
-from iterdpo.pairwise_prompt import label_ids, pairwise_ids, pairwise_text
+from iterdpo.pairwise_prompt import Tokens, label_ids, pairwise_ids, pairwise_text
 from iterdpo.prompts import clipped
-from iterdpo_trainer.bt import BTLoss, Encoded, EncodedPairs
+from iterdpo_trainer.bt import BTLoss, EncodedPairs
 from iterdpo_trainer.data import right_pad
 from iterdpo_trainer.preferences import LeftOutRow, PreferencePair
 
@@ -37,9 +37,16 @@ BASE_FIELD = "spec.reward.training.base"
 @dataclass(frozen=True)
 class PairwiseExample:
     row: int  # the pair's row id in its dataset
-    ordered: Encoded  # the chosen response at its drawn slot: what training reads
-    swapped: Encoded  # the other order: held-out evaluation reads both, as the server does
+    ordered: Tokens  # the chosen response at its drawn slot: what training reads
+    swapped: Tokens  # the other order: held-out evaluation reads both, as the server does
     chosen_is_a: bool
+    labels: tuple[int, int]  # the token ids of A and B
+
+    @property
+    def target(self) -> tuple[int, int]:
+        """(the chosen slot's label id, the other label's id) in the ordered sequence."""
+        a, b = self.labels
+        return (a, b) if self.chosen_is_a else (b, a)
 
     @property
     def truncated(self) -> bool:
@@ -51,23 +58,21 @@ def chosen_is_a(seed: int, row: int) -> bool:
     return random.Random(f"pair-pm:{seed}:{row}").random() < 0.5
 
 
-def _single_response(turns, side: str) -> tuple[str | None, str | None]:
-    """(the one assistant response of a side, None), or (None, why there is none)."""
-    if len(turns) != 1 or turns[0].role != "assistant":
-        roles = [t.role for t in turns]
-        return None, f"kind pairwise compares one assistant response per side; {side} has turns {roles}"
-    return turns[0].content, None
+def _single_response(turns) -> str | None:
+    """A side's one assistant response (None: the side is something else)."""
+    return turns[0].content if len(turns) == 1 and turns[0].role == "assistant" else None
 
 
-def encode_example(tokenizer, pair: PreferencePair, *, max_length: int, chat_template: str | None,
-                   seed: int) -> PairwiseExample | str:  # fmt: skip
+def encode_example(tokenizer, pair: PreferencePair, *, labels: tuple[int, int], max_length: int,
+                   chat_template: str | None, seed: int) -> PairwiseExample | str:  # fmt: skip
     """Both orders of a pair as the judge reads them, or why the pair cannot train."""
     from jinja2 import TemplateError
 
-    chosen, why = _single_response(pair.chosen, "chosen")
-    rejected, why_not = _single_response(pair.rejected, "rejected")
-    if why or why_not:
-        return why or why_not
+    for side, turns in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        if _single_response(turns) is None:
+            roles = [t.role for t in turns]
+            return f"kind pairwise compares one assistant response per side; {side} has turns {roles}"
+    chosen, rejected = _single_response(pair.chosen), _single_response(pair.rejected)
     if chosen == rejected:
         return "chosen and rejected are the same response"
     a_first = chosen_is_a(seed, pair.row)
@@ -79,20 +84,17 @@ def encode_example(tokenizer, pair: PreferencePair, *, max_length: int, chat_tem
             text = pairwise_text(tokenizer, prompt, a, b, chat_template)
         except TemplateError as exc:
             return f"the chat template cannot format the comparison: {clipped(str(exc) or type(exc).__name__, 120)}"
-        ids, truncated = pairwise_ids(tokenizer, text, max_length)
-        encoded.append(Encoded(ids, truncated))
+        encoded.append(pairwise_ids(tokenizer, text, max_length))
     if encoded[0].ids == encoded[1].ids:
         return f"both orders are the same {len(encoded[0].ids)} tokens after truncation from the left to {max_length}"
-    return PairwiseExample(pair.row, encoded[0], encoded[1], a_first)
+    return PairwiseExample(pair.row, encoded[0], encoded[1], a_first, labels)
 
 
 class PairPreference:
     """The objective `OBJECTIVES["pairwise"]` of rm_train: a causal LM, loss on the label token."""
 
     name = "pairwise"
-
-    def __init__(self) -> None:
-        self.labels: tuple[int, int] | None = None  # ids of A and B, read from the tokenizer
+    uses_margins = False  # it learns which side won, not by how much
 
     def check_base(self, base: str) -> None:
         from transformers import AutoConfig
@@ -108,10 +110,10 @@ class PairPreference:
         labels = label_ids(tokenizer)
         if isinstance(labels, str):
             raise StageError(f"{BASE_FIELD}: {labels}")
-        self.labels = labels
         usable, unusable = [], []
         for pair in pairs:
-            example = encode_example(tokenizer, pair, max_length=max_length, chat_template=chat_template, seed=seed)
+            example = encode_example(tokenizer, pair, labels=labels, max_length=max_length,
+                                     chat_template=chat_template, seed=seed)  # fmt: skip
             if isinstance(example, str):
                 unusable.append(LeftOutRow(pair.row, f"row {pair.row}: {example}"))
             else:
@@ -130,27 +132,16 @@ class PairPreference:
 
     def train_losses(self, model, examples: Sequence[PairwiseExample], pad_token_id: int, device) -> BTLoss:
         logits = last_logits(model, [e.ordered.ids for e in examples], pad_token_id, device)
-        label, other = self._targets(examples, device)
+        label, other = torch.tensor([e.target for e in examples], device=device).unbind(-1)
         return label_loss(logits, label, other)
 
     def held_out(self, model, examples: Sequence[PairwiseExample], pad_token_id: int, device) -> BTLoss:
-        a, b = self._ids()
+        a, b = examples[0].labels  # one tokenizer encoded them all
         logits = last_logits(model, [e.ordered.ids for e in examples] + [e.swapped.ids for e in examples],
                              pad_token_id, device)  # fmt: skip
         p_a = torch.softmax(logits[:, [a, b]].double(), dim=-1)[:, 0]
         half = len(examples)
         return both_orders(p_a[:half], p_a[half:], torch.tensor([e.chosen_is_a for e in examples], device=device))
-
-    def _ids(self) -> tuple[int, int]:
-        if self.labels is None:
-            raise RuntimeError("encode_pairs reads the label ids before training")
-        return self.labels
-
-    def _targets(self, examples, device) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self._ids()
-        label = [a if e.chosen_is_a else b for e in examples]
-        other = [b if e.chosen_is_a else a for e in examples]
-        return torch.tensor(label, device=device), torch.tensor(other, device=device)
 
 
 def last_logits(model, sequences: list[list[int]], pad_token_id: int, device) -> torch.Tensor:

@@ -98,7 +98,7 @@ def prepare(run: IterativeDPORun, rank: int) -> Inputs:
     training = spec.training
     assert training is not None  # load_for_stage: the stage runs only when it is set
     layout = RunLayout.of(run)
-    objective = OBJECTIVES[spec.kind]()
+    objective = OBJECTIVES[spec.kind]
     objective.check_base(training.base)
     read = read_preferences(source_of(training.data), field_path=FIELD)
     left_out = _left_out(read.left_out, training.data.split)
@@ -111,7 +111,7 @@ def prepare(run: IterativeDPORun, rank: int) -> Inputs:
         left_out += _left_out(held.left_out, training.held_out_split)
     else:
         train_pairs, held_pairs = split_held_out(read.pairs, training.held_out, training.seed)
-    if read.margins and objective.name != "bradley-terry":
+    if read.margins and not objective.uses_margins:
         log.warning("kind %s has no use for a per-pair margin: the margins of %s are not used", spec.kind,
                     training.data.dataset)  # fmt: skip
     tokenizer = load_tokenizer(training.base, spec.chat_template)

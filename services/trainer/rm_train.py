@@ -45,6 +45,7 @@ from iterdpo.spec import OptimizationSpec
 from iterdpo_trainer.bt import BradleyTerry, ensure_pad_token
 from iterdpo_trainer.checkpoint import save_checkpoint
 from iterdpo_trainer.dsconfig import build_ds_config
+from iterdpo_trainer.pair_pm import PairPreference
 from iterdpo_trainer.schedule import rank_micro_batches
 from iterdpo_trainer.train import (
     DTYPES,
@@ -58,13 +59,10 @@ from iterdpo_trainer.train import (
     seed_everything,
 )
 
-from iterdpo_trainer.pair_pm import PairPreference
-
 log = logging.getLogger(__name__)
 
-# spec.reward.kind -> the objective that trains a model of that kind (a factory: objectives
-# remember what they read from the tokenizer).
-OBJECTIVES = {"bradley-terry": BradleyTerry, "pairwise": PairPreference}
+# spec.reward.kind -> the objective that trains a model of that kind (stateless).
+OBJECTIVES = {"bradley-terry": BradleyTerry(), "pairwise": PairPreference()}
 
 
 # -- tokenizer and batches -----------------------------------------------------------------
@@ -131,7 +129,7 @@ def train_reward_model(
     """
     import torch.distributed as dist
 
-    objective = BradleyTerry() if objective is None else objective
+    objective = OBJECTIVES["bradley-terry"] if objective is None else objective
 
     started = time.monotonic() if started is None else started
     base = str(base)

@@ -51,7 +51,7 @@ def pairs(rows, first_row):
         for i, (p, c, r, m) in enumerate(rows)
     ]
 
-objective = rm_train.OBJECTIVES[job["objective"]]()
+objective = rm_train.OBJECTIVES[job["objective"]]
 train = objective.encode_pairs(tokenizer, pairs(job["train"], 0), max_length=training.max_length, seed=training.seed)
 held = objective.encode_pairs(tokenizer, pairs(job["held_out"], len(job["train"])), max_length=training.max_length,
                               seed=training.seed)

@@ -394,4 +394,6 @@ def test_pairwise_encoding_puts_the_chosen_at_its_slot_and_counts_what_it_leaves
         a, b = ("the river is kind", "the river is cruel")[:: 1 if example.chosen_is_a else -1]
         assert example.ordered.ids == pairwise_ids(llama3, pairwise_text(llama3, prompt, a, b), 4096).ids
         assert example.swapped.ids == pairwise_ids(llama3, pairwise_text(llama3, prompt, b, a), 4096).ids
-    assert objective.labels == (llama3.convert_tokens_to_ids("A"), llama3.convert_tokens_to_ids("B"))
+    labels = (llama3.convert_tokens_to_ids("A"), llama3.convert_tokens_to_ids("B"))
+    assert all(e.labels == labels for e in encoded.pairs)
+    assert all(e.target == (labels if e.chosen_is_a else labels[::-1]) for e in encoded.pairs)

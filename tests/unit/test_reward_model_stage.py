@@ -272,4 +272,4 @@ def test_every_trainable_kind_has_an_objective_of_that_name():
     from iterdpo_trainer.rm_train import OBJECTIVES
 
     assert tuple(OBJECTIVES) == TRAINABLE_KINDS
-    assert all(objective().name == kind for kind, objective in OBJECTIVES.items())
+    assert all(objective.name == kind for kind, objective in OBJECTIVES.items())
