@@ -181,11 +181,12 @@ def _plan(args) -> int:
     status = load_status(status_path(args.workdir, run.name)) or RunStatus()
     step = next_step(run, status, spec_file=str(Path(args.workdir).resolve() / run.name / "run.json"))
     if isinstance(step, Finished):
-        print(f"nothing left to run; final policy {step.final_policy}")
+        stopped = f" (stopped by gates.{step.gate.gate}: {step.gate.message})" if step.gate else ""
+        print(f"nothing left to run{stopped}; final policy {step.final_policy}")
         return 0
     print(f"next: round {step.iteration}, {step.stage} (policy {step.policy})")
-    if step.service:
-        print(f"  service {step.service.name}: {shlex.join(step.service.argv)}")
+    for service in step.services:
+        print(f"  service {service.command.name}: {shlex.join(service.command.argv)}")
     for job in step.jobs:
         print(f"  job {job.name}: {shlex.join(job.argv)}")
     return 0

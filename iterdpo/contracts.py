@@ -263,6 +263,33 @@ class RewardModelMetrics(Camel):
     world_size: int
 
 
+# -- Evaluate (a later round's Evaluate reads round 0's, the baseline) -------------------------
+class EvalRecord(Snake):
+    """One line of `iter-NN/evaluate/responses.jsonl`: a held-out prompt, the policy's
+    responses, their scores and log-probabilities."""
+
+    prompt_id: Annotated[str, Field(min_length=1)]
+    digest: str  # iterdpo.evaluation.prompt_digest: the same prompt in any round
+    prompt: Conversation
+    answer: str | None = None
+    responses: list[str]
+    response_tokens: list[int]
+    finish_reasons: list[str | None]
+    rewards: list[float] | None = None  # under the run's reward model (None: a comparing kind)
+    judge: list[float] | None = None  # under spec.evaluation.judge (None: none, or a comparing kind)
+    win: float | None = None  # this prompt's outcome against round 0's responses (None in round 0)
+    policy_logps: list[float]  # each response's summed log-probability under the policy
+    reference_logps: list[float]  # ... under the initial policy
+
+
+class EvaluationReport(Camel):
+    """`iter-NN/evaluate/report.json`, written last (the marker): the stage's summary, which
+    `iterdpo.stages.EvaluateSummary` reads, and every prompt left out with its reason."""
+
+    summary: dict
+    left_out: list[LeftOut]
+
+
 # -- the run folder ---------------------------------------------------------------------------
 class RecipeMarker(Camel):
     """`<root>/<name>/recipe.json`: which recipe owns the run folder."""

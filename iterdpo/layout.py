@@ -12,6 +12,8 @@
       iter-01/score/scored.jsonl  pairs.jsonl  stats.json (written last: the marker)
       iter-01/train/policy/       the round's Hugging Face checkpoint
       iter-01/train/metrics.json  (written last: the marker)
+      iter-NN/evaluate/responses.jsonl  report.json (written last: the marker); with
+                                  spec.evaluation, rounds 0..N (0: the initial policy)
 
 Each stage's folder is the one its entry in the stage table names (`StageDef.folder`).
 What each file holds: `iterdpo.contracts`.
@@ -97,6 +99,20 @@ class RunLayout:
 
     def reference_cache(self, iteration: int) -> Path:
         return self.stage_dir(iteration, Stage.TRAIN) / "ref_logps.pt"
+
+
+    # Evaluate
+    def evaluation_responses(self, iteration: int) -> Path:
+        return self.stage_dir(iteration, Stage.EVALUATE) / "responses.jsonl"
+
+    def evaluation_report(self, iteration: int) -> Path:
+        return self.stage_dir(iteration, Stage.EVALUATE) / "report.json"
+
+
+def evaluated_policy(run: IterativeDPORun, iteration: int) -> str:
+    """The policy round `iteration`'s Evaluate answers with: the round's trained checkpoint, and
+    in round 0 the initial policy (the baseline every win rate is against)."""
+    return initial_policy(run) if iteration == 0 else str(RunLayout.of(run).checkpoint(iteration))
 
 
 def policy_for(run: IterativeDPORun, iteration: int) -> str:

@@ -531,6 +531,79 @@ class RewardSpec(_Model):
         return self.verifiable or VerifiableSpec()
 
 
+EVALUATION_SELECT = {
+    "last": "the last round's policy",
+    "judge-reward": "the round (0 included) whose policy has the highest mean reward under evaluation.judge",
+    "win-rate": "the round (0 included) whose policy has the highest win rate against round 0 (round 0 counts 0.5)",
+}
+GATE_OUTCOMES = ("Succeeded", "Failed")
+
+
+class EvaluationGates(_Model):
+    """Bounds checked after each round's evaluation; the first one crossed stops the run."""
+
+    max_length_ratio: Annotated[float, Field(gt=0.0, le=1e6)] | None = Field(
+        default=None,
+        description="Stop when the mean response length (tokens) exceeds this multiple of round 0's (the report's "
+        "responses nearly doubled in 3 rounds).",
+    )
+    min_win_rate: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        default=None, description="Stop when a round's win rate against round 0 falls below this."
+    )
+    max_kl: Annotated[float, Field(ge=0.0, le=1e9)] | None = Field(
+        default=None, description="Stop when the estimated KL(policy || initial policy), in nats per response, "
+        "exceeds this.",
+    )
+    judge_reward_falling_rounds: Annotated[int, Field(ge=1, le=100)] | None = Field(
+        default=None,
+        description="Stop when the judge's mean reward fell in each of the last R rounds (R = this value).",
+    )
+    on_trip: Literal[GATE_OUTCOMES] = Field(  # type: ignore[valid-type]
+        default="Succeeded",
+        description="How a run a gate stopped ends: Succeeded (with reason GateTripped; the final policy is "
+        "evaluation.select's among the rounds evaluated) or Failed.",
+    )
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.max_length_ratio, self.min_win_rate, self.max_kl,
+                                           self.judge_reward_falling_rounds))  # fmt: skip
+
+
+class EvaluationSpec(_Model):
+    """The Evaluate stage: every round's new policy (and the initial one, as round 0) answers a
+    held-out prompt set, scored by the run's reward model and by an optional judge."""
+
+    prompts: RoundPromptSource = Field(
+        description="The held-out prompt set; no prompt may also be a training prompt of any round (compared by "
+        "content), unless allowOverlap."
+    )
+    allow_overlap: bool = Field(
+        default=False, description="Report prompts shared with the training sets instead of refusing the run."
+    )
+    samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="Responses per prompt (1 with greedy decoding)."
+    )
+    temperature: Annotated[float, Field(ge=0.0, le=100.0)] = Field(default=0.0, description="Sampling temperature (0: greedy).")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(default=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = Field(
+        default=None, description="Most tokens per response (unset: generation.maxNewTokens)."
+    )
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(default=1234, description="Base seed of the sampling.")
+    judge: RewardSpec | None = Field(
+        default=None,
+        description="A second, independent reward (any kind: a stronger or gold reward model, a pairwise model, a "
+        "verifiable check), so that proxy gains that do not transfer show; win rates are the judge's when set, "
+        "else the run's reward model's.",
+    )
+    gates: EvaluationGates = Field(default_factory=EvaluationGates, description="When to stop the loop.")
+    select: Literal[tuple(EVALUATION_SELECT)] = Field(  # type: ignore[valid-type]
+        default="last",
+        description="Which round's policy becomes status.finalPolicy. " + "; ".join(f"{k}: {v}" for k, v in
+                                                                                   EVALUATION_SELECT.items()) + ".",
+    )
+
+
 class StorageSpec(_Model):
     root: str | None = Field(
         default=None,
@@ -680,6 +753,11 @@ class IterativeDPORunSpec(_Model):
         default_factory=GenerationSpec, description="Sampling K responses per prompt with vLLM."
     )
     reward: RewardSpec = Field(description="The reward model and how the annotator calls its server.")
+    evaluation: EvaluationSpec | None = Field(
+        default=None,
+        description="Evaluate every round's new policy (and the initial one, as round 0) on held-out prompts, stop "
+        "the loop on gates, and pick the final policy (the Evaluate stage).",
+    )
     pairing: PairingSpec = Field(
         default_factory=PairingSpec, description="How each prompt's K responses become one DPO pair."
     )
@@ -724,6 +802,13 @@ class IterativeDPORunSpec(_Model):
             fields.append(("spec.prompts.dataset", "dataset", self.prompts.dataset))
         fields += [(f"spec.prompts.perIteration[{i}].dataset", "dataset", p.dataset)
                    for i, p in enumerate(self.prompts.per_iteration or [])]  # fmt: skip
+        if self.evaluation:
+            fields.append(("spec.evaluation.prompts.dataset", "dataset", self.evaluation.prompts.dataset))
+            judge = self.evaluation.judge
+            if judge and judge.model:
+                fields.append(("spec.evaluation.judge.model", "model", judge.model))
+            fields += [(f"spec.evaluation.judge.components[{i}].model", "model", c.model)
+                       for i, c in enumerate(judge.components or []) if c.model] if judge else []  # fmt: skip
         if self.storage.root:
             fields.append(("spec.storage.root", "root", self.storage.root))
         return fields
@@ -874,10 +959,10 @@ def _component_problems(components: list[RewardComponent]) -> list[str]:
     return problems
 
 
-def _kind_option(field: str, attr: str, kind: str) -> Rule:
-    """spec.reward.<field>, an option of one reward kind: set only with that kind."""
+def _kind_option(field: str, attr: str, kind: str, at: str = "reward") -> Rule:
+    """<at>.<field> (spec.reward, evaluation.judge), an option of one reward kind: set only with that kind."""
     return Rule(
-        "reward", field,
+        at, field,
         lambda r: getattr(r, attr) is None or r.kind == kind,
         lambda r: f"is only used by kind {kind} (kind is {r.kind!r})",
         f"!has(self.{field}) || self.kind == '{kind}'",
@@ -895,6 +980,109 @@ def _distinct_fields(d: PreferenceDataSpec) -> bool:
     return len(set(names)) == len(names)
 
 
+def _batch_tokens_rule(at: str) -> Rule:
+    length = f"{at.rsplit('.', 1)[-1]}.maxLength"
+    return Rule(
+        at, "batchTokens",
+        lambda r: r.batch_tokens >= r.max_length,
+        lambda r: f"must be at least {length} ({r.max_length}) so that the longest conversation fits in "
+        f"one forward pass (got {r.batch_tokens})",
+        "self.batchTokens >= self.maxLength",
+        f"must be at least {length} so that the longest conversation fits in one forward pass",
+    )  # fmt: skip
+
+
+def _components_rule(at: str) -> Rule:
+    """Kind composite's terms, at each place a reward sits (spec.reward, evaluation.judge)."""
+    return Rule(
+        at, "components",
+        lambda r: (r.components is not None) == (r.kind == "composite") and not _component_problems(r.components or []),
+        lambda r: ("is required by kind composite (its weighted terms)" if r.components is None
+                   else f"is only used by kind composite (kind is {r.kind!r})" if r.kind != "composite"
+                   else "; ".join(_component_problems(r.components))),  # fmt: skip
+        "has(self.components) == (self.kind == 'composite') && (!has(self.components) || self.components.all(c, "
+        f"(has(c.model) == (c.kind in {_cel_list(MODEL_KINDS)})) && (!has(c.verifiable) || c.kind == 'verifiable') "
+        "&& self.components.exists_one(d, d.name == c.name)))",
+        "is required by kind composite and only used by it; each component names a model exactly when its kind "
+        f"reads one ({', '.join(MODEL_KINDS)}), sets verifiable only with kind verifiable, and has a name of its own",
+    )  # fmt: skip
+
+
+def _judge_scores(e: EvaluationSpec) -> bool:
+    return e.judge is not None and not e.judge.compares
+
+
+_SCALAR_JUDGE_CEL = f"has(self.judge) && !(self.judge.kind in {_cel_list(COMPARING_KINDS)})"
+
+
+def _judge_rules() -> tuple[Rule, ...]:
+    """spec.evaluation.judge: a reward of any kind, given (not trained), checked as spec.reward is."""
+    at = "evaluation.judge"
+    return (
+        _batch_tokens_rule(at),
+        _components_rule(at),
+        _kind_option("objectiveWeights", "objective_weights", "multi-objective", at),
+        _kind_option("verifiable", "verifiable", "verifiable", at),
+        Rule(
+            at, "model",
+            lambda r: r.model is not None or not r.reads_model,
+            lambda r: f"is required by judge kind {r.kind}, which reads a model (a judge is given, not trained)",
+            f"has(self.model) || !(self.kind in {_cel_list(MODEL_KINDS)})",
+            f"is required by the judge kinds that read a model ({', '.join(MODEL_KINDS)}); a judge is given, "
+            "not trained",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            at, "training",
+            lambda r: r.training is None,
+            lambda r: "a judge is given, not trained: name its model in evaluation.judge.model",
+            "!has(self.training)",
+            "a judge is given, not trained: name its model in evaluation.judge.model",
+        ),
+        Rule(
+            at, "kind",
+            lambda r: r.kind != "length" and (r.reads_model or r.model is None),
+            lambda r: "length is a term of a composite reward, not a judge on its own" if r.kind == "length"
+            else f"{r.kind} reads no model: remove evaluation.judge.model",
+            f"self.kind != 'length' && (self.kind in {_cel_list(MODEL_KINDS)} || !has(self.model))",
+            "length is only a term of a composite reward, and only the kinds that load a model "
+            f"({', '.join(MODEL_KINDS)}) read a model",
+        ),
+        Rule(
+            "evaluation", "select",
+            lambda e: e.select != "judge-reward" or _judge_scores(e),
+            lambda e: "judge-reward needs a judge that scores responses: set evaluation.judge (of a kind other than "
+            f"{', '.join(COMPARING_KINDS)}), or select win-rate or last",
+            f"self.select != 'judge-reward' || ({_SCALAR_JUDGE_CEL})",
+            "judge-reward needs a judge that scores responses (evaluation.judge, not pairwise): or select win-rate or last",
+        ),
+        Rule(
+            "evaluation", "gates.judgeRewardFallingRounds",
+            lambda e: e.gates.judge_reward_falling_rounds is None or _judge_scores(e),
+            lambda e: "needs a judge that scores responses: set evaluation.judge (of a kind other than "
+            f"{', '.join(COMPARING_KINDS)})",
+            f"!has(self.gates.judgeRewardFallingRounds) || ({_SCALAR_JUDGE_CEL})",
+            "needs a judge that scores responses (evaluation.judge, not pairwise)",
+        ),
+        Rule(
+            "", "evaluation.prompts.answerField",
+            lambda s: s.evaluation is None or s.evaluation.prompts.answer_field is not None
+            or not (s.reward.checks_answers or (s.evaluation.judge is not None and s.evaluation.judge.checks_answers)),
+            lambda s: "is required: a verifiable reward (spec.reward or evaluation.judge) checks each evaluation "
+            "response against its prompt's gold answer",
+            "!has(self.evaluation) || has(self.evaluation.prompts.answerField) || !("
+            + _CHECKS_ANSWERS_CEL.format(r="self.reward") + " || (has(self.evaluation.judge) && ("
+            + _CHECKS_ANSWERS_CEL.format(r="self.evaluation.judge") + ")))",
+            "is required when spec.reward or evaluation.judge is verifiable (or has a verifiable component)",
+            reason="FieldValueRequired",
+        ),
+    )  # fmt: skip
+
+
+_CHECKS_ANSWERS_CEL = ("{r}.kind == 'verifiable' || (has({r}.components) && {r}.components.exists(c, "
+                       "c.kind == 'verifiable'))")  # fmt: skip
+
+
 RULES: tuple[Rule, ...] = (
     *_optimization_rules("training"),
     *_optimization_rules("reward.training"),
@@ -907,14 +1095,7 @@ RULES: tuple[Rule, ...] = (
         "self.maxPromptLength < self.maxLength",
         "must be less than training.maxLength to leave room for the response",
     ),
-    Rule(
-        "reward", "batchTokens",
-        lambda r: r.batch_tokens >= r.max_length,
-        lambda r: f"must be at least reward.maxLength ({r.max_length}) so that the longest conversation fits in "
-        f"one forward pass (got {r.batch_tokens})",
-        "self.batchTokens >= self.maxLength",
-        "must be at least reward.maxLength so that the longest conversation fits in one forward pass",
-    ),
+    _batch_tokens_rule("reward"),
     Rule(
         "prompts", "dataset",
         lambda p: p.dataset is not None or p.per_iteration is not None,
@@ -975,18 +1156,7 @@ RULES: tuple[Rule, ...] = (
         "length is only a term of a composite reward, and only the kinds that load a model "
         f"({', '.join(MODEL_KINDS)}) read reward.model and reward.training",
     ),
-    Rule(
-        "reward", "components",
-        lambda r: (r.components is not None) == (r.kind == "composite") and not _component_problems(r.components or []),
-        lambda r: ("is required by kind composite (its weighted terms)" if r.components is None
-                   else f"is only used by kind composite (kind is {r.kind!r})" if r.kind != "composite"
-                   else "; ".join(_component_problems(r.components))),  # fmt: skip
-        "has(self.components) == (self.kind == 'composite') && (!has(self.components) || self.components.all(c, "
-        f"(has(c.model) == (c.kind in {_cel_list(MODEL_KINDS)})) && (!has(c.verifiable) || c.kind == 'verifiable') "
-        "&& self.components.exists_one(d, d.name == c.name)))",
-        "is required by kind composite and only used by it; each component names a model exactly when its kind "
-        f"reads one ({', '.join(MODEL_KINDS)}), sets verifiable only with kind verifiable, and has a name of its own",
-    ),
+    _components_rule("reward"),
     _kind_option("objectiveWeights", "objective_weights", "multi-objective"),
     _kind_option("verifiable", "verifiable", "verifiable"),
     Rule(
@@ -1071,6 +1241,7 @@ RULES: tuple[Rule, ...] = (
         "is only used by strategy max_min_length_penalty",
         "\"is only used by strategy max_min_length_penalty (strategy is '\" + self.strategy + \"')\"",
     ),
+    *_judge_rules(),
 )
 
 

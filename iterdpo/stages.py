@@ -47,6 +47,7 @@ class Stage(StrEnum):
     GENERATE = "Generate"
     SCORE = "Score"
     TRAIN = "Train"
+    EVALUATE = "Evaluate"
 
 
 class When(Flag):
@@ -107,6 +108,7 @@ class JobContext:
 
     spec_file: str  # the run file as the processes see it
     reward_url: str  # where they reach the run's reward server
+    judge_url: str | None = None  # where they reach spec.evaluation.judge's server (stages with uses_judge)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class StageDef:
     timeout_seconds: int  # default of spec.kubernetes.stageTimeoutSeconds.<folder>: an attempt's deadline
     programs: tuple[Program, ...] = ()
     uses_reward_server: bool = False  # the backend runs the reward server and hands its jobs the URL and token
+    uses_judge: bool = False  # ... and, when spec.evaluation.judge is set, the judge's server too
     trains: Callable[[IterativeDPORun], object] | None = None  # the spec section its torchrun trains by
     enabled: Callable[[IterativeDPORun], bool] = field(default=lambda run: True)  # e.g. only when configured
 
@@ -618,8 +621,138 @@ REWARD_MODEL = StageDef(
 )
 
 
+# -- Evaluate: the round's new policy (round 0: the initial one) on held-out prompts -------------
+KL_ESTIMATOR = ("k1: the mean over responses of log pi(y|x) - log pi_ref(y|x), summed over the response's tokens, "
+                "both read by transformers; unbiased for sampled responses, a log-ratio along the greedy response "
+                "at temperature 0")  # fmt: skip
+
+
+class EvaluateSummary(StageSummary):
+    stage: Literal["evaluate"] = "evaluate"
+    policy: str  # the policy evaluated
+    prompts: int  # in the evaluation set
+    prompts_left_out: int
+    left_out_reasons: list[str]
+    overlap: int  # prompts also in a training set (only with evaluation.allowOverlap)
+    samples: int
+    mean_reward: float | None  # under the run's reward model (None for a comparing kind)
+    judge_reward: float | None  # under evaluation.judge (None without one, or for a comparing kind)
+    win_rate: float | None  # against round 0's responses (None in round 0)
+    win_rate_low: float | None
+    win_rate_high: float | None
+    judged_by: Literal["judge", "reward"]
+    length_mean: float  # response tokens
+    length_p90: float
+    length_ratio: float | None  # to round 0's mean
+    truncated_share: float  # stopped at maxNewTokens without an end token
+    kl: float  # KL_ESTIMATOR, nats per response
+    comparisons: int = 0
+    seconds: float
+
+
+class EvaluationFigures(Figures):
+    policy: str = Field(description="The policy evaluated: the round's trained checkpoint (round 0: the initial policy).")
+    prompts: int = Field(description="Prompts of spec.evaluation.prompts answered.")
+    prompts_left_out: int = Field(
+        description="Evaluation prompts left out (malformed, longer than training.maxPromptLength, or a reward could "
+        "not score them), with the first reasons in leftOutReasons."
+    )
+    left_out_reasons: list[str] = Field(default_factory=list, description=f"The first {LEFT_OUT_SHOWN} reasons.")
+    overlap: int = Field(
+        default=0, description="Evaluation prompts that are also training prompts of a round (evaluation.allowOverlap)."
+    )
+    samples: int = Field(description="Responses scored.")
+    mean_reward: float | None = Field(
+        default=None, description="Mean reward under the run's reward model (unset for kind pairwise, which scores none)."
+    )
+    judge_reward: float | None = Field(
+        default=None, description="Mean reward under evaluation.judge (unset without a judge, or for a pairwise one)."
+    )
+    win_rate: float | None = Field(
+        default=None,
+        description="Share of prompts whose response beats the initial policy's (round 0's) to the same prompt: a "
+        "pairwise judge's probability, else scored higher, ties counting half; unset in round 0.",
+    )
+    win_rate_low: float | None = Field(default=None, description="Lower end of the win rate's 95% Wilson interval.")
+    win_rate_high: float | None = Field(default=None, description="Upper end of the win rate's 95% Wilson interval.")
+    judged_by: Literal["judge", "reward"] = Field(
+        description="What the win rate is judged by: evaluation.judge, or the run's reward model without one."
+    )
+    length_mean: float = Field(description="Mean response length in the policy's tokens.")
+    length_p90: float = Field(description="90th percentile of the response length (nearest rank).")
+    length_ratio: float | None = Field(default=None, description="Mean response length over round 0's.")
+    truncated_share: float = Field(
+        description="Share of responses that stopped at the token limit without an end token."
+    )
+    kl: float = Field(description="Estimated KL(policy || initial policy) in nats per response; " + KL_ESTIMATOR + ".")
+    comparisons: int | None = Field(default=None, description="Comparisons a pairwise judge made (two forward passes each).")
+    seconds: float = Field(description="Wall-clock seconds of the stage.")
+
+
+def _evaluate_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
+    argv = ("iterdpo", "evaluate", "--spec", ctx.spec_file, "--iteration", str(iteration), "--reward-url", ctx.reward_url)
+    if ctx.judge_url is not None:
+        argv += ("--judge-url", ctx.judge_url)
+    return (Command("evaluate", argv),)
+
+
+def _evaluation_figures(summaries: list[EvaluateSummary], seconds: float, run: IterativeDPORun) -> EvaluationFigures:
+    s = _one(summaries, Stage.EVALUATE)
+    r = _rounded
+    return EvaluationFigures(
+        policy=s.policy, prompts=s.prompts, prompts_left_out=s.prompts_left_out,
+        left_out_reasons=s.left_out_reasons[:LEFT_OUT_SHOWN], overlap=s.overlap, samples=s.samples,
+        mean_reward=r(s.mean_reward), judge_reward=r(s.judge_reward), win_rate=r(s.win_rate),
+        win_rate_low=r(s.win_rate_low), win_rate_high=r(s.win_rate_high), judged_by=s.judged_by,
+        length_mean=r(s.length_mean), length_p90=r(s.length_p90), length_ratio=r(s.length_ratio),
+        truncated_share=r(s.truncated_share), kl=r(s.kl), comparisons=s.comparisons or None,
+        seconds=round(seconds, 1),
+    )  # fmt: skip
+
+
+def _evaluation_line(f: EvaluationFigures) -> str:
+    win = "" if f.win_rate is None else (f", win rate {f.win_rate:.3f} [{f.win_rate_low:.3f}, {f.win_rate_high:.3f}] "
+                                         f"by the {f.judged_by}")  # fmt: skip
+    ratio = "" if f.length_ratio is None else f" (x{f.length_ratio:.2f})"
+    return (
+        f"evaluation of {f.samples} responses to {f.prompts} prompts ({f.prompts_left_out} left out): reward "
+        f"{_signed(f.mean_reward)}, judge {_signed(f.judge_reward)}{win}, length {f.length_mean:.1f} tokens{ratio}, "
+        f"p90 {f.length_p90:.0f}, {f.truncated_share:.0%} truncated, KL {f.kl:.3f} in {f.seconds:.1f}s"
+    )
+
+
+EVALUATE = StageDef(
+    stage=Stage.EVALUATE,
+    when=When.BEFORE_ROUNDS | When.EVERY_ROUND,
+    status_field="evaluation",
+    folder="evaluate",
+    description="Figures of the Evaluate stage (spec.evaluation): the round's new policy on held-out prompts.",
+    summary=EvaluateSummary,
+    figures=EvaluationFigures,
+    jobs=_evaluate_jobs,
+    figures_of=_evaluation_figures,
+    line=_evaluation_line,
+    columns=(
+        Column("eval", _cell("evaluation", "mean_reward", "{:+.3f}")),
+        Column("judge", _cell("evaluation", "judge_reward", "{:+.3f}")),
+        Column("win", _cell("evaluation", "win_rate", "{:.2f}")),
+        Column("len x", _cell("evaluation", "length_ratio", "{:.2f}")),
+        Column("kl", _cell("evaluation", "kl", "{:.3f}")),
+    ),
+    seconds_column="eval s",
+    timeout_seconds=6 * 3600,
+    pods=(Pod("evaluate", "The evaluator's pod (vLLM on the held-out prompts, then the reward servers).",
+              lambda spec: spec.generation.tensor_parallel_size, "generation.tensorParallelSize"),),  # fmt: skip
+    markers=lambda layout, t, run: (layout.evaluation_report(t),),
+    programs=(Program("evaluate", "iterdpo_evaluator.evaluate:main", "stage: evaluate a round's policy"),),
+    uses_reward_server=True,
+    uses_judge=True,
+    enabled=lambda run: run.spec.evaluation is not None,
+)
+
+
 # -- the table ------------------------------------------------------------------------------
-STAGES: tuple[StageDef, ...] = (SFT, REWARD_MODEL, GENERATE, SCORE, TRAIN)  # run order within a round
+STAGES: tuple[StageDef, ...] = (SFT, REWARD_MODEL, GENERATE, SCORE, TRAIN, EVALUATE)  # run order within a round
 STAGE_TABLE: Mapping[Stage, StageDef] = table_of({d.stage: d for d in STAGES}, "iterdpo.stages.STAGES")
 
 # The run's reward server: a service of the stages with uses_reward_server, not a stage.

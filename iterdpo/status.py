@@ -221,3 +221,29 @@ def succeeded(status: RunStatus, final_policy: str, now: str) -> RunStatus:
     return status.model_copy(
         update={"phase": "Succeeded", "current_stage": None, "final_policy": final_policy, "conditions": conditions}
     )
+
+
+def gate_stopped(status: RunStatus, gate: str, message: str, fail: bool, final_policy: str, now: str) -> RunStatus:
+    """An evaluation gate (spec.evaluation.gates.<gate>) stopped the loop after a round: the
+    run ends Succeeded with reason GateTripped, keeping `final_policy`, or Failed (gates.onTrip)."""
+    text = f"stopped by gates.{gate}: {message}; final policy {final_policy}"
+    if fail:
+        conditions = _with_conditions(status, now, ("Failed", "True", "GateTripped", text),
+                                      ("Progressing", "False", "GateTripped", text),
+                                      ("Succeeded", "False", "GateTripped", text))  # fmt: skip
+        phase = "Failed"
+    else:
+        conditions = _with_conditions(status, now, ("Succeeded", "True", "GateTripped", text),
+                                      ("Progressing", "False", "GateTripped", text), _no_failure(status))  # fmt: skip
+        phase = "Succeeded"
+    return status.model_copy(
+        update={"phase": phase, "current_stage": None, "final_policy": final_policy, "conditions": conditions}
+    )
+
+
+def finished(status: RunStatus, step, now: str) -> RunStatus:
+    """The run's end as the planner's `Finished` says: all rounds, or a gate that tripped."""
+    if step.gate is None:
+        return succeeded(status, step.final_policy, now)
+    g = step.gate
+    return gate_stopped(status, g.gate, g.message, g.fail, step.final_policy, now)

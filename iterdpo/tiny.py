@@ -97,6 +97,7 @@ class TinyAssets:
     preferences: Path  # pairs labelled by the gold (hand-wired) reward model
     sft: Path  # chat conversations for the SFT stage (examples/tiny-sft.yaml)
     arithmetic: Path  # sums with gold answers (field `answer`), for reward kind verifiable
+    evaluation: Path  # held-out prompts (spec.evaluation.prompts): forms no round's prompt uses
     armo: Path  # a multi-objective reward model of ArmoRM's layout
 
 
@@ -112,11 +113,12 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
         preferences=out / "preferences.jsonl",
         sft=out / "sft.jsonl",
         arithmetic=out / "arithmetic.jsonl",
+        evaluation=out / "eval-prompts.jsonl",
         armo=out / "armo",
     )
     marker = out / ".complete.json"
     wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "preference_pairs": preference_pairs,
-              "seed": seed, "version": 6}  # fmt: skip
+              "seed": seed, "version": 7}  # fmt: skip
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return assets
 
@@ -143,6 +145,7 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
     write_jsonl(assets.preferences, _preferences(assets.reward, random.Random(seed + 1), preference_pairs))
     write_jsonl(assets.sft, _conversations(random.Random(seed + 2), SFT_CONVERSATIONS))
     write_jsonl(assets.arithmetic, _sums(random.Random(seed + 3), ARITHMETIC_PROMPTS))
+    write_jsonl(assets.evaluation, _held_out_prompts(random.Random(seed + 4), EVAL_PROMPTS))
     write_json(marker, wanted)
     return assets
 
@@ -287,6 +290,17 @@ def _prompts(rng: random.Random, count: int) -> list[dict]:
         topic = rng.choice(TOPICS)
         rows.append({"id": f"p{i:04d}", "messages": [{"role": "user", "content": form.format(topic)}]})
     return rows
+
+
+EVAL_PROMPTS = 32
+EVAL_PROMPT_FORMS = ("say a few words about the {}", "give me your view of the {}")  # none of PROMPT_FORMS
+
+
+def _held_out_prompts(rng: random.Random, count: int) -> list[dict]:
+    """Distinct prompts in forms no round's prompt set uses: disjoint from them by content."""
+    pairs = [(form, topic) for form in EVAL_PROMPT_FORMS for topic in TOPICS]
+    return [{"id": f"e{i:04d}", "messages": [{"role": "user", "content": form.format(topic)}]}
+            for i, (form, topic) in enumerate(rng.sample(pairs, count))]  # fmt: skip
 
 
 PREFERENCE_WORDS = (6, 16)  # words per synthetic response

@@ -25,8 +25,8 @@ from iterdpo.status import (
     set_condition,
     stage_failed,
     stage_finished,
+    finished,
     stage_started,
-    succeeded,
 )
 from iterdpo.yamlfile import clip
 from iterdpo_operator import builders as b
@@ -292,8 +292,13 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
     if isinstance(target, Finished):
         actions = [] if keep_warm else [Scale(b.reward_name(run), 0)]
         if st.phase != "Succeeded":
-            st = succeeded(st, target.final_policy, t).model_copy(update={"current_attempt": None, "current_child": None})
-            events.append(Event("Normal", "Succeeded", f"{run.spec.iterations} rounds finished; final policy {target.final_policy}"))
+            st = finished(st, target, t).model_copy(update={"current_attempt": None, "current_child": None})
+            if target.gate is not None:  # an evaluation gate stopped the loop: say which, with its figures
+                events.append(Event("Warning" if target.gate.fail else "Normal", "GateTripped",
+                                    st.condition("Progressing").message))  # fmt: skip
+            else:
+                events.append(Event("Normal", "Succeeded",
+                                    f"{run.spec.iterations} rounds finished; final policy {target.final_policy}"))  # fmt: skip
         return Decision(st, actions, events)
 
     ref = child_ref(run, target)

@@ -73,6 +73,7 @@ CHILDREN: Mapping[Stage, StageChild] = table_of(
         Stage.GENERATE: StageChild("generate", lambda run: JOB, generate_job),
         Stage.SCORE: StageChild("annotate", lambda run: JOB, job),
         Stage.TRAIN: StageChild("train", lambda run: launcher_for(run).kind, training),
+        Stage.EVALUATE: StageChild("evaluate", lambda run: JOB, job),
     },
     "iterdpo_operator.stage_children.CHILDREN",
 )

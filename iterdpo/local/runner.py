@@ -36,7 +36,7 @@ from iterdpo.status import (
     stage_failed,
     stage_finished,
     stage_started,
-    succeeded,
+    finished,
 )
 from iterdpo.summary import TERMINATION_LOG_ENV, read_summary
 
@@ -120,7 +120,7 @@ class LocalRunner:
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             while True:
-                port = processes.free_port()
+                port, judge_port = processes.free_port(), processes.free_port()
                 step = next_step(
                     self.run,
                     status,
@@ -128,10 +128,14 @@ class LocalRunner:
                     reward_host="127.0.0.1",
                     reward_port=port,
                     reward_url=f"http://127.0.0.1:{port}",
+                    judge_port=judge_port,
+                    judge_url=f"http://127.0.0.1:{judge_port}",
                 )
                 if isinstance(step, Finished):
-                    status = succeeded(status, step.final_policy, now_rfc3339())
+                    status = finished(status, step, now_rfc3339())
                     self._save(status)
+                    if step.gate is not None:
+                        self._say(status.condition("Progressing").message)
                     return status
                 status = self._run_stage(status, step)
         except KeyboardInterrupt:
@@ -187,16 +191,15 @@ class LocalRunner:
         return status
 
     def _run_commands(self, step: StageStep) -> list[StageSummary]:
-        service = None
+        started: list = []
         try:
-            if step.service is not None:
-                service = self._start(step, step.service)
+            for service in step.services:  # the reward server, the judge's: all ready before a job starts
+                proc = self._start(step, service.command)
+                started.append(proc)
                 try:
-                    processes.wait_ready(
-                        f"{step.service_url}/readyz", service, timeout=self.run.spec.reward.startup_timeout_seconds
-                    )
+                    processes.wait_ready(f"{service.url}/readyz", proc, timeout=self.run.spec.reward.startup_timeout_seconds)
                 except (RuntimeError, TimeoutError) as exc:
-                    raise RunFailed(self._explain(step, step.service, str(exc))) from None
+                    raise RunFailed(self._explain(step, service.command, str(exc))) from None
             summaries = []
             for command in step.jobs:  # one after another: each may fill this machine's cores
                 proc = self._start(step, command)
@@ -213,9 +216,9 @@ class LocalRunner:
                 summaries.append(summary)
             return summaries
         finally:
-            if service is not None:
-                processes.stop(service)
-                self._running.remove(service)
+            for proc in started:
+                processes.stop(proc)
+                self._running.remove(proc)
 
     def _start(self, step: StageStep, command: Command):
         summary = self.paths.summary(step.iteration, command)

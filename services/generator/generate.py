@@ -85,7 +85,7 @@ def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> ShardMarker:
     mine_ids = {str(i) for i in indices}
     left_out = [item for item in prompt_set.left_out if item.prompt_id in mine_ids]
 
-    tokenizer = _load_tokenizer(policy, spec.policy.chat_template)
+    tokenizer = load_tokenizer(policy, spec.policy.chat_template)
     formatted, too_long = format_prompts(
         [p for p in mine if p is not None], tokenizer, max_prompt_tokens=spec.training.max_prompt_length
     )
@@ -123,7 +123,7 @@ def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> ShardMarker:
     return result
 
 
-def _load_tokenizer(policy: str, chat_template: str | None):
+def load_tokenizer(policy: str, chat_template: str | None):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
@@ -143,7 +143,27 @@ def stop_token_ids(gen, tokenizer, chat_template: str | None) -> list[int]:
     return sorted({*gen.stop_token_ids, *eos, *end_of_turn_ids(tokenizer, chat_template)})
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one prompt set is sampled: the round's (spec.generation) or the evaluation's."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int  # the base seed; each prompt's derives from it (prompt_seed)
+
+
 def _generate(run: IterativeDPORun, iteration: int, policy: str, tokenizer, formatted: list[FormattedPrompt]):
+    gen = run.spec.generation
+    how = Sampling(gen.samples_per_prompt, gen.temperature, gen.top_p, gen.max_new_tokens, gen.seed)
+    return sample(run, iteration, policy, tokenizer, formatted, how)
+
+
+def sample(run: IterativeDPORun, iteration: int, policy: str, tokenizer, formatted: list[FormattedPrompt],
+           how: Sampling):  # fmt: skip
+    """vLLM's outputs for `formatted`, in order, sampled as `how` says; the engine as
+    spec.generation sets it up (memory, parallelism, context), stopping where a turn ends."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -152,7 +172,7 @@ def _generate(run: IterativeDPORun, iteration: int, policy: str, tokenizer, form
     llm = LLM(
         model=policy,
         tokenizer=policy,
-        seed=gen.seed,
+        seed=how.seed,
         gpu_memory_utilization=gen.gpu_memory_utilization,
         tensor_parallel_size=gen.tensor_parallel_size,
         max_model_len=max_model_len,
@@ -161,18 +181,21 @@ def _generate(run: IterativeDPORun, iteration: int, policy: str, tokenizer, form
     stop_ids = stop_token_ids(gen, tokenizer, run.spec.policy.chat_template)
     params = [
         SamplingParams(
-            n=gen.samples_per_prompt,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            max_tokens=max(1, min(gen.max_new_tokens, max_model_len - len(item.token_ids))),
+            n=how.n,
+            temperature=how.temperature,
+            top_p=how.top_p,
+            max_tokens=max(1, min(how.max_new_tokens, max_model_len - len(item.token_ids))),
             stop=list(gen.stop) or None,
             stop_token_ids=stop_ids or None,
-            seed=prompt_seed(gen.seed, iteration, item.prompt.prompt_id),
+            seed=prompt_seed(how.seed, iteration, item.prompt.prompt_id),
         )
         for item in formatted
     ]
     prompts = [TokensPrompt(prompt_token_ids=item.token_ids) for item in formatted]
-    return llm.generate(prompts, params, use_tqdm=False)
+    try:
+        return llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        del llm  # its engine process goes with it: the memory is free for what runs next
 
 
 def shard_index(flag: int | None) -> int:

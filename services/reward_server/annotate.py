@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -30,12 +29,11 @@ from iterdpo.layout import RunLayout, claim_run_folder
 from iterdpo.pairing import Pair, TIE, choose_pair, prompt_rng
 from iterdpo.tournament import Outcome as TournamentOutcome
 from iterdpo.tournament import Tournament, run_all
-from iterdpo.planner import REWARD_TOKEN_ENV
 from iterdpo.runfile import load_for_stage
 from iterdpo.spec import IterativeDPORun
 from iterdpo.stages import ScoreSummary, Stage
 from iterdpo.summary import emit_summary
-from iterdpo_reward_server.client import RetryPolicy, RewardClient
+from iterdpo_reward_server.client import client_for
 from iterdpo_reward_server.scoring import ScoreResult
 from iterdpo_reward_server.shards import RoundGenerations, read_round
 
@@ -235,8 +233,8 @@ def _pair_by_comparisons(run, iteration, generations, reward_url, transport) -> 
     records = generations.records
     tours = [Tournament(len(r.responses), selection, prompt_rng(spec.generation.seed, iteration, r.prompt_id))
              for r in records]  # fmt: skip
-    client = _client(spec.reward, reward_url, transport)
-    asyncio.run(_wait(client, spec.reward))
+    client = client_for(spec.reward, reward_url, transport)
+    asyncio.run(client.wait_ready(spec.reward.startup_timeout_seconds))
     cost = {"forward_passes": 0, "truncated": 0}
 
     # Each prompt's part of a comparison item, built once (its messages and gold answer).
@@ -290,21 +288,9 @@ def summary_of(stats: ScoreStats) -> ScoreSummary:
                         forward_passes=stats.forward_passes)  # fmt: skip
 
 
-def _client(reward, url: str, transport) -> RewardClient:
-    return RewardClient(
-        url, timeout_seconds=reward.timeout_seconds, retry=RetryPolicy(max_retries=reward.max_retries), transport=transport,
-        token=os.environ.get(REWARD_TOKEN_ENV) or None,
-    )
-
-
-async def _wait(client: RewardClient, reward) -> None:
-    ready = await client.wait_ready(reward.startup_timeout_seconds)
-    log.info("reward server ready: %s", ready)
-
-
 async def _score(reward, url: str, items: list[dict], transport) -> ScoreResult:
-    client = _client(reward, url, transport)
-    await _wait(client, reward)
+    client = client_for(reward, url, transport)
+    await client.wait_ready(reward.startup_timeout_seconds)
     done, step = [0], max(1, len(items) // 10)
 
     def progress(n: int) -> None:

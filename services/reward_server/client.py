@@ -13,6 +13,7 @@ import datetime
 import email.utils
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -188,6 +189,13 @@ class RewardClient:
             log.warning("scoring request failed (%s); retry %d in %.1f s", problem, attempt + 1, wait)
             await self.sleep(wait)
         raise AssertionError("unreachable")
+
+
+def client_for(reward, url: str, transport: httpx.AsyncBaseTransport | None = None) -> RewardClient:
+    """A client of the server at `url` as a spec's reward section says (timeouts, retries), with
+    the bearer token the backend hands every caller in $ITERDPO_REWARD_TOKEN."""
+    return RewardClient(url, timeout_seconds=reward.timeout_seconds, retry=RetryPolicy(max_retries=reward.max_retries),
+                        transport=transport, token=os.environ.get(REWARD_TOKEN_ENV) or None)  # fmt: skip
 
 
 def _body(r: httpx.Response, model):

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(OpenRLHF), GET /healthz, GET /readyz.",
     )
     p.add_argument("--spec", type=Path, help="run file: serve its spec.reward (how the planner starts the server)")
+    p.add_argument("--judge", action="store_true", help="with --spec: serve spec.evaluation.judge instead")
     for name in SERVER_FIELDS:  # standalone use: spec.reward's fields as flags
         field = RewardSpec.model_fields[name]
         default = "" if field.is_required() or field.default is None else f" (default {field.default})"
@@ -117,11 +118,19 @@ def settings_from_args(argv: list[str] | None) -> Settings:
         if given:
             raise SettingsError(f"{_flag(next(iter(given)))}: with --spec, spec.reward is the one place for it; drop the flag")
         run = load_run(args.spec)  # the model it names, or the one its RewardModel stage trained
-        reward = run.spec.reward.model_copy(update={"model": reward_model_for(run)})
+        if args.judge:
+            if run.spec.evaluation is None or run.spec.evaluation.judge is None:
+                raise SettingsError(f"--judge: {args.spec} sets no spec.evaluation.judge")
+            reward = run.spec.evaluation.judge
+        else:
+            reward = run.spec.reward.model_copy(update={"model": reward_model_for(run)})
+    elif args.judge:
+        raise SettingsError("--judge: serves a run file's spec.evaluation.judge; give --spec")
     else:
         reward = _reward_from_flags(given)
-    field, length = ("spec.reward.model", "spec.reward.maxLength") if args.spec else ("--model", "--max-length")
-    if args.spec and run.spec.reward.training is not None:
+    section = "spec.evaluation.judge" if args.judge else "spec.reward"
+    field, length = (f"{section}.model", f"{section}.maxLength") if args.spec else ("--model", "--max-length")
+    if args.spec and not args.judge and run.spec.reward.training is not None:
         field = "the reward model of spec.reward.training (the RewardModel stage writes it)"
     problems = model_problems(field, reward.model, {length: reward.max_length}) if reward.reads_model else []
     if problems:  # a local folder that cannot be the model: say so, before Hugging Face calls it a bad repo id

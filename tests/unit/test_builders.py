@@ -162,9 +162,9 @@ def test_round_one_matches_golden(name):
 
 def test_render_round_order_and_no_owner():
     """render_round is what `iterdpo render` prints: the operator's creation order, no ownerReferences."""
-    for name, launcher_kind in (("small", "Job"), ("multinode", "PyTorchJob")):
+    for name, kinds in (("small", ["Job", "Job"]), ("multinode", ["PyTorchJob"])):  # small evaluates: a Job
         manifests = sc.render_round(load(name), 1)
-        assert [m["kind"] for m in manifests] == ["ConfigMap", "Job", "Service", "Deployment", "Job", launcher_kind]
+        assert [m["kind"] for m in manifests] == ["ConfigMap", "Job", "Service", "Deployment", "Job", *kinds]
         assert all("ownerReferences" not in m["metadata"] for m in manifests)
 
 
@@ -542,9 +542,10 @@ def test_render_prints_the_round(capsys):
     code, out, err = render(capsys, SPECS / "small.yaml")
     assert code == 0, err
     docs = [d for d in yaml.safe_load_all(out) if d is not None]
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Job", "Service", "Deployment", "Job", "Job"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job", "Service", "Deployment", "Job", "Job", "Job"]
     assert [d["metadata"]["name"] for d in docs] == [
-        "small-spec", "small-i01-generate-a1", "small-reward", "small-reward", "small-i01-annotate-a1", "small-i01-train-a1"]  # fmt: skip
+        "small-spec", "small-i01-generate-a1", "small-reward", "small-reward", "small-i01-annotate-a1", "small-i01-train-a1",
+        "small-i01-evaluate-a1"]  # fmt: skip
     assert out.startswith("#")  # a comment says what it is
     assert out.split("\n", 1)[1] == b.to_yaml(sc.render_round(load("small"), 1))
 

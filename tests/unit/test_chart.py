@@ -232,11 +232,11 @@ def test_network_policy_and_service_monitor(helm):
     generate_pod = sc.child_manifest(run, Stage.GENERATE, 1, 1)["spec"]["template"]["metadata"]["labels"]
     selects = lambda selector, labels: selector.items() <= labels.items()  # noqa: E731
     assert selects(policy["spec"]["podSelector"]["matchLabels"], reward_pod)
+    evaluate_pod = sc.child_manifest(run, Stage.EVALUATE, 1, 1)["spec"]["template"]["metadata"]["labels"]
     first, extra = policy["spec"]["ingress"]
-    (peer,) = first["from"]
-    assert selects(peer["podSelector"]["matchLabels"], annotate_pod)
-    assert not selects(peer["podSelector"]["matchLabels"], generate_pod)
-    assert not selects(peer["podSelector"]["matchLabels"], reward_pod)
+    peers = [peer["podSelector"]["matchLabels"] for peer in first["from"]]
+    assert [sum(selects(p, pod) for p in peers) for pod in (annotate_pod, evaluate_pod, generate_pod, reward_pod)] == [1, 1, 0, 0]
+    assert sc.REWARD_CLIENTS == ("annotate", "evaluate")  # the chart's list: the stages that call the reward server
     assert first["ports"] == [{"protocol": "TCP", "port": 8000}]
     assert extra["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
 

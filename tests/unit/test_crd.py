@@ -162,7 +162,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
     """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
     from iterdpo.spec import RULES
 
-    assert len(RULES) == len({r.blames for r in RULES}) == 27
+    assert len(RULES) == len({r.blames for r in RULES}) == 37
     assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
     for rule in RULES:
         node = root["properties"]["spec"]
@@ -185,6 +185,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
 
 RM = {"base": "/m/base", "data": {"dataset": "/d/prefs.jsonl"}}  # a spec.reward.training
 SFT = {"data": {"dataset": "/d/chat.jsonl"}}  # a spec.policy.sft
+EVAL = {"prompts": {"dataset": "/d/held-out.jsonl"}}  # a spec.evaluation
 
 
 def test_each_rule_is_checked_by_the_model_and_blames_its_field():
@@ -226,6 +227,20 @@ def test_each_rule_is_checked_by_the_model_and_blames_its_field():
         "pairing.selection": {"pairing": {"selection": "bracket"}},
         "reward.training.data.marginField": {"reward": {"kind": "pairwise", "model": None, "training": {
             **RM, "data": {"dataset": "/d/prefs.jsonl", "marginField": "margin"}}}},
+        # spec.evaluation (the Evaluate stage)
+        "evaluation.judge.batchTokens": {"evaluation": {**EVAL, "judge": {"model": "/m/gold", "maxLength": 512,
+                                                                          "batchTokens": 256}}},
+        "evaluation.judge.components": {"evaluation": {**EVAL, "judge": {"kind": "composite"}}},
+        "evaluation.judge.objectiveWeights": {"evaluation": {**EVAL, "judge": {"model": "/m/gold",
+                                                                               "objectiveWeights": {"x": 1.0}}}},
+        "evaluation.judge.verifiable": {"evaluation": {**EVAL, "judge": {"model": "/m/gold",
+                                                                         "verifiable": {"correct": 2.0}}}},
+        "evaluation.judge.model": {"evaluation": {**EVAL, "judge": {"kind": "bradley-terry"}}},
+        "evaluation.judge.training": {"evaluation": {**EVAL, "judge": {"model": "/m/gold", "training": RM}}},
+        "evaluation.judge.kind": {"evaluation": {**EVAL, "judge": {"kind": "verifiable", "model": "/m/gold"}}},
+        "evaluation.select": {"evaluation": {**EVAL, "select": "judge-reward"}},
+        "evaluation.gates.judgeRewardFallingRounds": {"evaluation": {**EVAL, "gates": {"judgeRewardFallingRounds": 2}}},
+        "evaluation.prompts.answerField": {"evaluation": {**EVAL, "judge": {"kind": "verifiable"}}},
     }  # fmt: skip
     assert set(breakers) == {r.blames for r in RULES}
     for blames, change in breakers.items():

@@ -68,15 +68,16 @@ def test_generate_has_one_command_per_shard():
     assert [job.argv for job in step.jobs] == [
         ("iterdpo", "generate", "--spec", "/etc/run.json", "--iteration", "1", "--shard", str(i)) for i in range(3)
     ]
-    assert step.service is None
+    assert step.services == ()
 
 
 def test_score_runs_the_reward_server_as_a_service():
     step = plan(status_after(*ORDER[:1]))
-    assert step.service.argv == (  # the server reads spec.reward from the run file: one declaration
+    [service] = step.services
+    assert service.command.argv == (  # the server reads spec.reward from the run file: one declaration
         "iterdpo", "serve-reward", "--spec", "/etc/run.json", "--host", "0.0.0.0", "--port", "8000",
     )
-    assert step.service_url == "http://rm:8000"
+    assert service.url == "http://rm:8000"
     [job] = step.jobs
     assert job.argv == (
         "iterdpo", "annotate", "--spec", "/etc/run.json", "--iteration", "1", "--reward-url", "http://rm:8000"
@@ -119,14 +120,14 @@ def test_reference_previous_uses_the_generating_policy():
 def test_an_unknown_stage_is_an_error_naming_it_not_a_fall_through():
     from iterdpo.planner import stage_step
 
-    with pytest.raises(ValueError, match=r"unknown stage 'Evaluate'; known: SFT, RewardModel, Generate, Score, Train"):
-        stage_step(RUN, 1, "Evaluate", spec_file="/f", reward_host="h", reward_port=1, reward_url="u")
+    with pytest.raises(ValueError, match=r"unknown stage 'Judge'; known: SFT, RewardModel, Generate, Score, Train, Evaluate"):
+        stage_step(RUN, 1, "Judge", spec_file="/f", reward_host="h", reward_port=1, reward_url="u")
 
 
 def test_every_table_has_an_entry_for_every_stage():
     from iterdpo.stages import Stage, table_of
 
-    with pytest.raises(TypeError, match=r"my table has no entry for stage\(s\) \['SFT', 'RewardModel', 'Score', 'Train'\]"):
+    with pytest.raises(TypeError, match=r"my table has no entry for stage\(s\) \['SFT', 'RewardModel', 'Score', 'Train', 'Evaluate'\]"):
         table_of({Stage.GENERATE: 1}, "my table")
 
 

@@ -103,7 +103,7 @@ def test_local_checks_name_the_base_and_the_data_and_refuse_many_nodes(tmp_path)
 # -- plan, status, layout ------------------------------------------------------------------
 def test_the_reward_model_is_trained_first_as_round_0_then_the_rounds_run():
     step = next_step(RUN, RunStatus(), spec_file="/runs/demo/run.json")
-    assert (step.iteration, step.stage, step.service) == (0, Stage.REWARD_MODEL, None)
+    assert (step.iteration, step.stage, step.services) == (0, Stage.REWARD_MODEL, ())
     (job,) = step.jobs
     assert job.argv == ("torchrun", "--nnodes=1", "--nproc-per-node=1", "-m", "iterdpo_trainer.reward_model",
                         "--spec", "/runs/demo/run.json", "--iteration", "0")  # fmt: skip
@@ -138,7 +138,7 @@ def test_the_table_shows_round_0_only_for_a_run_that_has_it():
     lines = status_table("demo", status, 2).splitlines()
     assert lines[0] == "run demo: Running (round 1 of 2, Generate)"
     assert "rm s  gen s" in lines[1]
-    assert lines[2].split()[0] == "0" and lines[2].split()[-4:] == ["12", "-", "-", "-"]
+    assert lines[2].split()[0] == "0" and lines[2].split()[-5:] == ["12", "-", "-", "-", "-"]
     plain = stage_started(RunStatus(), 1, Stage.GENERATE, "/m", NOW)
     assert "rm s" not in status_table("demo", plain, 2)
     done = succeeded(status, "/final", NOW)

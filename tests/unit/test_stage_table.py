@@ -34,7 +34,7 @@ def test_the_status_has_one_field_per_stage_typed_by_the_table():
 
 
 def test_the_spec_has_one_resources_field_per_kind_of_pod():
-    assert list(StageResources.model_fields) == [p.key for p in pods()] == ["sft", "rm", "generate", "reward", "annotate", "train"]
+    assert list(StageResources.model_fields) == [p.key for p in pods()] == ["sft", "rm", "generate", "reward", "annotate", "train", "evaluate"]
     schema = json.loads((REPO / "charts" / "iterdpo" / "values.schema.json").read_text())
     chart = schema["properties"]["stageDefaults"]["properties"]["resources"]["properties"]
     assert list(chart) == [p.key for p in pods()], "values.schema.json stageDefaults.resources: one key per pod"

@@ -1,0 +1,1 @@
+"""Stage program: the Evaluate stage (vLLM on held-out prompts, scored through the reward servers)."""
