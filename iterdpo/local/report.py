@@ -46,6 +46,9 @@ def status_table(name: str, status: RunStatus, iterations: int | None = None) ->
     extra = []
     if failed is not None and failed.status == "True":
         extra.append(f"failed: {failed.message.splitlines()[0]}")
+    succeeded = status.condition("Succeeded")
+    if succeeded is not None and succeeded.status == "True" and succeeded.reason == "GateTripped":
+        extra.append(succeeded.message.splitlines()[0])  # "stopped by gates.<gate>: round N: ..."
     if status.final_policy:
         extra.append(f"final policy: {status.final_policy}")
     trend = reward_trend(status)

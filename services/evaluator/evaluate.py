@@ -137,7 +137,7 @@ def evaluate(run: IterativeDPORun, iteration: int, reward_url: str, judge_url: s
     summary = _summary(run, iteration, policy, prompt_set, len(prompts), left_out, len(shared), answers, baseline,
                        judged_by, comparisons, time.monotonic() - started)  # fmt: skip
     write_lines(layout.evaluation_responses(iteration), [a.record() for a in answers])
-    report = EvaluationReport(summary=summary.model_dump(mode="json"), left_out=sorted(left_out, key=_row))
+    report = EvaluationReport(summary=summary.model_dump(mode="json", by_alias=True), left_out=sorted(left_out, key=_row))
     write_model(report_path, report)  # last: the marker
     return summary
 

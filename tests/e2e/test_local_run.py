@@ -463,3 +463,55 @@ def test_pairwise_reward_trains_its_judge_then_pairs_by_tournament_for_two_round
     second = [json.loads(line) for line in (workdir / "pw" / "iter-02" / "score" / "pairs.jsonl").read_text().splitlines()]
     gaps = [c - r for p in pairs + second for c, r in [gold_rewards(tiny, p["prompt"], [p["chosen"], p["rejected"]])]]
     assert sum(gaps) / len(gaps) > 0, gaps
+
+
+def test_evaluation_scores_every_round_against_round_0_and_a_gate_stops_the_loop(tiny, tmp_path):
+    """spec.evaluation end to end: round 0 evaluates the initial policy on held-out prompts,
+    round 1 its trained policy (greedy vLLM, the run's reward server and a judge server, KL
+    by transformers log-probs), and gates.maxKl stops the run after round 1: round 2 never
+    runs, the run succeeds with reason GateTripped and keeps the last policy inside the gate."""
+    run_file = write_run(tmp_path, tiny, "gated")
+    manifest = yaml.safe_load(run_file.read_text())
+    manifest["spec"]["evaluation"] = {
+        "prompts": {"dataset": str(tiny.evaluation), "maxPrompts": 12},
+        "maxNewTokens": 16,
+        "judge": {"model": str(tiny.reward), "maxLength": 256, "batchTokens": 4096},
+        "gates": {"maxKl": 1.0e-3},  # any trained policy is further from the initial one than this
+    }
+    run_file.write_text(yaml.safe_dump(manifest))
+    workdir = tmp_path / "runs"
+    result = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status = status_of(workdir, "gated")
+    assert status["phase"] == "Succeeded" and status["finalPolicy"] == str(tiny.policy)
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "True" and succeeded["reason"] == "GateTripped"
+    assert "gates.maxKl: round 1: estimated KL" in succeeded["message"]
+    assert [it["iteration"] for it in status["iterations"]] == [0, 1]  # round 2 never ran
+    before, first = (it["evaluation"] for it in status["iterations"])
+    assert status["iterations"][0].get("training") is None and first["policy"] == status["iterations"][1]["training"]["checkpoint"]
+    for f in (before, first):
+        assert f["prompts"] == 12 and f["samples"] == 12 and f["promptsLeftOut"] == 0 and f["overlap"] == 0
+        assert f["judgedBy"] == "judge" and 0 < f["lengthMean"] <= 16 and 0.0 <= f["truncatedShare"] <= 1.0
+    assert before["policy"] == str(tiny.policy) and before["kl"] == pytest.approx(0.0, abs=1e-3)
+    assert before.get("winRate") is None and before["meanReward"] == pytest.approx(before["judgeReward"], abs=1e-3)
+    assert first["kl"] > 1.0e-3 and first["lengthRatio"] == pytest.approx(first["lengthMean"] / before["lengthMean"], abs=1e-3)
+    assert first["winRateLow"] <= first["winRate"] <= first["winRateHigh"]
+
+    # Every held-out prompt's response is kept, with its scores and the win against round 0's.
+    layout_dir = workdir / "gated"
+    rows = [json.loads(line) for line in (layout_dir / "iter-01" / "evaluate" / "responses.jsonl").read_text().splitlines()]
+    baseline = {r["prompt_id"]: r for r in
+                (json.loads(line) for line in (layout_dir / "iter-00" / "evaluate" / "responses.jsonl").read_text().splitlines())}  # fmt: skip
+    assert len(rows) == 12 and baseline.keys() == {r["prompt_id"] for r in rows}
+    wins = [1.0 if r["judge"][0] > baseline[r["prompt_id"]]["judge"][0] else 0.5 if r["judge"][0] == baseline[r["prompt_id"]]["judge"][0] else 0.0
+            for r in rows]  # fmt: skip
+    assert [r["win"] for r in rows] == wins and first["winRate"] == pytest.approx(sum(wins) / 12, abs=1e-4)
+    assert "[round 1/2] Evaluate: evaluation of 12 responses" in result.stdout and "[round 2/2]" not in result.stdout
+
+    table = run_cli("status", "gated", "--workdir", str(workdir))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0] == "run gated: Succeeded (round 1)" and {"judge", "win", "kl"} <= set(lines[1].split())
+    assert [line.split()[0] for line in lines[2:4]] == ["0", "1"]
+    assert any(line.startswith("stopped by gates.maxKl: round 1: estimated KL") for line in lines)
