@@ -114,7 +114,8 @@ def test_valid_run_is_accepted_and_defaults_are_filled(crd, ns):
     assert spec["generation"]["maxNewTokens"] == 24  # given values are kept
     assert spec["kubernetes"]["launcher"] == "pytorchjob"
     assert spec["kubernetes"]["volume"] == {"mountPath": "/iterdpo"}
-    assert spec["kubernetes"]["resources"] == {"sft": {}, "rm": {}, "generate": {}, "reward": {}, "annotate": {}, "train": {}}
+    assert spec["kubernetes"]["resources"] == {"sft": {}, "rm": {}, "generate": {}, "reward": {}, "annotate": {}, "train": {},
+                                              "evaluate": {}}
     assert spec["prompts"]["perIteration"][0] == {"dataset": "/iterdpo/tiny/prompts-iter1.jsonl", "split": "train",
                                                   "messagesField": "messages"}  # fmt: skip
     assert spec["reward"]["requestBatchSize"] == 64
@@ -136,6 +137,8 @@ def test_api_server_fills_every_default_the_model_fills(crd, ns):
 
 
 # (what to change, the field the API server and the model both blame, text in the API server's message)
+EVAL = {"prompts": {"dataset": "/iterdpo/tiny/eval-prompts.jsonl"}}  # a spec.evaluation
+JUDGE = {"model": "/iterdpo/tiny/reward", "maxLength": 256}  # its judge
 INVALID = {
     "enum": (
         {"pairing": {"strategy": "best_worst"}},
@@ -234,6 +237,29 @@ INVALID = {
                                       "spec.reward.training.data.marginField", "kind pairwise trains on which side won"),
     "selection without pairwise": ({"pairing": {"selection": "bracket"}}, "spec.pairing.selection",
                                    "is only used by reward kind pairwise"),
+    # spec.evaluation (issue 14): the judge's rules are the reward's, blamed under evaluation.judge
+    "judge batchTokens": ({"evaluation": {**EVAL, "judge": {**JUDGE, "batchTokens": 128}}},
+                          "spec.evaluation.judge.batchTokens", "must be at least judge.maxLength"),
+    "judge components": ({"evaluation": {**EVAL, "judge": {"kind": "composite"}}}, "spec.evaluation.judge.components",
+                         "is required by kind composite"),
+    "judge objectiveWeights": ({"evaluation": {**EVAL, "judge": {**JUDGE, "objectiveWeights": {"x": 1.0}}}},
+                               "spec.evaluation.judge.objectiveWeights", "is only used by kind multi-objective"),
+    "judge verifiable settings": ({"evaluation": {**EVAL, "judge": {**JUDGE, "verifiable": {"correct": 2.0}}}},
+                                  "spec.evaluation.judge.verifiable", "is only used by kind verifiable"),
+    "judge model": ({"evaluation": {**EVAL, "judge": {"kind": "bradley-terry"}}}, "spec.evaluation.judge.model",
+                    "a judge is given, not trained"),
+    "judge trained": ({"evaluation": {**EVAL, "judge": {**JUDGE, "training": {
+        "base": "/iterdpo/tiny/policy", "data": {"dataset": "/iterdpo/tiny/preferences.jsonl"}}}}},
+        "spec.evaluation.judge.training", "a judge is given, not trained"),
+    "judge verifiable with a model": ({"evaluation": {"prompts": {**EVAL["prompts"], "answerField": "answer"},
+                                                      "judge": {"kind": "verifiable", "model": JUDGE["model"]}}},
+                                      "spec.evaluation.judge.kind", "read a model"),
+    "select judge-reward without a judge": ({"evaluation": {**EVAL, "select": "judge-reward"}},
+                                            "spec.evaluation.select", "judge-reward needs a judge"),
+    "falling rounds without a judge": ({"evaluation": {**EVAL, "gates": {"judgeRewardFallingRounds": 2}}},
+                                       "spec.evaluation.gates.judgeRewardFallingRounds", "needs a judge"),
+    "verifiable judge needs answers": ({"evaluation": {**EVAL, "judge": {"kind": "verifiable"}}},
+                                       "spec.evaluation.prompts.answerField", "evaluation.judge is verifiable"),
 }  # fmt: skip
 
 
@@ -272,6 +298,8 @@ def test_rules_pass_when_satisfied(crd, ns):
                      "loss": {"labelSmoothing": 0}},  # an integer: kube-openapi would compare it with int64(0.5)
         "reward": {"batchTokens": 256},
         "pairing": {"strategy": "max_min_length_penalty", "lengthPenalty": 0.01},
+        "evaluation": {**EVAL, "judge": {**JUDGE, "batchTokens": 256}, "select": "judge-reward",
+                       "gates": {"judgeRewardFallingRounds": 1, "minWinRate": 0, "maxKl": 0}},
     })  # fmt: skip
     IterativeDPORun.model_validate(body)
     create(crd, ns, body)
