@@ -31,6 +31,7 @@ class Service:
 
     command: Command
     url: str  # where the jobs reach it
+    startup_timeout_seconds: float  # its spec's startupTimeoutSeconds: how long /readyz may take
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,12 @@ def _step(run: IterativeDPORun, iteration: int, d: StageDef, *, spec_file: str, 
     services = []
     if d.uses_reward_server:
         argv = reward_server_argv(spec_file=spec_file, host=host, port=reward[0])
-        services.append(Service(Command("reward-server", argv), reward[1]))
+        services.append(Service(Command("reward-server", argv), reward[1], run.spec.reward.startup_timeout_seconds))
     judged = d.uses_judge and run.spec.evaluation is not None and run.spec.evaluation.judge is not None
     if judged:
         argv = (*reward_server_argv(spec_file=spec_file, host=host, port=judge[0]), "--judge")
-        services.append(Service(Command("judge-server", argv), judge[1]))
+        services.append(Service(Command("judge-server", argv), judge[1],
+                                run.spec.evaluation.judge.startup_timeout_seconds))
     ctx = JobContext(spec_file=spec_file, reward_url=reward[1], judge_url=judge[1] if judged else None)
     return StageStep(iteration, d.stage, policy_for(run, iteration), d.jobs(run, iteration, ctx), tuple(services))
 

@@ -18,6 +18,23 @@ STAGE_SECONDS = Histogram(
 )  # fmt: skip
 RUN_PHASE = Gauge("iterdpo_run_phase", "1 for the phase each run is in.", ["namespace", "run", "phase"])
 MEAN_REWARD = Gauge("iterdpo_run_mean_reward", "Mean reward of each scored round.", ["namespace", "run", "round"])
+# The Evaluate stage's figures (status.iterations[].evaluation), one gauge each: what the
+# chart's Grafana dashboard draws per round (round 0 is the initial policy).
+EVALUATION = {
+    field: Gauge(f"iterdpo_evaluation_{field}", f"Evaluate: {help_}", ["namespace", "run", "round"])
+    for field, help_ in (
+        ("mean_reward", "mean reward under the run's reward model."),
+        ("judge_reward", "mean reward under evaluation.judge."),
+        ("win_rate", "win rate against round 0's responses."),
+        ("win_rate_low", "lower end of the win rate's 95% Wilson interval."),
+        ("win_rate_high", "upper end of the win rate's 95% Wilson interval."),
+        ("length_mean", "mean response length in tokens."),
+        ("length_ratio", "mean response length over round 0's."),
+        ("truncated_share", "share of responses cut at the token limit."),
+        ("kl", "estimated KL(policy || initial policy), nats per response."),
+    )
+}  # fmt: skip
+_PER_ROUND = (MEAN_REWARD, *EVALUATION.values())
 
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
@@ -46,6 +63,10 @@ def record(namespace: str, name: str, before: RunStatus, after: RunStatus, event
                 STAGE_SECONDS.labels(d.stage.value).observe(figures.seconds)
         if (mean_reward := HEADLINE.of(it)) is not None:
             MEAN_REWARD.labels(namespace, name, str(it.iteration)).set(mean_reward)
+        evaluation = getattr(it, "evaluation", None)
+        for field, gauge in EVALUATION.items() if evaluation is not None else ():
+            if (value := getattr(evaluation, field)) is not None:
+                gauge.labels(namespace, name, str(it.iteration)).set(value)
 
 
 def forget(namespace: str, name: str) -> None:
@@ -54,6 +75,7 @@ def forget(namespace: str, name: str) -> None:
         phase = _phases.pop((namespace, name), None)
     if phase is not None:
         RUN_PHASE.remove(namespace, name, phase)
-    for labels in [s.labels for m in MEAN_REWARD.collect() for s in m.samples]:
-        if labels.get("namespace") == namespace and labels.get("run") == name:
-            MEAN_REWARD.remove(namespace, name, labels["round"])
+    for gauge in _PER_ROUND:
+        for labels in [s.labels for m in gauge.collect() for s in m.samples]:
+            if labels.get("namespace") == namespace and labels.get("run") == name:
+                gauge.remove(namespace, name, labels["round"])

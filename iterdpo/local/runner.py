@@ -193,11 +193,11 @@ class LocalRunner:
     def _run_commands(self, step: StageStep) -> list[StageSummary]:
         started: list = []
         try:
-            for service in step.services:  # the reward server, the judge's: all ready before a job starts
-                proc = self._start(step, service.command)
-                started.append(proc)
+            for service in step.services:  # the reward server, the judge's: they load side by side
+                started.append(self._start(step, service.command))
+            for service, proc in zip(step.services, started):  # all ready before a job starts
                 try:
-                    processes.wait_ready(f"{service.url}/readyz", proc, timeout=self.run.spec.reward.startup_timeout_seconds)
+                    processes.wait_ready(f"{service.url}/readyz", proc, timeout=service.startup_timeout_seconds)
                 except (RuntimeError, TimeoutError) as exc:
                     raise RunFailed(self._explain(step, service.command, str(exc))) from None
             summaries = []

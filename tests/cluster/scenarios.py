@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from kubernetes import client
 
-from iterdpo.stages import GenerateSummary, RewardModelSummary, ScoreSummary, TrainSummary
+from iterdpo.stages import EvaluateSummary, GenerateSummary, RewardModelSummary, ScoreSummary, TrainSummary
 
 GROUP, VERSION, PLURAL = "iterdpo.io", "v1alpha1", "iterativedporuns"
 
@@ -41,6 +41,15 @@ def summaries(fail: dict[str, str] | None = None, hold: set[str] = frozenset(), 
             return 0, TrainSummary(loss=0.5 / it, reward_accuracy=0.75, reward_margin=0.3 * it, seconds=1.0,
                                    checkpoint=f"/iterdpo/runs/r/iter-{it:02d}/train/policy", pairs=9,
                                    pairs_truncated=0).to_message()  # fmt: skip
+        if component == "evaluate":  # round it: KL it, length 20 + 10 it tokens, and a win rate from round 1 on
+            policy = "/iterdpo/models/policy" if it == 0 else f"/iterdpo/runs/r/iter-{it:02d}/train/policy"
+            won = None if it == 0 else 0.75
+            return 0, EvaluateSummary(policy=policy, prompts=12, prompts_left_out=0, left_out_reasons=[], overlap=0,
+                                      samples=12, mean_reward=0.5 * it, judge_reward=None, win_rate=won,
+                                      win_rate_low=won and 0.5, win_rate_high=won and 0.9, judged_by="reward",
+                                      length_mean=20.0 + 10 * it, length_p90=30.0 + 10 * it,
+                                      length_ratio=None if it == 0 else (20.0 + 10 * it) / 20.0, truncated_share=0.0,
+                                      kl=float(it), seconds=1.0).to_message()  # fmt: skip
         return 0, ""
 
     return rule

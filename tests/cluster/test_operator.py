@@ -122,6 +122,41 @@ def test_the_reward_model_is_trained_first_then_served_every_round(control_plane
     assert job["spec"]["nprocPerNode"] == "2"
 
 
+def test_evaluation_runs_every_round_and_a_gate_stops_the_run_with_its_event(control_plane, operator, ns):
+    """The gates' state machine on the real control plane: round 0 evaluates the initial policy,
+    round 1's Evaluate Job reports a length ratio of 1.5 and gates.maxLengthRatio 1.25 ends the
+    run after it (Failed, as gates.onTrip asks), round 2 never starts, the reward Deployment goes
+    back to zero, and the final policy is the initial one (the last round inside every gate)."""
+    control_plane.kubelet.rule = summaries()
+    body = run_body("r", iterations=3, prompts={"dataset": None, "perIteration": [
+        {"dataset": f"/iterdpo/prompts-{i}.jsonl"} for i in (1, 2, 3)]},
+        evaluation={"prompts": {"dataset": "/iterdpo/held-out.jsonl"}, "gates": {"maxLengthRatio": 1.25, "onTrip": "Failed"}})  # fmt: skip
+    body["spec"]["prompts"] = {k: v for k, v in body["spec"]["prompts"].items() if v is not None}
+    custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    wait_for("run r Failed", phase_is(control_plane, ns, "r", operator, "Succeeded", "Failed"), control_plane, timeout=120)
+    run = get_run(control_plane, ns, "r")
+    status = run["status"]
+    assert status["phase"] == "Failed", json.dumps(status, indent=1)
+    assert [it["iteration"] for it in status["iterations"]] == [0, 1]
+    zero, one = (it["evaluation"] for it in status["iterations"])
+    assert zero["policy"] == "/iterdpo/models/policy" and "winRate" not in zero
+    assert (one["lengthRatio"], one["winRate"], one["kl"]) == (1.5, 0.75, 1.0)
+    failed = condition(run, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "GateTripped"
+    assert failed["message"].startswith("stopped by gates.maxLengthRatio: round 1: mean response length 30.0 tokens")
+    assert status["finalPolicy"] == "/iterdpo/models/policy"
+    kids = children(control_plane, ns, "r")
+    assert kids["jobs"] == ["r-i00-evaluate-a1", "r-i01-annotate-a1", "r-i01-evaluate-a1", "r-i01-generate-a1"]
+    assert kids["pytorchjobs"] == ["r-i01-train-a1"]
+    job = client.BatchV1Api(control_plane.api_client).read_namespaced_job("r-i01-evaluate-a1", ns)
+    (container,) = job.spec.template.spec.containers
+    argv = container.command + (container.args or [])
+    assert argv[argv.index("--iteration") + 1] == "1" and argv[argv.index("--reward-url") + 1].startswith("http://r-reward.")
+    wait_for("reward server scaled to 0", lambda: client.AppsV1Api(control_plane.api_client).read_namespaced_deployment(
+        "r-reward", ns).spec.replicas == 0, control_plane, timeout=30)  # fmt: skip
+    assert "GateTripped" in events(control_plane, ns, "r") and "Succeeded" not in events(control_plane, ns, "r")
+
+
 def test_a_failed_reward_model_fails_the_run_before_round_1(control_plane, operator, ns):
     control_plane.kubelet.rule = summaries(fail={"rm": "iterdpo_trainer.reward_model (rank 0): error: no usable pair"})
     body = run_body("rmfail", reward={"model": None, "training": RM_TRAINING},

@@ -329,3 +329,29 @@ def test_operator_pod_is_restricted(helm, values):
         assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
         assert {"name": "HOME", "value": "/tmp"} in c["env"]
         assert not any(p.get("hostPort") for p in c.get("ports", []))
+
+
+def test_the_grafana_dashboard_is_a_sidecar_configmap_drawing_only_metrics_the_operator_exports(helm):
+    """dashboards/iterdpo-runs.json as Grafana's sidecar loads it; every series it queries is one
+    operator/metrics.py defines, so a renamed gauge cannot leave an empty panel behind."""
+    import json
+    import re
+
+    from prometheus_client import REGISTRY
+
+    from iterdpo_operator import metrics  # noqa: F401 (registers the operator's metrics)
+
+    assert not by_kind(render(helm), "ConfigMap")  # off by default
+    (config,) = by_kind(render(helm, CHART / "ci" / "extras-values.yaml"), "ConfigMap")
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config["metadata"]["annotations"] == {"grafana_folder": "ML"}
+    dashboard = json.loads(config["data"]["iterdpo-runs.json"])
+    assert dashboard["uid"] == "iterdpo-runs" and dashboard == json.loads((CHART / "dashboards" / "iterdpo-runs.json").read_text())
+    exported = {m.name for m in REGISTRY.collect() if m.name.startswith("iterdpo_")}
+    queried = {re.sub(r"_(bucket|count|sum|total)$", "", name) if name not in exported else name
+               for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\biterdpo_[a-z_]+", target["expr"])}  # fmt: skip
+    assert queried <= exported, queried - exported
+    assert {f"iterdpo_evaluation_{f}" for f in metrics.EVALUATION} <= queried  # every evaluation gauge is drawn
+    moved = render(helm, sets=("grafanaDashboard.enabled=true", "grafanaDashboard.namespace=monitoring"))
+    assert the(moved, "ConfigMap")["metadata"]["namespace"] == "monitoring"
