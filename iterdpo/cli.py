@@ -72,6 +72,17 @@ def unclaimed_hint(name: str, namespace: str) -> str:
             "(its --namespace flags; Helm value watch.namespaces), or apply the run in a namespace it watches.")  # fmt: skip
 
 
+def _plot_file(value: str) -> Path:
+    """argparse type of --plot: a .png, .svg or .pdf name (refused before the run is read)."""
+    from iterdpo.local.plot import PlotError, plot_format
+
+    try:
+        plot_format(Path(value))
+    except PlotError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return Path(value)
+
+
 def _status(args) -> int:
     from iterdpo.local.report import status_table
     from iterdpo.local.runner import load_status, status_path
@@ -92,6 +103,14 @@ def _status(args) -> int:
         print(json.dumps(status.to_json(), indent=2))
     else:
         print(status_table(args.name, status, iterations))
+    if args.plot is not None:
+        from iterdpo.local.plot import PlotError, plot_status
+
+        try:
+            print(f"plot: {plot_status(args.name, status, args.plot)}", file=sys.stderr if args.json else sys.stdout)
+        except (PlotError, OSError) as exc:
+            print(f"iterdpo status: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -238,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", action="store_true", help="read the IterativeDPORun from the cluster (default: "
                    "the local run, else the cluster of the current kubeconfig)")  # fmt: skip
     p.add_argument("-n", "--namespace", help="namespace of the cluster run (default: the kubeconfig's)")
+    p.add_argument("--plot", type=_plot_file, metavar="FILE", help="also draw the rounds (reward, win rate, length, KL) "
+                   "into FILE (.png, .svg or .pdf; needs matplotlib: pip install 'iterdpo[plot]')")  # fmt: skip
     p.set_defaults(func=_status)
 
     p = sub.add_parser("render", help="print every Kubernetes manifest of a round (for review or GitOps)")

@@ -98,8 +98,20 @@ def _resolve_paths(run: IterativeDPORun, base_dir: Path) -> IterativeDPORun:
     sft = spec.policy.sft and spec.policy.sft.model_copy(update={
         "data": spec.policy.sft.data.model_copy(update={"dataset": fix(spec.policy.sft.data.dataset)}),
     })  # fmt: skip
+    evaluation = spec.evaluation
+    if evaluation is not None:
+        judge = evaluation.judge and evaluation.judge.model_copy(update={
+            "model": fix(evaluation.judge.model),
+            "components": evaluation.judge.components and [c.model_copy(update={"model": fix(c.model)})
+                                                           for c in evaluation.judge.components],
+        })  # fmt: skip
+        evaluation = evaluation.model_copy(update={
+            "prompts": evaluation.prompts.model_copy(update={"dataset": fix(evaluation.prompts.dataset)}),
+            "judge": judge,
+        })  # fmt: skip
     new_spec = spec.model_copy(
         update={
+            "evaluation": evaluation,
             "policy": spec.policy.model_copy(update={"model": fix(spec.policy.model), "sft": sft}),
             "reward": spec.reward.model_copy(update={"model": fix(spec.reward.model), "training": training,
                                                      "components": components}),  # fmt: skip

@@ -39,6 +39,8 @@ def tiny_run(name: str = "tiny") -> dict:
     spec["reward"]["training"]["data"]["dataset"] = "/iterdpo/tiny/preferences.jsonl"
     for i, source in enumerate(spec["prompts"]["perIteration"], 1):
         source["dataset"] = f"/iterdpo/tiny/prompts-iter{i}.jsonl"
+    spec["evaluation"]["prompts"]["dataset"] = "/iterdpo/tiny/eval-prompts.jsonl"
+    spec["evaluation"]["judge"]["model"] = "/iterdpo/tiny/reward"
     data["metadata"] = {"name": name}
     return data
 
@@ -279,6 +281,8 @@ def _merge(base: dict, change: dict) -> dict:
 def test_invalid_run_is_rejected_naming_the_field(crd, ns, case):
     change, field, text = INVALID[case]
     body = tiny_run()
+    if "evaluation" in change or "kind" in change.get("reward", {}):  # its own spec.evaluation, or
+        del body["spec"]["evaluation"]  # a reward kind whose rules reach into the demo's (answerField)
     body["spec"] = _merge(body["spec"], change)
     if case == "prompts required":
         body["spec"]["prompts"] = {"split": "train"}

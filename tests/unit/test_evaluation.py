@@ -203,3 +203,30 @@ def test_the_status_table_shows_the_evaluation_columns_and_why_the_run_stopped()
     assert cells[0] == "1" and cells[-8:-4] == ["+0.500", "0.25", "1.50", "2.000"]
     assert lines[-2].startswith("stopped by gates.minWinRate: round 1: win rate against round 0 is 0.250")
     assert lines[-1] == "final policy: /models/sft"
+
+
+def test_the_plot_draws_four_panels_with_evaluation_one_without_and_says_what_it_cannot(tmp_path, monkeypatch):
+    import sys
+
+    from PIL import Image
+
+    from iterdpo.local.plot import PlotError, plot_status
+    from iterdpo.stages import ScoringFigures
+
+    status = evaluated(figures(0, judge=0.1), figures(1, judge=0.4, win=0.7, ratio=1.2, kl=1.5))
+    out = plot_status("ev", status, tmp_path / "ev.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["ev.png"]
+    scoring = ScoringFigures(mean_reward=0.2, min_reward=0, max_reward=1, pairs=3, ties_dropped=0, prompts_left_out=0,
+                             seconds=1.0)  # fmt: skip
+    plain = stage_finished(stage_started(RunStatus(), 1, Stage.SCORE, "/p", NOW), 1, Stage.SCORE, scoring, NOW)
+    one = plot_status("plain", plain, tmp_path / "plain.png")
+    with Image.open(out) as four, Image.open(one) as single:
+        assert four.width > 3 * single.width and four.height == single.height
+    assert plot_status("ev", status, tmp_path / "ev.svg").read_text().lstrip().startswith("<?xml")
+    with pytest.raises(PlotError, match="run new has no finished round to draw yet"):
+        plot_status("new", RunStatus(), tmp_path / "new.png")
+    with pytest.raises(PlotError, match=r"the file name must end in \.png, \.svg or \.pdf"):
+        plot_status("ev", status, tmp_path / "ev.gif")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(PlotError, match=r"--plot needs matplotlib: pip install 'iterdpo\[plot\]'"):
+        plot_status("ev", status, tmp_path / "again.png")

@@ -335,3 +335,31 @@ def test_every_example_run_file_is_valid(path):
     for data in runs:
         parse_run(data)
     assert runs or path.name == "tiny-k8s-assets.yaml"  # that one holds the volume and the asset Job
+
+
+@pytest.mark.parametrize("which", ["trained", "composite"])
+def test_every_path_field_written_relative_resolves_against_the_run_file(tmp_path: Path, which):
+    """path_fields lists every path a run reads; each one written as ./ resolves (none forgotten)."""
+    spec = {
+        "iterations": 2, "policy": {"model": "./policy"}, "storage": {"root": "./runs"},
+        "evaluation": {"prompts": {"dataset": "./held-out.jsonl"}},
+    }  # fmt: skip
+    if which == "trained":
+        spec["policy"]["sft"] = {"data": {"dataset": "./chat.jsonl"}}
+        spec["reward"] = {"maxLength": 256, "batchTokens": 4096,
+                          "training": {"base": "./base", "data": {"dataset": "./prefs.jsonl"}}}  # fmt: skip
+        spec["prompts"] = {"perIteration": [{"dataset": "./p1.jsonl"}, {"dataset": "./p2.jsonl"}]}
+        spec["evaluation"]["judge"] = {"kind": "composite", "components": [
+            {"name": "gold", "kind": "bradley-terry", "model": "./gold"}, {"name": "len", "kind": "length"}]}
+    else:
+        spec["reward"] = {"kind": "composite", "components": [
+            {"name": "rm", "kind": "bradley-terry", "model": "./rm"}, {"name": "len", "kind": "length"}]}
+        spec["prompts"] = {"dataset": "./prompts.jsonl"}
+        spec["evaluation"]["judge"] = {"model": "./gold"}
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump({"apiVersion": "iterdpo.io/v1alpha1", "kind": "IterativeDPORun",
+                                        "metadata": {"name": "paths"}, "spec": spec}))  # fmt: skip
+    fields = load_run(run_file).spec.path_fields()
+    assert len(fields) == (9 if which == "trained" else 6)
+    for field, _, value in fields:
+        assert value.startswith(str(tmp_path) + "/"), (field, value)
