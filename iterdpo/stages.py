@@ -652,7 +652,7 @@ class EvaluateSummary(StageSummary):
 
 class EvaluationFigures(Figures):
     policy: str = Field(description="The policy evaluated: the round's trained checkpoint (round 0: the initial policy).")
-    prompts: int = Field(description="Prompts of spec.evaluation.prompts answered.")
+    prompts: int = Field(description="Prompts read from spec.evaluation.prompts: the ones answered and the promptsLeftOut.")
     prompts_left_out: int = Field(
         description="Evaluation prompts left out (malformed, longer than training.maxPromptLength, or a reward could "
         "not score them), with the first reasons in leftOutReasons."
