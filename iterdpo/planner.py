@@ -77,9 +77,8 @@ def next_step(
     for iteration, d in stage_order(run, table):
         record = status.iteration(iteration)
         if record is None or not record.stage_done(d.stage):
-            return _step(run, iteration, d, spec_file=spec_file, host=reward_host,
-                         reward=(reward_port, reward_url or f"http://127.0.0.1:{reward_port}"),
-                         judge=(judge_port, judge_url or f"http://127.0.0.1:{judge_port}"))  # fmt: skip
+            return _step(run, iteration, d, spec_file=spec_file, host=reward_host, reward=(reward_port, reward_url),
+                         judge=(judge_port, judge_url))  # fmt: skip
     return Finished(final_policy=final_policy(run, status))
 
 
@@ -89,11 +88,13 @@ def stage_step(
 ) -> StageStep:  # fmt: skip
     """The step of `stage` in round `iteration`, whatever the status says (an unknown stage is an error)."""
     return _step(run, iteration, stage_def(stage), spec_file=spec_file, host=reward_host,
-                 reward=(reward_port, reward_url), judge=(judge_port, judge_url or f"http://127.0.0.1:{judge_port}"))  # fmt: skip
+                 reward=(reward_port, reward_url), judge=(judge_port, judge_url))  # fmt: skip
 
 
-def _step(run: IterativeDPORun, iteration: int, d: StageDef, *, spec_file: str, host: str, reward: tuple[int, str],
-          judge: tuple[int, str]) -> StageStep:  # fmt: skip
+def _step(run: IterativeDPORun, iteration: int, d: StageDef, *, spec_file: str, host: str,
+          reward: tuple[int, str | None], judge: tuple[int, str | None]) -> StageStep:  # fmt: skip
+    """`reward` and `judge`: each server's (port, URL the jobs use; None: loopback at the port)."""
+    reward, judge = [(port, url or f"http://127.0.0.1:{port}") for port, url in (reward, judge)]
     services = []
     if d.uses_reward_server:
         argv = reward_server_argv(spec_file=spec_file, host=host, port=reward[0])

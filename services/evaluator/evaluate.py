@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from iterdpo.stages import EvaluateSummary, LEFT_OUT_SHOWN, REASON_CHARS, Stage
 from iterdpo.summary import emit_summary
 from iterdpo_evaluator.logprobs import sequence_logps
 from iterdpo_generator.generate import Sampling, format_prompts, load_tokenizer, sample
-from iterdpo_reward_server.client import client_for
+from iterdpo_reward_server.client import client_for, score_everything
 
 PROG = "iterdpo evaluate"
 BASELINE = 0  # the round every win rate is against
@@ -170,16 +169,7 @@ def _score(reward: RewardSpec, url: str, answers: list[Answer], attr: str, who: 
     a prompt with a response it could not score is left out with the reason."""
     if reward.compares or not answers:
         return answers, []
-    items = [_items(a, response=r) for a in answers for r in a.responses]
-    client = client_for(reward, url)
-
-    async def go():
-        await client.wait_ready(reward.startup_timeout_seconds)
-        return await client.score_all(items, request_size=reward.request_batch_size, concurrency=reward.concurrency)
-
-    result = asyncio.run(go())
-    if any(s is not None and not math.isfinite(s) for s in result.scores):
-        raise StageError(f"{who} returned non-finite scores")
+    result = score_everything(reward, url, [_items(a, response=r) for a in answers for r in a.responses], who=who)
     kept, dropped, start = [], [], 0
     for a in answers:
         span = range(start, start + len(a.responses))

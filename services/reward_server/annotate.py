@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass
 
 import httpx
 
 from iterdpo.contracts import LeftOut, PairRecord, ScoredRecord, ScoreStats, read_model, write_lines, write_model
-from iterdpo.errors import StageError, stage_main
+from iterdpo.errors import stage_main
 from iterdpo.layout import RunLayout, claim_run_folder
 from iterdpo.pairing import Pair, TIE, choose_pair, prompt_rng
 from iterdpo.tournament import Outcome as TournamentOutcome
@@ -33,7 +32,7 @@ from iterdpo.runfile import load_for_stage
 from iterdpo.spec import IterativeDPORun
 from iterdpo.stages import ScoreSummary, Stage
 from iterdpo.summary import emit_summary
-from iterdpo_reward_server.client import client_for
+from iterdpo_reward_server.client import client_for, score_everything
 from iterdpo_reward_server.scoring import ScoreResult
 from iterdpo_reward_server.shards import RoundGenerations, read_round
 
@@ -206,10 +205,7 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
 
 def _pair_by_scores(run, iteration, generations, items, where, reward_url, transport) -> Outcome:
     spec = run.spec
-    batch = asyncio.run(_score(spec.reward, reward_url, items, transport)) if items else ScoreResult([], 0)
-    bad = [s for s in batch.scores if s is not None and not math.isfinite(s)]
-    if bad:
-        raise StageError(f"the reward server returned {len(bad)} non-finite scores")
+    batch = score_everything(spec.reward, reward_url, items, transport) if items else ScoreResult([], 0)
     spans = split(where, [len(g.responses) for g in generations.records])
     rewards = record_rewards(spans, batch)
     return pair_round(
@@ -286,21 +282,6 @@ def summary_of(stats: ScoreStats) -> ScoreSummary:
                         pairs=stats.pairs, ties_dropped=stats.ties_dropped, prompts_left_out=stats.prompts_left_out,
                         seconds=stats.seconds, details=stats.details, comparisons=stats.comparisons,
                         forward_passes=stats.forward_passes)  # fmt: skip
-
-
-async def _score(reward, url: str, items: list[dict], transport) -> ScoreResult:
-    client = client_for(reward, url, transport)
-    await client.wait_ready(reward.startup_timeout_seconds)
-    done, step = [0], max(1, len(items) // 10)
-
-    def progress(n: int) -> None:
-        before, done[0] = done[0], done[0] + n
-        if done[0] // step != before // step or done[0] == len(items):
-            log.info("scored %d/%d responses", done[0], len(items))
-
-    return await client.score_all(
-        items, request_size=reward.request_batch_size, concurrency=reward.concurrency, progress=progress
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -198,6 +198,30 @@ def client_for(reward, url: str, transport: httpx.AsyncBaseTransport | None = No
                         transport=transport, token=os.environ.get(REWARD_TOKEN_ENV) or None)  # fmt: skip
 
 
+def score_everything(reward, url: str, items: list[dict], transport: httpx.AsyncBaseTransport | None = None,
+                     who: str = "the reward server") -> ScoreResult:  # fmt: skip
+    """Every item scored by the server at `url` once it is ready, with the spec reward section's
+    batching and concurrency (progress logged every tenth); a non-finite score is a StageError."""
+    client = client_for(reward, url, transport)
+    done, step = [0], max(1, len(items) // 10)
+
+    def progress(n: int) -> None:
+        before, done[0] = done[0], done[0] + n
+        if done[0] // step != before // step or done[0] == len(items):
+            log.info("scored %d/%d responses", done[0], len(items))
+
+    async def go() -> ScoreResult:
+        await client.wait_ready(reward.startup_timeout_seconds)
+        return await client.score_all(items, request_size=reward.request_batch_size, concurrency=reward.concurrency,
+                                      progress=progress)  # fmt: skip
+
+    result = asyncio.run(go())
+    bad = [s for s in result.scores if s is not None and not math.isfinite(s)]
+    if bad:
+        raise StageError(f"{who} returned {len(bad)} non-finite scores")
+    return result
+
+
 def _body(r: httpx.Response, model):
     try:
         return model.model_validate_json(r.content)
