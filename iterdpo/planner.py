@@ -9,19 +9,18 @@ DS_ACCELERATOR=cpu for a `deepspeed` stage on CPUs) is the backend's business.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from iterdpo.evaluation import GateTrip, final_policy, tripped_gate
 from iterdpo.layout import policy_for
 from iterdpo.spec import IterativeDPORun
-from iterdpo.stages import STAGES, Command, JobContext, Stage, StageDef, stage_def
+from iterdpo.stages import STAGES, Command, JobContext, Stage, StageDef, servers_of, stage_def
 from iterdpo.status import RunStatus
 
-REWARD_PORT = 8000
-JUDGE_PORT = 8001  # spec.evaluation.judge's server, where it runs beside the reward server
-# The reward server's bearer token travels in this variable (never a flag: argv shows in
-# process lists and pod specs). The server requires it on /v1/score when set; the annotator sends it.
+# The model servers' bearer token (the reward's and the judge's: one per run) travels in this variable
+# (never a flag: argv shows in process lists and pod specs). A server requires it on /v1/score when
+# set; the annotator and the evaluator send it.
 REWARD_TOKEN_ENV = "ITERDPO_REWARD_TOKEN"
 
 
@@ -29,6 +28,7 @@ REWARD_TOKEN_ENV = "ITERDPO_REWARD_TOKEN"
 class Service:
     """A server the stage's jobs call, run while they run: the reward server, the judge's."""
 
+    server: str  # its key in iterdpo.stages.SERVERS
     command: Command
     url: str  # where the jobs reach it
     startup_timeout_seconds: float  # its spec's startupTimeoutSeconds: how long /readyz may take
@@ -62,49 +62,42 @@ def next_step(
     status: RunStatus,
     *,
     spec_file: str,
-    reward_host: str = "0.0.0.0",
-    reward_port: int = REWARD_PORT,
-    reward_url: str | None = None,
-    judge_port: int = JUDGE_PORT,
-    judge_url: str | None = None,
+    host: str = "0.0.0.0",
+    ports: Mapping[str, int] | None = None,
+    urls: Mapping[str, str] | None = None,
     table: Sequence[StageDef] = STAGES,
 ) -> StageStep | Finished:
     """The first stage, in run order, that the status does not record as finished; or the end:
-    every stage finished, or an evaluation gate tripped (`spec.evaluation.gates`)."""
+    every stage finished, or an evaluation gate tripped (`spec.evaluation.gates`).
+
+    `host`, `ports` and `urls` (by server key, iterdpo.stages.SERVERS) say where the model
+    servers listen and where the jobs reach them; unset: each server's port, on loopback."""
     gate = tripped_gate(run, status)
     if gate is not None:
         return Finished(final_policy=final_policy(run, status), gate=gate)
     for iteration, d in stage_order(run, table):
         record = status.iteration(iteration)
         if record is None or not record.stage_done(d.stage):
-            return _step(run, iteration, d, spec_file=spec_file, host=reward_host, reward=(reward_port, reward_url),
-                         judge=(judge_port, judge_url))  # fmt: skip
+            return _step(run, iteration, d, spec_file=spec_file, host=host, ports=ports or {}, urls=urls or {})
     return Finished(final_policy=final_policy(run, status))
 
 
-def stage_step(
-    run: IterativeDPORun, iteration: int, stage: str, *, spec_file: str, reward_host: str, reward_port: int,
-    reward_url: str, judge_port: int = JUDGE_PORT, judge_url: str | None = None,
-) -> StageStep:  # fmt: skip
+def stage_step(run: IterativeDPORun, iteration: int, stage: str, *, spec_file: str, host: str = "0.0.0.0",
+               ports: Mapping[str, int] | None = None, urls: Mapping[str, str] | None = None) -> StageStep:  # fmt: skip
     """The step of `stage` in round `iteration`, whatever the status says (an unknown stage is an error)."""
-    return _step(run, iteration, stage_def(stage), spec_file=spec_file, host=reward_host,
-                 reward=(reward_port, reward_url), judge=(judge_port, judge_url))  # fmt: skip
+    return _step(run, iteration, stage_def(stage), spec_file=spec_file, host=host, ports=ports or {}, urls=urls or {})
 
 
 def _step(run: IterativeDPORun, iteration: int, d: StageDef, *, spec_file: str, host: str,
-          reward: tuple[int, str | None], judge: tuple[int, str | None]) -> StageStep:  # fmt: skip
-    """`reward` and `judge`: each server's (port, URL the jobs use; None: loopback at the port)."""
-    reward, judge = [(port, url or f"http://127.0.0.1:{port}") for port, url in (reward, judge)]
-    services = []
-    if d.uses_reward_server:
-        argv = reward_server_argv(spec_file=spec_file, host=host, port=reward[0])
-        services.append(Service(Command("reward-server", argv), reward[1], run.spec.reward.startup_timeout_seconds))
-    judged = d.uses_judge and run.spec.evaluation is not None and run.spec.evaluation.judge is not None
-    if judged:
-        argv = (*reward_server_argv(spec_file=spec_file, host=host, port=judge[0]), "--judge")
-        services.append(Service(Command("judge-server", argv), judge[1],
-                                run.spec.evaluation.judge.startup_timeout_seconds))
-    ctx = JobContext(spec_file=spec_file, reward_url=reward[1], judge_url=judge[1] if judged else None)
+          ports: Mapping[str, int], urls: Mapping[str, str]) -> StageStep:  # fmt: skip
+    services, reached = [], {}
+    for server in servers_of(run, d):
+        port = ports.get(server.key, server.port)
+        reached[server.key] = urls.get(server.key) or f"http://127.0.0.1:{port}"
+        argv = (*reward_server_argv(spec_file=spec_file, host=host, port=port), *server.flags)
+        services.append(Service(server.key, Command(f"{server.key}-server", argv), reached[server.key],
+                                server.startup_timeout_seconds(run.spec)))  # fmt: skip
+    ctx = JobContext(spec_file=spec_file, urls=reached)
     return StageStep(iteration, d.stage, policy_for(run, iteration), d.jobs(run, iteration, ctx), tuple(services))
 
 

@@ -12,8 +12,8 @@ operator (through its own table, `iterdpo_operator.stage_children`) all read it;
 of them knows a stage by name.
 
 This module is the one place, with the operator's table, where stage names are
-spelled. Of iterdpo it imports only the contracts' error wording at run time (the spec
-imports it).
+spelled. Of iterdpo it imports only the contracts' error wording and the lineage record at
+run time (the spec imports it).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from iterdpo.contracts import describe
+from iterdpo.lineage import Lineage, merge_all
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from iterdpo.spec import IterativeDPORun
 
 T = TypeVar("T")
+REWARD, JUDGE = "reward", "judge"  # Server.key (the SERVERS table below): the one spelling of each server's name
 
 
 class Stage(StrEnum):
@@ -74,6 +76,7 @@ class StageSummary(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
 
     stage: str
+    lineage: Lineage = Field(default_factory=Lineage)  # what the process read and wrote (iterdpo.lineage)
 
     def to_message(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
@@ -107,8 +110,16 @@ class JobContext:
     """What a backend tells the planner about where the stage's processes run."""
 
     spec_file: str  # the run file as the processes see it
-    reward_url: str  # where they reach the run's reward server
-    judge_url: str | None = None  # where they reach spec.evaluation.judge's server (stages with uses_judge)
+    urls: Mapping[str, str] = field(default_factory=dict)  # Server.key -> where they reach it (the run serves it)
+
+    @property
+    def reward_url(self) -> str:
+        return self.urls[REWARD]
+
+    @property
+    def judge_url(self) -> str | None:
+        """spec.evaluation.judge's server; None when the run has no judge."""
+        return self.urls.get(JUDGE)
 
 
 @dataclass(frozen=True)
@@ -159,10 +170,17 @@ class StageDef:
     markers: Callable[[RunLayout, int, IterativeDPORun], tuple[Path, ...]]  # written last: its work is on disk
     timeout_seconds: int  # default of spec.kubernetes.stageTimeoutSeconds.<folder>: an attempt's deadline
     programs: tuple[Program, ...] = ()
-    uses_reward_server: bool = False  # the backend runs the reward server and hands its jobs the URL and token
-    uses_judge: bool = False  # ... and, when spec.evaluation.judge is set, the judge's server too
+    servers: tuple[str, ...] = ()  # keys of SERVERS it calls: the backend runs each (that the run serves) beside its jobs
     trains: Callable[[IterativeDPORun], object] | None = None  # the spec section its torchrun trains by
     enabled: Callable[[IterativeDPORun], bool] = field(default=lambda run: True)  # e.g. only when configured
+
+    def record(self, summaries: list, seconds: float, run: IterativeDPORun) -> tuple[Figures, Lineage]:
+        """What status records once it finished: its figures, and the lineage of all its processes."""
+        try:
+            lineage = merge_all((s.lineage for s in summaries), what=f"{self.stage}'s processes")
+        except ValueError as exc:
+            raise SummaryError(str(exc)) from None
+        return self.figures_of(summaries, seconds, run), lineage
 
     @property
     def deepspeed(self) -> bool:
@@ -507,7 +525,7 @@ SCORE = StageDef(
     pods=(Pod("annotate", "The annotator's pod (calls the reward server).", lambda spec: 0, "0"),),
     markers=lambda layout, t, run: (layout.score_stats(t),),
     programs=(Program("annotate", "iterdpo_reward_server.annotate:annotate_main", "stage: score through the server, pair"),),
-    uses_reward_server=True,
+    servers=(REWARD,),
 )
 
 
@@ -745,8 +763,7 @@ EVALUATE = StageDef(
               lambda spec: spec.generation.tensor_parallel_size, "generation.tensorParallelSize"),),  # fmt: skip
     markers=lambda layout, t, run: (layout.evaluation_report(t),),
     programs=(Program("evaluate", "iterdpo_evaluator.evaluate:main", "stage: evaluate a round's policy"),),
-    uses_reward_server=True,
-    uses_judge=True,
+    servers=(REWARD, JUDGE),
     enabled=lambda run: run.spec.evaluation is not None,
 )
 
@@ -755,10 +772,60 @@ EVALUATE = StageDef(
 STAGES: tuple[StageDef, ...] = (SFT, REWARD_MODEL, GENERATE, SCORE, TRAIN, EVALUATE)  # run order within a round
 STAGE_TABLE: Mapping[Stage, StageDef] = table_of({d.stage: d for d in STAGES}, "iterdpo.stages.STAGES")
 
-# The run's reward server: a service of the stages with uses_reward_server, not a stage.
+# -- the model servers the stages call (not stages) ---------------------------------------------
+@dataclass(frozen=True)
+class Server:
+    """A model server some stages call: `iterdpo serve-reward` over one reward of the spec. The
+    backend runs it while a stage that calls it runs (on Kubernetes a Deployment + Service named
+    <run>-<key>, scaled to zero otherwise; spec.kubernetes.keepRewardWarm keeps the reward's up)."""
+
+    key: str  # its name word, its pods' component label and its key under spec.kubernetes.resources
+    pod: Pod
+    port: int  # where it listens (locally: a free port instead)
+    flags: tuple[str, ...]  # after serve-reward's argv: which reward of the spec it serves
+    spec_field: str  # that reward's place in the spec, for messages
+    serves: Callable[[object], object | None]  # the run's spec -> that RewardSpec; None: this run has none
+
+    def startup_timeout_seconds(self, spec) -> float:
+        return self.serves(spec).startup_timeout_seconds
+
+
+def _judge(spec):
+    return spec.evaluation.judge if spec.evaluation is not None else None
+
+
+SERVERS: tuple[Server, ...] = (
+    Server(REWARD, Pod("reward", "The reward server's pod.", lambda spec: 1 if spec.reward.loads_model else 0,
+                       "1, or 0 when it loads no model (verifiable, length, or a composite of those)"),
+           8000, (), "spec.reward", lambda spec: spec.reward),
+    Server(JUDGE, Pod("judge", "The evaluation judge's server pod (spec.evaluation.judge).",
+                      lambda spec: 1 if _judge(spec) is not None and _judge(spec).loads_model else 0,
+                      "1 when the judge loads a model, else 0"),
+           8001, ("--judge",), "spec.evaluation.judge", _judge),
+)  # fmt: skip
+SERVER_TABLE: Mapping[str, Server] = MappingProxyType({s.key: s for s in SERVERS})
+for _d in STAGES:
+    if unknown := set(_d.servers) - set(SERVER_TABLE):
+        raise TypeError(f"{_d.stage}: servers {sorted(unknown)} are not in iterdpo.stages.SERVERS")
 REWARD_SERVER = Program("serve-reward", "iterdpo_reward_server.cli:main", "stage: the reward-model HTTP server")
-REWARD_SERVER_POD = Pod("reward", "The reward server's pod.", lambda spec: 1 if spec.reward.loads_model else 0,
-                        "1, or 0 when it loads no model (verifiable, length, or a composite of those)")
+
+
+def servers_of(run: IterativeDPORun, d: StageDef) -> tuple[Server, ...]:
+    """The servers stage `d` calls that this run serves (the judge only with spec.evaluation.judge)."""
+    return tuple(SERVER_TABLE[k] for k in d.servers if SERVER_TABLE[k].serves(run.spec) is not None)
+
+
+def run_servers(run: IterativeDPORun) -> tuple[Server, ...]:
+    """Every server some enabled stage of this run calls, in SERVERS order."""
+    called = {s.key for d in STAGES if d.enabled(run) for s in servers_of(run, d)}
+    return tuple(s for s in SERVERS if s.key in called)
+
+
+def clients(server: Server) -> tuple[Stage, ...]:
+    """The stages that call `server`, in run order."""
+    return tuple(d.stage for d in STAGES if server.key in d.servers)
+
+
 PROGRAMS: tuple[Program, ...] = (*(p for d in STAGES for p in d.programs), REWARD_SERVER)
 
 
@@ -774,7 +841,7 @@ def pods(stages: Iterable[StageDef] = STAGES) -> tuple[Pod, ...]:
     """Every kind of pod, in run order: each stage's, the reward server's before its first user."""
     out: dict[str, Pod] = {}
     for d in stages:
-        for pod in ((REWARD_SERVER_POD,) if d.uses_reward_server else ()) + d.pods:
+        for pod in tuple(SERVER_TABLE[k].pod for k in d.servers) + d.pods:
             out.setdefault(pod.key, pod)
     return tuple(out.values())
 

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.alias_generators import to_camel
 
+from iterdpo.lineage import Lineage
 from iterdpo.stages import STAGE_TABLE, STAGES, Figures, Stage
 
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
@@ -35,6 +36,10 @@ class Condition(_Model):
 class _Round(_Model):
     iteration: int
     policy: str
+    lineage: Lineage | None = Field(
+        default=None,
+        description="Content digests (sha256) of every path the round's finished stages read and wrote (iterdpo.lineage).",
+    )
 
     def figures(self, stage: Stage) -> Figures | None:
         return getattr(self, STAGE_TABLE[stage].status_field)
@@ -177,11 +182,17 @@ def stage_finished(
     stage: Stage,
     figures: Figures,
     now: str,
+    *,
+    lineage: Lineage | None = None,
 ) -> RunStatus:
     current = status.iteration(iteration)
     if current is None:
         raise ValueError(f"round {iteration} has not started")
-    updated = current.model_copy(update={STAGE_TABLE[stage].status_field: figures})
+    # A stage run again (a retry) records its own paths anew: its new record wins over the old.
+    old, new = current.lineage or Lineage(), lineage or Lineage()
+    lineage = Lineage(read={**old.read, **new.read}, wrote={**old.wrote, **new.wrote})
+    lineage = lineage if lineage.read or lineage.wrote else None
+    updated = current.model_copy(update={STAGE_TABLE[stage].status_field: figures, "lineage": lineage})
     iterations = [updated if it.iteration == iteration else it for it in status.iterations]
     conditions = _with_conditions(
         status, now, ("Progressing", "True", f"{stage}Succeeded", f"{round_name(iteration)}: {stage} finished")

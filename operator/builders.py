@@ -1,7 +1,8 @@
 """Pure builders: the typed run -> the pieces of its Kubernetes manifests.
 
 Nothing here talks to the API, and nothing here knows a stage: names, labels, pods and
-containers, the run's spec ConfigMap and its reward server (Secret, Service, Deployment).
+containers, the run's spec ConfigMap and its model servers (token Secret; per server of
+`iterdpo.stages.SERVERS`, the reward's and the judge's: Service, Deployment, NetworkPolicy).
 Each stage's child is built in `iterdpo_operator.stage_children` from these pieces. The
 operator, `iterdpo render` and the golden tests all call the same functions, so what is
 reviewed is what is applied. Every container command comes from `iterdpo.planner`, the
@@ -16,9 +17,9 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from iterdpo.planner import REWARD_PORT, REWARD_TOKEN_ENV, StageStep, reward_server_argv, stage_step
+from iterdpo.planner import REWARD_TOKEN_ENV, StageStep, reward_server_argv, stage_step
 from iterdpo.spec import API_VERSION, DEFAULT_IMAGE, KIND, IterativeDPORun, Resources
-from iterdpo.stages import Stage, pods
+from iterdpo.stages import REWARD, SERVER_TABLE, SERVERS, Server, Stage, pods
 
 SPEC_DIR = "/etc/iterdpo"
 SPEC_FILE = f"{SPEC_DIR}/run.yaml"
@@ -40,8 +41,13 @@ def child_name(run: IterativeDPORun, iteration: int, component: str, attempt: in
     return f"{run.name}-i{iteration:02d}-{component}-a{attempt}"
 
 
+def server_name(run: IterativeDPORun, server: Server) -> str:
+    """<run>-reward, <run>-judge: the Deployment, Service and NetworkPolicy of one model server."""
+    return f"{run.name}-{server.key}"
+
+
 def reward_name(run: IterativeDPORun) -> str:
-    return f"{run.name}-reward"
+    return server_name(run, SERVER_TABLE[REWARD])
 
 
 def reward_token_ref(run: IterativeDPORun) -> tuple[str, str]:
@@ -211,71 +217,90 @@ def pod_spec(run: IterativeDPORun, containers: list[dict], restart_policy: str =
 
 def planned(run: IterativeDPORun, iteration: int, stage: Stage) -> StageStep:
     """The planner's step of `stage` in round `iteration`, as the pods run it."""
-    return stage_step(pod_run(run), iteration, stage, spec_file=SPEC_FILE, reward_host="0.0.0.0",
-                      reward_port=REWARD_PORT, reward_url=reward_url(run))  # fmt: skip
+    return stage_step(pod_run(run), iteration, stage, spec_file=SPEC_FILE, host="0.0.0.0", urls=server_urls(run))
+
+
+def server_url(run: IterativeDPORun, server: Server) -> str:
+    """A model server's Service by its cluster DNS name."""
+    return f"http://{server_name(run, server)}.{run.metadata.namespace or 'default'}.svc:{server.port}"
+
+
+def server_urls(run: IterativeDPORun) -> dict[str, str]:
+    return {server.key: server_url(run, server) for server in SERVERS}
 
 
 def reward_url(run: IterativeDPORun) -> str:
-    """The reward Service by its cluster DNS name."""
-    return f"http://{reward_name(run)}.{run.metadata.namespace or 'default'}.svc:{REWARD_PORT}"
+    return server_url(run, SERVER_TABLE[REWARD])
 
 
-# -- the run's reward server -----------------------------------------------------------
+# -- the run's model servers -------------------------------------------------------------
 def token_env(run: IterativeDPORun) -> list[dict]:
-    """The reward server's token, from its Secret: for the server and for every caller."""
+    """The servers' token, from its Secret: for each server and for every caller."""
     name, key = reward_token_ref(run)
     return [{"name": REWARD_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]
 
 
 def reward_token_secret(run: IterativeDPORun, token: str, owner_uid: str | None = None) -> dict:
-    """The generated bearer token of the run's reward server (only without spec.kubernetes.rewardTokenSecret)."""
+    """The generated bearer token of the run's servers (only without spec.kubernetes.rewardTokenSecret)."""
     name, key = reward_token_ref(run)
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(run, name, "reward", owner_uid),
             "stringData": {key: token}}  # fmt: skip
 
 
-def reward_network_policy(run: IterativeDPORun, clients: tuple[str, ...], owner_uid: str | None = None) -> dict:
-    """Only the run's pods of the `clients` components may reach its reward server
+def _server_selector(run: IterativeDPORun, server: Server) -> dict:
+    return {RUN_LABEL: run.name, "app.kubernetes.io/component": server.key}
+
+
+def server_network_policy(run: IterativeDPORun, server: Server, clients: tuple[str, ...],
+                          owner_uid: str | None = None) -> dict:  # fmt: skip
+    """Only the run's pods of the `clients` components may reach this server
     (spec.kubernetes.rewardNetworkPolicy)."""
     peers = [{"podSelector": {"matchLabels": {RUN_LABEL: run.name, "app.kubernetes.io/component": c}}} for c in clients]
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": _meta(run, reward_name(run), "reward", owner_uid),
-        "spec": {"podSelector": {"matchLabels": {RUN_LABEL: run.name, "app.kubernetes.io/component": "reward"}},
+        "metadata": _meta(run, server_name(run, server), server.key, owner_uid),
+        "spec": {"podSelector": {"matchLabels": _server_selector(run, server)},
                  "policyTypes": ["Ingress"],
-                 "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": REWARD_PORT}]}]},
+                 "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": server.port}]}]},
     }  # fmt: skip
 
 
-def reward_deployment(run: IterativeDPORun, replicas: int, owner_uid: str | None = None) -> dict:
-    """The reward server; Recreate, so a new pod never waits for the old one's GPUs."""
-    argv = reward_server_argv(spec_file=SPEC_FILE, host="0.0.0.0", port=REWARD_PORT)
-    main = container(run, "reward-server", argv, "reward", extra_env=token_env(run))
-    main["ports"] = [{"name": "http", "containerPort": REWARD_PORT}]
+def server_deployment(run: IterativeDPORun, server: Server, replicas: int, owner_uid: str | None = None) -> dict:
+    """One model server; Recreate, so a new pod never waits for the old one's GPUs."""
+    argv = (*reward_server_argv(spec_file=SPEC_FILE, host="0.0.0.0", port=server.port), *server.flags)
+    main = container(run, f"{server.key}-server", argv, server.key, extra_env=token_env(run))
+    main["ports"] = [{"name": "http", "containerPort": server.port}]
     main["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 1}
     main["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6}
-    selector = {RUN_LABEL: run.name, "app.kubernetes.io/component": "reward"}
-    template = pod_template(run, "reward", pod_spec(run, [main], restart_policy="Always"))
-    meta = _meta(run, reward_name(run), "reward", owner_uid)
+    template = pod_template(run, server.key, pod_spec(run, [main], restart_policy="Always"))
+    meta = _meta(run, server_name(run, server), server.key, owner_uid)
     meta["annotations"] = {TEMPLATE_HASH: template_hash(template)}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": meta,
         "spec": {
             "replicas": replicas, "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": selector},
+            "selector": {"matchLabels": _server_selector(run, server)},
             "template": template,
         },
     }  # fmt: skip
 
 
-def reward_service(run: IterativeDPORun, owner_uid: str | None = None) -> dict:
+def server_service(run: IterativeDPORun, server: Server, owner_uid: str | None = None) -> dict:
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _meta(run, reward_name(run), "reward", owner_uid),
-        "spec": {"selector": {RUN_LABEL: run.name, "app.kubernetes.io/component": "reward"},
-                 "ports": [{"name": "http", "port": REWARD_PORT, "targetPort": "http"}]},
+        "metadata": _meta(run, server_name(run, server), server.key, owner_uid),
+        "spec": {"selector": _server_selector(run, server),
+                 "ports": [{"name": "http", "port": server.port, "targetPort": "http"}]},
     }  # fmt: skip
+
+
+def reward_deployment(run: IterativeDPORun, replicas: int, owner_uid: str | None = None) -> dict:
+    return server_deployment(run, SERVER_TABLE[REWARD], replicas, owner_uid)
+
+
+def reward_service(run: IterativeDPORun, owner_uid: str | None = None) -> dict:
+    return server_service(run, SERVER_TABLE[REWARD], owner_uid)
 
 
 class _Dumper(yaml.SafeDumper):

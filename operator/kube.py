@@ -11,7 +11,7 @@ from kubernetes import client, config, dynamic
 from kubernetes.client.rest import ApiException
 
 from iterdpo.spec import API_VERSION, IterativeDPORun
-from iterdpo.stages import STAGE_TABLE
+from iterdpo.stages import STAGE_TABLE, Server, servers_of
 from iterdpo_operator import builders as b
 from iterdpo_operator.launchers import ChildRef
 from iterdpo_operator.reconcile import (RESUME_ANNOTATION, Create, Ensure, Observed, Patch, PodMessage, PodProblem, Scale,
@@ -139,9 +139,10 @@ class Kube:
             message = "..." + message[-MAX_DETAIL:]
         return f"pod {pod.metadata.name}: {message}" if message else f"pod {pod.metadata.name} failed"
 
-    def reward_available(self, run: IterativeDPORun) -> bool:
+    def server_available(self, run: IterativeDPORun, server: Server) -> bool:
+        """Whether a model server's Deployment is scaled up and Available."""
         try:
-            dep = self.apps.read_namespaced_deployment_status(b.reward_name(run), run.metadata.namespace)
+            dep = self.apps.read_namespaced_deployment_status(b.server_name(run, server), run.metadata.namespace)
         except ApiException as e:
             if e.status == 404:
                 return False
@@ -174,12 +175,13 @@ class Kube:
         ns = run.metadata.namespace
         ref = child_ref(run, target)
         obj = self._get(ref, ns)
-        calls_reward = STAGE_TABLE[target.stage].uses_reward_server
-        reward = self.reward_available(run) if calls_reward else False
-        if obj is None:  # a child may be created next: what it needs must exist, and the reward server must be up
-            reward_problem = self.pod_problem(ns, b.labels(run, "reward")) if calls_reward and not reward else None
-            return Observed(child_exists=False, reward_available=reward, missing=self.missing_references(run),
-                            reward_problem=reward_problem)  # fmt: skip
+        calls = servers_of(run, STAGE_TABLE[target.stage])
+        up = frozenset(s.key for s in calls if self.server_available(run, s))
+        if obj is None:  # a child may be created next: what it needs must exist, and its servers must be up
+            down = [s for s in calls if s.key not in up]  # the reconciler waits for the first of these
+            problem = self.pod_problem(ns, b.labels(run, down[0].key)) if down else None
+            return Observed(child_exists=False, servers_available=up, missing=self.missing_references(run),
+                            server_problem=problem)  # fmt: skip
         controller = child_kind(run, target.stage)
         outcome, selector, suspended = controller.outcome(obj), controller.summary_pods_selector(ref.name), controller.suspended(obj)
         summaries = self._summaries(ns, selector) if outcome.done and outcome.succeeded else []
@@ -187,7 +189,7 @@ class Kube:
         # Every pod of the attempt (a PyTorchJob's workers too), by the labels its pod template carries.
         attempt_pods = b.labels(run, CHILDREN[target.stage].component, target.iteration, target.attempt)
         problem = None if outcome.done or suspended else self.pod_problem(ns, attempt_pods)
-        return Observed(True, outcome, summaries, detail, suspended, reward, pod_problem=problem)
+        return Observed(True, outcome, summaries, detail, suspended, up, pod_problem=problem)
 
     # -- acting -------------------------------------------------------------------------
     def apply(self, run: IterativeDPORun, actions: list) -> None:

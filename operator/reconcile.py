@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 from iterdpo.planner import Finished, next_step
 from iterdpo.spec import MAX_RETRY_BACKOFF_SECONDS, IterativeDPORun
-from iterdpo.stages import STAGE_TABLE, Stage, SummaryError
+from iterdpo.stages import REWARD, STAGE_TABLE, Stage, SummaryError, run_servers, servers_of
 from iterdpo.status import (
     Condition,
     RunStatus,
@@ -151,17 +151,17 @@ def pod_problem(pods: list[dict]) -> PodProblem | None:
 
 @dataclass(frozen=True)
 class Observed:
-    """What the API shows for the target: its child, and the reward server."""
+    """What the API shows for the target: its child, and the model servers it calls."""
 
     child_exists: bool = False
     outcome: Outcome | None = None
     summaries: list[PodMessage] = field(default_factory=list)  # one per succeeded pod (per Job index)
     failure_detail: str = ""  # the failed pod's termination message (log tail), for the condition
     child_suspended: bool = False
-    reward_available: bool = False
+    servers_available: frozenset[str] = frozenset()  # keys of the target's servers whose Deployment is Available
     missing: tuple[Reference, ...] = ()  # objects the spec names that are not there (looked up while no child exists)
     pod_problem: PodProblem | None = None  # a pod of the running child that cannot start
-    reward_problem: PodProblem | None = None  # a reward server pod that cannot start (while Score waits for it)
+    server_problem: PodProblem | None = None  # a server pod that cannot start (while the target waits for it)
 
 
 # -- actions and events ------------------------------------------------------------------
@@ -177,7 +177,7 @@ class Ensure:
 
 @dataclass(frozen=True)
 class Scale:
-    name: str  # the reward Deployment
+    name: str  # a model server's Deployment
     replicas: int
 
 
@@ -222,16 +222,28 @@ def invalid_decision(status: RunStatus, message: str, generation: int | None, no
     return Decision(new, events=[Event("Warning", "InvalidSpec", "; ".join(message.splitlines()))] if first else [])
 
 
-def _reward_actions(run: IterativeDPORun, owner_uid: str, replicas: int, new_token: str) -> list:
-    """The reward server's objects, created if absent, and its scale."""
+def _warm(run: IterativeDPORun) -> set[str]:
+    """The servers kept up between the stages that call them: the reward's with spec.kubernetes.keepRewardWarm."""
+    return {REWARD} if run.spec.kubernetes.keep_reward_warm else set()
+
+
+def _server_actions(run: IterativeDPORun, owner_uid: str, up: set[str], new_token: str) -> list:
+    """Every model server of the run, created if absent, scaled to 1 if its key is in `up`, else to 0."""
     actions = []
     if run.spec.kubernetes.reward_token_secret is None:
         actions.append(Create(b.reward_token_secret(run, new_token, owner_uid)))  # if absent: the first token stays
-    if run.spec.kubernetes.reward_network_policy:
-        actions.append(Create(b.reward_network_policy(run, children.REWARD_CLIENTS, owner_uid)))
-    # Ensure: a changed image or resources (spec.kubernetes may change mid-run) rolls the server.
-    return actions + [Create(b.reward_service(run, owner_uid)), Ensure(b.reward_deployment(run, replicas, owner_uid)),
-                      Scale(b.reward_name(run), replicas)]  # fmt: skip
+    for server in run_servers(run):
+        replicas = 1 if server.key in up else 0
+        # Create, then Ensure: a changed image or resources (spec.kubernetes may change mid-run) rolls the server.
+        actions += [Create(m) for m in children.server_objects(run, server, replicas, owner_uid) if m["kind"] != "Deployment"]
+        actions += [Ensure(b.server_deployment(run, server, replicas, owner_uid)), Scale(b.server_name(run, server), replicas)]
+    return actions
+
+
+def _scaled_down(run: IterativeDPORun, keep: set[str] = frozenset()) -> list:
+    """Scale to zero every model server of the run except those in `keep` (and the warm ones)."""
+    keep = set(keep) | _warm(run)
+    return [Scale(b.server_name(run, s), 0) for s in run_servers(run) if s.key not in keep]
 
 
 def _seconds(outcome: Outcome) -> float:
@@ -240,10 +252,10 @@ def _seconds(outcome: Outcome) -> float:
 
 
 def _figures(run: IterativeDPORun, target: Target, observed: Observed):
-    """The stage's figures from its pods' summaries (SummaryError names the pod at fault)."""
+    """The stage's figures and lineage from its pods' summaries (SummaryError names the pod at fault)."""
     d = STAGE_TABLE[target.stage]
     summaries = [d.summary.parse(m.text, source=f"pod {m.pod}") for m in observed.summaries]
-    return d.figures_of(summaries, _seconds(observed.outcome), run)
+    return d.record(summaries, _seconds(observed.outcome), run)
 
 
 def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generation: int | None,
@@ -251,7 +263,6 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
            new_token: str) -> Decision:  # fmt: skip
     """`new_token`: a fresh random token, used only if the run's token Secret does not exist yet."""
     t = rfc3339(now)
-    keep_warm = run.spec.kubernetes.keep_reward_warm
     st = status.model_copy(update={"observed_generation": generation})
     events: list[Event] = []
 
@@ -287,10 +298,10 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
     if resume and resume != st.resume_token:  # asked while nothing had failed: noted, not kept for later
         st = st.model_copy(update={"resume_token": resume})
     if st.phase == "Failed":
-        return Decision(st, actions=[] if keep_warm else [Scale(b.reward_name(run), 0)])
+        return Decision(st, actions=_scaled_down(run))
 
     if isinstance(target, Finished):
-        actions = [] if keep_warm else [Scale(b.reward_name(run), 0)]
+        actions = _scaled_down(run)
         if st.phase != "Succeeded":
             st = finished(st, target, t).model_copy(update={"current_attempt": None, "current_child": None})
             if target.gate is not None:  # an evaluation gate stopped the loop: say which, with its figures
@@ -308,7 +319,7 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         mid_stage = observed.child_exists and not (observed.outcome and observed.outcome.done)
         if mid_stage and not observed.child_suspended:
             actions.append(Patch(ref, children.child_kind(run, target.stage).suspend_patch(True)))
-        actions.append(Scale(b.reward_name(run), 0))
+        actions += [Scale(b.server_name(run, s), 0) for s in run_servers(run)]
         if st.phase != "Suspended":
             where = (f"suspended during round {target.iteration}'s {target.stage}: {ref.name} is suspended and continues"
                      if mid_stage else f"suspended between stages: round {target.iteration}'s {target.stage} starts")  # fmt: skip
@@ -324,9 +335,8 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
     if observed.child_suspended:
         actions.append(Patch(ref, children.child_kind(run, target.stage).suspend_patch(False)))
 
-    calls_reward = STAGE_TABLE[target.stage].uses_reward_server
-    want_reward = calls_reward or keep_warm
-    actions += _reward_actions(run, owner_uid, 1 if want_reward else 0, new_token)
+    calls = servers_of(run, STAGE_TABLE[target.stage])
+    actions += _server_actions(run, owner_uid, {s.key for s in calls} | _warm(run), new_token)
     same_attempt = st.current_attempt == target.attempt and st.attempt_limit
     limit = st.attempt_limit if same_attempt else target.attempt + run.spec.kubernetes.stage_retries
     bookkeeping = {"current_attempt": target.attempt, "attempt_limit": limit, "current_child": ref.name}
@@ -338,17 +348,19 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
         if observed.missing:  # nothing is created, not even the reward server: its pods need them too
             return Decision(_references_missing(run, st, status.condition("Valid"), target, observed.missing, events, t),
                             events=events)  # fmt: skip
-        if calls_reward and not observed.reward_available:
-            since = parse_time(st.waiting_since) or now
-            deadline = run.spec.reward.startup_timeout_seconds
-            problem = observed.reward_problem
+        waiting_for = [s for s in calls if s.key not in observed.servers_available]
+        if waiting_for:  # the first server not up yet; the problem kube.py saw is that server's
+            server, since = waiting_for[0], parse_time(st.waiting_since) or now
+            name, deadline = b.server_name(run, server), server.startup_timeout_seconds(run.spec)
+            problem = observed.server_problem
             if (now - since).total_seconds() <= deadline:
-                waiting = f"round {target.iteration}: waiting for Deployment {b.reward_name(run)} to be available"
-                st = _pod_problem_said(st, "WaitingForRewardServer", waiting, problem, events, t)
+                waiting = f"round {target.iteration}: waiting for Deployment {name} to be available"
+                st = _pod_problem_said(st, f"WaitingFor{server.key.capitalize()}Server", waiting, problem, events, t)
                 st = st.model_copy(update={"waiting_since": rfc3339(since)})
                 return Decision(st, actions, events, requeue_after=2.0)
-            failure = (f"Deployment {b.reward_name(run)} was not Available within {deadline:g} s "
-                       "(spec.reward.startupTimeoutSeconds): " + (problem.line() if problem else "see its pods' events and logs"))  # fmt: skip
+            failure = (f"Deployment {name} was not Available within {deadline:g} s "
+                       f"({server.spec_field}.startupTimeoutSeconds): "
+                       + (problem.line() if problem else "see its pods' events and logs"))  # fmt: skip
             st = st.model_copy(update={**bookkeeping, "waiting_since": None})
             return _failed_attempt(run, st, target, limit, failure, actions, events, now)
         actions.append(Create(child_manifest(run, target, owner_uid)))
@@ -367,15 +379,15 @@ def decide(run: IterativeDPORun, status: RunStatus, *, owner_uid: str, generatio
     failure = f"{ref.kind} {ref.name}: {outcome.reason}" + (f": {outcome.message}" if outcome.message else "")
     if outcome.succeeded:
         try:
-            figures = _figures(run, target, observed)
+            figures, lineage = _figures(run, target, observed)
         except SummaryError as exc:
             failure = f"{ref.kind} {ref.name} succeeded but {exc}"
         else:
-            st = stage_finished(st, target.iteration, target.stage, figures, t).model_copy(
+            st = stage_finished(st, target.iteration, target.stage, figures, t, lineage=lineage).model_copy(
                 update={"current_attempt": None, "attempt_limit": None, "current_child": None, "retry_after": None})
             events.append(Event("Normal", "StageSucceeded", f"round {target.iteration}: {target.stage} finished ({ref.name})"))
-            if calls_reward and not keep_warm:
-                actions = [a for a in actions if not isinstance(a, Scale)] + [Scale(b.reward_name(run), 0)]
+            if calls:  # its servers go down (but the warm ones) while the next stage starts
+                actions = [a for a in actions if not isinstance(a, Scale)] + _scaled_down(run)
             return Decision(st, actions, events, again=True)
     if children.child_kind(run, target.stage).timed_out(outcome):  # past its activeDeadlineSeconds
         key = STAGE_TABLE[target.stage].folder
@@ -431,7 +443,6 @@ def _failed_attempt(run: IterativeDPORun, st: RunStatus, target: Target, limit: 
                     actions: list, events: list[Event], now: datetime) -> Decision:  # fmt: skip
     """Attempt `target.attempt` failed: schedule the next one after a back-off, or fail the run."""
     t = rfc3339(now)
-    keep_warm = run.spec.kubernetes.keep_reward_warm
     if target.attempt < limit:
         tries = max(1, target.attempt - (limit - run.spec.kubernetes.stage_retries) + 1)  # since the budget began
         backoff = min(MAX_RETRY_BACKOFF_SECONDS, run.spec.kubernetes.retry_backoff_seconds * 2 ** min(tries - 1, 32))
@@ -447,4 +458,4 @@ def _failed_attempt(run: IterativeDPORun, st: RunStatus, target: Target, limit: 
     st = st.model_copy(update={"current_attempt": target.attempt, "attempt_limit": limit, "current_child": child_ref(run, target).name})
     events.append(Event("Warning", "StageFailed", f"round {target.iteration}: {target.stage} failed after {target.attempt} attempts: {failure}"))
     kept = [a for a in actions if not isinstance(a, (Create, Ensure, Scale))]
-    return Decision(st, kept + ([] if keep_warm else [Scale(b.reward_name(run), 0)]), events)
+    return Decision(st, kept + _scaled_down(run), events)

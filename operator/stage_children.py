@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from iterdpo.spec import IterativeDPORun
-from iterdpo.stages import STAGE_TABLE, STAGES, Stage, generate_argv, table_of
+from iterdpo.stages import STAGE_TABLE, STAGES, Server, Stage, clients, generate_argv, servers_of, table_of
 from iterdpo_operator import builders as b
 from iterdpo_operator.launchers import JOB, ChildKind, ChildRef, TrainingChild, launcher_for
 
@@ -47,11 +47,11 @@ def generate_job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: in
 
 
 def job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
-    """The stage's one process as a Job, with the reward server's URL and token when it calls it."""
+    """The stage's one process as a Job, with the servers' token when it calls them (their URLs are in its argv)."""
     component = CHILDREN[stage].component
     d = STAGE_TABLE[stage]
     (command,) = b.planned(run, iteration, stage).jobs
-    env = b.token_env(run) if d.uses_reward_server else []
+    env = b.token_env(run) if servers_of(run, d) else []
     main = b.container(run, component, command.argv, component, deepspeed=d.deepspeed, extra_env=env)
     return b.attempt_job(run, child_name(run, iteration, stage, attempt), component, b.pod_spec(run, [main]), owner_uid,
                          iteration=iteration, attempt=attempt)  # fmt: skip
@@ -81,7 +81,11 @@ for _d in STAGES:  # a child's component is a pod of its stage: its resources an
     if CHILDREN[_d.stage].component not in {p.key for p in _d.pods}:
         raise TypeError(f"{_d.stage}: child component {CHILDREN[_d.stage].component!r} is none of its pods")
 
-REWARD_CLIENTS = tuple(CHILDREN[d.stage].component for d in STAGES if d.uses_reward_server)
+
+
+def client_components(server: Server) -> tuple[str, ...]:
+    """The components of the stages that call `server`: the pods its NetworkPolicy lets in."""
+    return tuple(CHILDREN[stage].component for stage in clients(server))
 
 
 def child_name(run: IterativeDPORun, iteration: int, stage: Stage, attempt: int) -> str:
@@ -107,22 +111,24 @@ def stage_timeout(run: IterativeDPORun, stage: Stage) -> int:
     return getattr(run.spec.kubernetes.stage_timeout_seconds, STAGE_TABLE[stage].folder)
 
 
-def reward_objects(run: IterativeDPORun, replicas: int, owner_uid: str | None = None) -> list[dict]:
-    """The run's reward server, for the stages that call it: Service, Deployment and, if asked, NetworkPolicy."""
-    objects = [b.reward_service(run, owner_uid), b.reward_deployment(run, replicas, owner_uid)]
+def server_objects(run: IterativeDPORun, server: Server, replicas: int, owner_uid: str | None = None) -> list[dict]:
+    """One model server, for the stages that call it: Service, Deployment and, if asked, NetworkPolicy."""
+    objects = [b.server_service(run, server, owner_uid), b.server_deployment(run, server, replicas, owner_uid)]
     if run.spec.kubernetes.reward_network_policy:
-        objects.append(b.reward_network_policy(run, REWARD_CLIENTS, owner_uid))
+        objects.append(b.server_network_policy(run, server, client_components(server), owner_uid))
     return objects
 
 
 def render_round(run: IterativeDPORun, iteration: int = 1) -> list[dict]:
     """Every manifest of one round, in the order the operator creates them, except the
     generated token Secret (its value is random: the operator makes it)."""
-    manifests = [b.spec_config_map(run)]
+    manifests, served = [b.spec_config_map(run)], set()
     for d in STAGES:
         if not (d.when.includes(iteration) and d.enabled(run)):
             continue
-        if d.uses_reward_server and not any(m["kind"] == "Deployment" for m in manifests):
-            manifests += reward_objects(run, 1)
+        for server in servers_of(run, d):  # each server before its first caller
+            if server.key not in served:
+                manifests += server_objects(run, server, 1)
+                served.add(server.key)
         manifests.append(child_manifest(run, d.stage, iteration, 1))
     return manifests

@@ -64,17 +64,9 @@ def resource_problems(run: IterativeDPORun) -> list[str]:
     return problems
 
 
-def feature_problems(run: IterativeDPORun) -> list[str]:
-    """What the local runner does and the operator does not do yet."""
-    if run.spec.evaluation is not None and run.spec.evaluation.judge is not None:
-        return ["spec.evaluation.judge: the operator does not serve a judge yet (iterdpo run does); remove it to "
-                "evaluate with the run's reward model, or evaluate locally"]
-    return []
-
-
 def kubernetes_problems(run: IterativeDPORun) -> list[str]:
     """What a valid spec still needs to run on a cluster ('field: problem' lines)."""
-    return path_problems(run) + resource_problems(run) + feature_problems(run)
+    return path_problems(run) + resource_problems(run)
 
 
 def validate_resource(body: dict) -> IterativeDPORun:

@@ -25,7 +25,7 @@ from iterdpo.local import processes
 from iterdpo.planner import REWARD_TOKEN_ENV, Finished, StageStep, next_step
 from iterdpo.runfile import dump_run
 from iterdpo.spec import IterativeDPORun, StorageSpec
-from iterdpo.stages import STAGE_TABLE, Command, StageSummary, SummaryError
+from iterdpo.stages import SERVERS, STAGE_TABLE, Command, StageSummary, SummaryError
 from iterdpo.status import (
     round_name,
     RunStatus,
@@ -120,17 +120,8 @@ class LocalRunner:
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             while True:
-                port, judge_port = processes.free_port(), processes.free_port()
-                step = next_step(
-                    self.run,
-                    status,
-                    spec_file=str(self.paths.spec_file),
-                    reward_host="127.0.0.1",
-                    reward_port=port,
-                    reward_url=f"http://127.0.0.1:{port}",
-                    judge_port=judge_port,
-                    judge_url=f"http://127.0.0.1:{judge_port}",
-                )
+                ports = {server.key: processes.free_port() for server in SERVERS}  # loopback URLs by default
+                step = next_step(self.run, status, spec_file=str(self.paths.spec_file), host="127.0.0.1", ports=ports)
                 if isinstance(step, Finished):
                     status = finished(status, step, now_rfc3339())
                     self._save(status)
@@ -177,7 +168,7 @@ class LocalRunner:
         stage = STAGE_TABLE[step.stage]
         try:
             summaries = self._run_commands(step)
-            figures = stage.figures_of(summaries, time.monotonic() - started, self.run)
+            figures, lineage = stage.record(summaries, time.monotonic() - started, self.run)
             missing = [str(m) for m in stage.markers(RunLayout.of(self.run), step.iteration, self.run) if not m.is_file()]
             if missing:  # its processes said they finished, but their work is not (all) on disk
                 raise RunFailed(f"{step.stage} reported success but left no {', '.join(missing)}")
@@ -185,7 +176,7 @@ class LocalRunner:
             status = stage_failed(status, step.iteration, step.stage, "StageFailed", str(exc), now_rfc3339())
             self._save(status)
             raise RunFailed(f"{label} failed: {exc}") from None
-        status = stage_finished(status, step.iteration, step.stage, figures, now_rfc3339())
+        status = stage_finished(status, step.iteration, step.stage, figures, now_rfc3339(), lineage=lineage)
         self._save(status)
         self._say(f"{label}: {stage.line(figures)}")
         return status
@@ -225,8 +216,8 @@ class LocalRunner:
         summary.unlink(missing_ok=True)  # a stale summary must not pass for this attempt's
         stage = STAGE_TABLE[step.stage]
         env = {TERMINATION_LOG_ENV: str(summary)}
-        if stage.uses_reward_server:
-            env[REWARD_TOKEN_ENV] = self._reward_token  # the server on loopback still wants a caller
+        if step.services:
+            env[REWARD_TOKEN_ENV] = self._reward_token  # servers on loopback still want a caller's token
         if stage.deepspeed and not _has_cuda():
             env["DS_ACCELERATOR"] = "cpu"
         proc = processes.start(command.argv, env=env, log_path=self.paths.log(step.iteration, command))

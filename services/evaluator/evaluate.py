@@ -25,7 +25,8 @@ from pathlib import Path
 from iterdpo.contracts import EvalRecord, EvaluationReport, LeftOut, read_lines, read_model, write_lines, write_model
 from iterdpo.errors import StageError, UsageError, stage_main
 from iterdpo.evaluation import kl_k1, mean, nearest_rank, outcome, prompt_digest, win_rate
-from iterdpo.layout import RunLayout, claim_run_folder, evaluated_policy, initial_policy
+from iterdpo.layout import RunLayout, claim_run_folder, evaluated_policy, initial_policy, reward_model_for
+from iterdpo.lineage import open_ledger
 from iterdpo.localpaths import require_model
 from iterdpo.prompts import load_prompt_set
 from iterdpo.runfile import load_for_stage
@@ -274,6 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> None:
         run = load_for_stage(args.spec, args.iteration, Stage.EVALUATE)
         claim_run_folder(run)
-        emit_summary(evaluate(run, args.iteration, args.reward_url, args.judge_url))
+        layout, it, spec = RunLayout.of(run), args.iteration, run.spec
+        judge = spec.evaluation.judge if spec.evaluation is not None else None
+        ledger = open_ledger(layout, it, Stage.EVALUATE, reads=[
+            spec.evaluation and spec.evaluation.prompts.dataset, evaluated_policy(run, it), initial_policy(run),
+            reward_model_for(run), judge and judge.model, layout.evaluation_responses(BASELINE) if it else None])  # fmt: skip
+        summary = evaluate(run, it, args.reward_url, args.judge_url)
+        lineage = ledger.close(wrote=[layout.evaluation_responses(it)])
+        emit_summary(summary.model_copy(update={"lineage": lineage}))
 
     return stage_main(PROG, body)

@@ -21,6 +21,7 @@ from iterdpo.chat import end_of_turn_ids
 from iterdpo.contracts import GeneratedRecord, LeftOut, ShardMarker, read_model, write_lines, write_model
 from iterdpo.errors import StageError, UsageError, stage_main
 from iterdpo.layout import RunLayout, claim_run_folder, policy_for
+from iterdpo.lineage import open_ledger
 from iterdpo.localpaths import require_model
 from iterdpo.prompts import Prompt, load_prompt_set
 from iterdpo.runfile import load_for_stage
@@ -225,6 +226,11 @@ def _main(args: argparse.Namespace) -> None:
     if not 0 <= shard < shards:
         raise UsageError(f"--shard: must be in 0..{shards - 1} (spec.generation.shards is {shards}); got {shard}")
     claim_run_folder(run)
-    m = run_shard(run, args.iteration, shard)
+    layout, it = RunLayout.of(run), args.iteration
+    ledger = open_ledger(layout, it, Stage.GENERATE, process=f"shard-{shard}",
+                         reads=[run.spec.prompts_for(it).dataset, policy_for(run, it)])  # fmt: skip
+    m = run_shard(run, it, shard)
+    lineage = ledger.close(wrote=[layout.shard_file(it, shard, shards)])
     emit_summary(GenerateSummary(shard=m.shard, shards=m.shards, prompts=m.prompts_in, prompts_out=m.prompts_out,
-                                 samples=m.samples, prompts_left_out=len(m.left_out), seconds=m.seconds))  # fmt: skip
+                                 samples=m.samples, prompts_left_out=len(m.left_out), seconds=m.seconds,
+                                 lineage=lineage))  # fmt: skip

@@ -24,7 +24,8 @@ import httpx
 
 from iterdpo.contracts import LeftOut, PairRecord, ScoredRecord, ScoreStats, read_model, write_lines, write_model
 from iterdpo.errors import stage_main
-from iterdpo.layout import RunLayout, claim_run_folder
+from iterdpo.layout import RunLayout, claim_run_folder, reward_model_for
+from iterdpo.lineage import open_ledger
 from iterdpo.pairing import Pair, TIE, choose_pair, prompt_rng
 from iterdpo.tournament import Outcome as TournamentOutcome
 from iterdpo.tournament import Tournament, run_all
@@ -179,9 +180,7 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
     stats_path = layout.score_stats(iteration)
     if stats_path.is_file():
         log.info("round %d is already scored (%s): nothing to do", iteration, stats_path)
-        stats = read_model(stats_path, ScoreStats)
-        emit_summary(summary_of(stats))
-        return stats
+        return read_model(stats_path, ScoreStats)
 
     started = time.monotonic()
     spec = run.spec
@@ -199,7 +198,6 @@ def annotate(run: IterativeDPORun, iteration: int, reward_url: str, *, transport
     write_lines(layout.scored_file(iteration), outcome.scored)
     write_lines(layout.pairs_file(iteration), outcome.pairs)
     write_model(stats_path, stats)  # last: the completion marker
-    emit_summary(summary_of(stats))
     return stats
 
 
@@ -300,7 +298,12 @@ def annotate_main(argv: list[str] | None = None) -> int:
     def body() -> None:
         run = load_for_stage(args.spec, args.iteration, Stage.SCORE)
         claim_run_folder(run)
-        annotate(run, args.iteration, args.reward_url)
+        layout, it, shards = RunLayout.of(run), args.iteration, run.spec.generation.shards
+        ledger = open_ledger(layout, it, Stage.SCORE, reads=[
+            *(layout.shard_file(it, i, shards) for i in range(shards)), reward_model_for(run)])  # fmt: skip
+        stats = annotate(run, it, args.reward_url)
+        lineage = ledger.close(wrote=[layout.scored_file(it), layout.pairs_file(it)])
+        emit_summary(summary_of(stats).model_copy(update={"lineage": lineage}))
 
     return stage_main(PROG, body)
 

@@ -18,7 +18,8 @@ import time
 import warnings
 
 from iterdpo.errors import stage_main
-from iterdpo.layout import claim_run_folder
+from iterdpo.layout import RunLayout, claim_run_folder, policy_for, reference_for
+from iterdpo.lineage import open_ledger
 from iterdpo.runfile import load_for_stage
 from iterdpo.stages import Stage
 from iterdpo.summary import emit_summary
@@ -82,19 +83,23 @@ def launch(args: argparse.Namespace, prog: str, body, *, label: str = "train") -
         _leave_process_group()
 
 
-def run_once(args: argparse.Namespace, stage: Stage, *, rank: int, finished, summary_of, work, what: str) -> int:
+def run_once(args: argparse.Namespace, stage: Stage, *, rank: int, finished, summary_of, work, what: str,
+             reads) -> int:  # fmt: skip
     """A training stage that runs once (round 0: SFT, RewardModel): load and claim the run, skip
     what is finished (its metrics marker and checkpoint exist: `finished(run)`), else
-    `work(run)` -> metrics; rank 0 reports `summary_of(metrics)` either way."""
+    `work(run)` -> metrics; rank 0 records the lineage (`reads(run)`, the checkpoint) and
+    reports `summary_of(metrics)` either way."""
     run = load_for_stage(args.spec, args.iteration, stage)
     claim_run_folder(run)
+    ledger = open_ledger(RunLayout.of(run), args.iteration, stage, reads=reads(run)) if rank == 0 else None
     metrics = finished(run)
     if metrics is not None:
         log.info("%s is already trained (%s): nothing to do", what, metrics.checkpoint)
     else:
         metrics = work(run)
-    if rank == 0:
-        emit_summary(summary_of(metrics))
+    if ledger is not None:
+        lineage = ledger.close(wrote=[metrics.checkpoint])
+        emit_summary(summary_of(metrics).model_copy(update={"lineage": lineage}))
     return 0
 
 
@@ -111,14 +116,15 @@ def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: floa
 
     run = load_for_stage(args.spec, args.iteration, Stage.TRAIN)
     claim_run_folder(run)
-    done = train.finished_metrics(run, args.iteration)
-    if done is not None:
-        log.info("round %d is already trained (%s): nothing to do", args.iteration, done.checkpoint)
-        if rank == 0:
-            emit_summary(train.summary_of(done))
-        return 0
-    inputs = train.prepare(run, args.iteration, world_size)
-    metrics = train.train(inputs, started=started)
-    if rank == 0:
-        emit_summary(train.summary_of(metrics))
+    it, layout = args.iteration, RunLayout.of(run)
+    reads = [layout.pairs_file(it), policy_for(run, it), reference_for(run, it)]
+    ledger = open_ledger(layout, it, Stage.TRAIN, reads=reads) if rank == 0 else None
+    metrics = train.finished_metrics(run, it)
+    if metrics is not None:
+        log.info("round %d is already trained (%s): nothing to do", it, metrics.checkpoint)
+    else:
+        metrics = train.train(train.prepare(run, it, world_size), started=started)
+    if ledger is not None:
+        lineage = ledger.close(wrote=[metrics.checkpoint])
+        emit_summary(train.summary_of(metrics).model_copy(update={"lineage": lineage}))
     return 0

@@ -29,14 +29,6 @@ from iterdpo_trainer.forward import batch_logps
 log = logging.getLogger(__name__)
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(*, pairs_digest: str, reference: str, tokenization: dict) -> str:
     """Digest of the pairs file, the reference model and the tokenization settings."""
     blob = json.dumps({"pairs": pairs_digest, "reference": reference, "tokenization": tokenization}, sort_keys=True)

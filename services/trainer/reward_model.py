@@ -133,7 +133,8 @@ def _left_out(rows: list[LeftOutRow], split: str) -> list[LeftOutPair]:
 
 def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: float) -> int:
     return cli.run_once(args, Stage.REWARD_MODEL, rank=rank, finished=finished, summary_of=summary_of,
-                        work=lambda run: train(run, rank, started), what="the reward model")  # fmt: skip
+                        work=lambda run: train(run, rank, started), what="the reward model",
+                        reads=lambda run: [run.spec.reward.training.base, run.spec.reward.training.data.dataset])  # fmt: skip
 
 
 def train(run: IterativeDPORun, rank: int, started: float) -> RewardModelMetrics:

@@ -233,7 +233,8 @@ def train_sft(*, base: str, sft: SftSpec, tokenizer, conversations: Sequence[Con
 
 def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: float) -> int:
     return cli.run_once(args, Stage.SFT, rank=rank, finished=finished, summary_of=summary_of,
-                        work=lambda run: train(run, rank, started), what="the SFT policy")  # fmt: skip
+                        work=lambda run: train(run, rank, started), what="the SFT policy",
+                        reads=lambda run: [run.spec.policy.model, run.spec.policy.sft.data.dataset])  # fmt: skip
 
 
 def train(run: IterativeDPORun, rank: int, started: float) -> SftMetrics:

@@ -19,6 +19,7 @@ import torch
 from iterdpo.contracts import PhaseSeconds, StepMetrics, TrainMetrics, read_model, write_model
 from iterdpo.errors import StageError
 from iterdpo.layout import RunLayout, policy_for, reference_for
+from iterdpo.lineage import digest
 from iterdpo.localpaths import require_model
 from iterdpo.spec import IterativeDPORun
 from iterdpo.stages import TrainSummary
@@ -28,7 +29,7 @@ from iterdpo_trainer.checkpoint import save_checkpoint
 from iterdpo_trainer.dsconfig import build_ds_config
 from iterdpo_trainer.forward import batch_logps
 from iterdpo_trainer.loss import LOSSES
-from iterdpo_trainer.reference import cache_key, file_digest, reference_logps
+from iterdpo_trainer.reference import cache_key, reference_logps
 from iterdpo_trainer.schedule import StepPlan, lr_factor, rank_micro_batches, warmup_steps
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def train(inputs: Inputs, *, started: float) -> TrainMetrics:
     pad_id = data.pad_token_id(inputs.tokenizer)
 
     key = cache_key(
-        pairs_digest=file_digest(inputs.pairs_file),
+        pairs_digest=digest(inputs.pairs_file),
         reference=inputs.reference,
         tokenization={
             "policyTokenizer": inputs.policy,

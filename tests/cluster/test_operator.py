@@ -125,12 +125,14 @@ def test_the_reward_model_is_trained_first_then_served_every_round(control_plane
 def test_evaluation_runs_every_round_and_a_gate_stops_the_run_with_its_event(control_plane, operator, ns):
     """The gates' state machine on the real control plane: round 0 evaluates the initial policy,
     round 1's Evaluate Job reports a length ratio of 1.5 and gates.maxLengthRatio 1.25 ends the
-    run after it (Failed, as gates.onTrip asks), round 2 never starts, the reward Deployment goes
-    back to zero, and the final policy is the initial one (the last round inside every gate)."""
+    run after it (Failed, as gates.onTrip asks), round 2 never starts, the reward and judge
+    Deployments go back to zero, and the final policy is the initial one (the last round inside
+    every gate). The judge (evaluation.judge) is served like the reward model, at its own port."""
     control_plane.kubelet.rule = summaries()
     body = run_body("r", iterations=3, prompts={"dataset": None, "perIteration": [
         {"dataset": f"/iterdpo/prompts-{i}.jsonl"} for i in (1, 2, 3)]},
-        evaluation={"prompts": {"dataset": "/iterdpo/held-out.jsonl"}, "gates": {"maxLengthRatio": 1.25, "onTrip": "Failed"}})  # fmt: skip
+        evaluation={"prompts": {"dataset": "/iterdpo/held-out.jsonl"}, "gates": {"maxLengthRatio": 1.25, "onTrip": "Failed"},
+                    "judge": {"model": "/iterdpo/models/judge", "maxLength": 256}})  # fmt: skip
     body["spec"]["prompts"] = {k: v for k, v in body["spec"]["prompts"].items() if v is not None}
     custom(control_plane).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
     wait_for("run r Failed", phase_is(control_plane, ns, "r", operator, "Succeeded", "Failed"), control_plane, timeout=120)
@@ -152,8 +154,15 @@ def test_evaluation_runs_every_round_and_a_gate_stops_the_run_with_its_event(con
     (container,) = job.spec.template.spec.containers
     argv = container.command + (container.args or [])
     assert argv[argv.index("--iteration") + 1] == "1" and argv[argv.index("--reward-url") + 1].startswith("http://r-reward.")
-    wait_for("reward server scaled to 0", lambda: client.AppsV1Api(control_plane.api_client).read_namespaced_deployment(
-        "r-reward", ns).spec.replicas == 0, control_plane, timeout=30)  # fmt: skip
+    assert argv[argv.index("--judge-url") + 1] == f"http://r-judge.{ns}.svc:8001"
+    apps, core = client.AppsV1Api(control_plane.api_client), client.CoreV1Api(control_plane.api_client)
+    judge = apps.read_namespaced_deployment("r-judge", ns)
+    (served,) = judge.spec.template.spec.containers
+    assert "--judge" in served.command + (served.args or []) and served.resources.limits["nvidia.com/gpu"] == "1"
+    assert [p.port for p in core.read_namespaced_service("r-judge", ns).spec.ports] == [8001]
+    for name in ("r-reward", "r-judge"):
+        wait_for(f"{name} scaled to 0", lambda: apps.read_namespaced_deployment(name, ns).spec.replicas == 0,
+                 control_plane, timeout=30)  # fmt: skip
     assert "GateTripped" in events(control_plane, ns, "r") and "Succeeded" not in events(control_plane, ns, "r")
 
 

@@ -22,13 +22,14 @@ import pytest
 import yaml
 
 from iterdpo.cli import main as cli_main
-from iterdpo.planner import REWARD_PORT
 from iterdpo.spec import API_VERSION, KIND, MAX_NAME_LENGTH, IterativeDPORun
-from iterdpo.stages import Stage
+from iterdpo.stages import JUDGE, REWARD, SERVER_TABLE, Stage
 from iterdpo_operator import builders as b
 from iterdpo_operator import stage_children as sc
 from iterdpo_operator.launchers import JobLauncher, PyTorchJobLauncher, launcher_for
 from iterdpo_operator.validation import InvalidRun, validate_resource
+
+REWARD_PORT = SERVER_TABLE[REWARD].port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -364,6 +365,35 @@ def test_reward_deployment_and_service(run):
     (port,) = svc["spec"]["ports"]
     assert port == {"name": "http", "port": REWARD_PORT, "targetPort": "http"}
     assert b.reward_deployment(run, 0)["spec"]["replicas"] == 0  # scaled to zero outside scoring
+
+
+def test_a_judge_is_served_like_the_reward_model_and_evaluate_calls_both(run):
+    """spec.evaluation.judge on Kubernetes: its own Deployment + Service (<run>-judge, serve-reward
+    --judge on its port), before round 0's Evaluate, whose Job gets both URLs and the token."""
+    body = run.to_manifest()
+    mount = run.spec.kubernetes.volume.mount_path
+    body["spec"]["evaluation"] = {"prompts": {"dataset": f"{mount}/held-out.jsonl"}, "judge": {"model": f"{mount}/gold"}}
+    judged = validate_resource(body)
+    manifests = sc.render_round(judged, 0)
+    names = [(m["kind"], m["metadata"]["name"]) for m in manifests]
+    judge_name = f"{run.name}-judge"
+    assert names.index(("Deployment", judge_name)) < names.index(("Job", sc.child_name(judged, 0, Stage.EVALUATE, 1)))
+    parts = by_component(manifests)
+    dep, svc = parts[("Deployment", JUDGE)], parts[("Service", JUDGE)]
+    assert dep["metadata"]["name"] == svc["metadata"]["name"] == judge_name
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    port = SERVER_TABLE[JUDGE].port
+    assert c["command"][:2] == ["iterdpo", "serve-reward"] and c["command"][-1] == "--judge"
+    assert c["command"][c["command"].index("--port") + 1] == str(port) and c["ports"][0]["containerPort"] == port
+    assert c["resources"]["limits"][b.GPU] == "1"  # the judge loads a model
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"] != parts[("Deployment", REWARD)]["spec"]["selector"]["matchLabels"]
+    (e,) = parts[("Job", "evaluate")]["spec"]["template"]["spec"]["containers"]
+    namespace = run.metadata.namespace or "default"
+    assert e["command"][e["command"].index("--judge-url") + 1] == f"http://{judge_name}.{namespace}.svc:{port}"
+    assert e["command"][e["command"].index("--reward-url") + 1] == b.reward_url(judged)
+    assert any(v["name"] == "ITERDPO_REWARD_TOKEN" for v in e["env"]) and any(v["name"] == "ITERDPO_REWARD_TOKEN" for v in c["env"])
+    generate = sc.render_round(judged, 1)
+    assert ("Deployment", judge_name) in [(m["kind"], m["metadata"]["name"]) for m in generate]  # round 1 evaluates too
 
 
 def test_annotate_calls_the_reward_service_by_dns_name(run):

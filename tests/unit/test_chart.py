@@ -22,6 +22,8 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 sys.path.insert(0, str(ROOT / "tests" / "cluster" / "helm"))
 import helmbin  # noqa: E402
 
+from iterdpo.stages import REWARD, SERVER_TABLE, SERVERS  # noqa: E402
+
 RELEASE, NAMESPACE = "iterdpo", "iterdpo-system"
 K8S_VERSION = "1.34"  # the schema the chart is checked against (as tests/unit/test_builders.py)
 NOT_VALIDATED = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # a CRD kind: no schema in kubernetes-validate
@@ -217,28 +219,34 @@ def test_kopf_cluster_read_can_be_turned_off(helm):
 
 
 def test_network_policy_and_service_monitor(helm):
-    """The policy selects the pods the operator's builders label (reward, annotate)."""
+    """The policies select the pods the operator's builders label: each model server's, and its callers."""
     from iterdpo.stages import Stage
     from iterdpo_operator import builders as b
     from iterdpo_operator import stage_children as sc
     from iterdpo_operator.validation import validate_resource
 
     manifests = render(helm, CHART / "ci" / "extras-values.yaml")
-    policy = the(manifests, "NetworkPolicy")
-    assert policy["metadata"]["namespace"] == "runs" and policy["spec"]["policyTypes"] == ["Ingress"]
+    policies = {p["metadata"]["name"].rsplit("-", 1)[1]: p for p in manifests if p["kind"] == "NetworkPolicy"}
+    assert list(policies) == [s.key for s in SERVERS]  # one per model server of the table
     run = validate_resource(yaml.safe_load((ROOT / "tests" / "unit" / "golden_specs" / "small.yaml").read_text()))
-    reward_pod = b.reward_deployment(run, 1)["spec"]["template"]["metadata"]["labels"]
-    annotate_pod = sc.child_manifest(run, Stage.SCORE, 1, 1)["spec"]["template"]["metadata"]["labels"]
-    generate_pod = sc.child_manifest(run, Stage.GENERATE, 1, 1)["spec"]["template"]["metadata"]["labels"]
+    pod_labels = {c: sc.child_manifest(run, stage, 1, 1)["spec"]["template"]["metadata"]["labels"]
+                  for stage, c in ((Stage.SCORE, "annotate"), (Stage.EVALUATE, "evaluate"), (Stage.GENERATE, "generate"))}  # fmt: skip
     selects = lambda selector, labels: selector.items() <= labels.items()  # noqa: E731
-    assert selects(policy["spec"]["podSelector"]["matchLabels"], reward_pod)
-    evaluate_pod = sc.child_manifest(run, Stage.EVALUATE, 1, 1)["spec"]["template"]["metadata"]["labels"]
-    first, extra = policy["spec"]["ingress"]
-    peers = [peer["podSelector"]["matchLabels"] for peer in first["from"]]
-    assert [sum(selects(p, pod) for p in peers) for pod in (annotate_pod, evaluate_pod, generate_pod, reward_pod)] == [1, 1, 0, 0]
-    assert sc.REWARD_CLIENTS == ("annotate", "evaluate")  # the chart's list: the stages that call the reward server
-    assert first["ports"] == [{"protocol": "TCP", "port": 8000}]
-    assert extra["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    for server in SERVERS:
+        policy = policies[server.key]
+        assert policy["metadata"]["namespace"] == "runs" and policy["spec"]["policyTypes"] == ["Ingress"]
+        server_pod = b.server_deployment(run, server, 1)["spec"]["template"]["metadata"]["labels"]
+        assert selects(policy["spec"]["podSelector"]["matchLabels"], server_pod)
+        others = [b.server_deployment(run, o, 1)["spec"]["template"]["metadata"]["labels"] for o in SERVERS if o != server]
+        assert not any(selects(policy["spec"]["podSelector"]["matchLabels"], o) for o in others)
+        first, extra = policy["spec"]["ingress"]
+        peers = [peer["podSelector"]["matchLabels"] for peer in first["from"]]
+        let_in = tuple(c for c, labels in pod_labels.items() if any(selects(p, labels) for p in peers))
+        assert let_in == sc.client_components(server)  # the chart's list: the stages that call this server
+        assert not any(selects(p, server_pod) for p in peers)
+        assert first["ports"] == [{"protocol": "TCP", "port": server.port}]
+        assert extra["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert sc.client_components(SERVER_TABLE[REWARD]) == ("annotate", "evaluate")
 
     monitor, service = the(manifests, "ServiceMonitor"), the(manifests, "Service")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -256,7 +264,8 @@ def test_network_policy_with_all_namespaces_needs_its_namespaces(helm):
                 check=False)  # fmt: skip
     assert proc.returncode != 0 and "networkPolicy.namespaces" in proc.stderr
     manifests = render(helm, sets=("watch.allNamespaces=true", "networkPolicy.enabled=true", "networkPolicy.namespaces={a,b}"))
-    assert sorted(p["metadata"]["namespace"] for p in by_kind(manifests, "NetworkPolicy")) == ["a", "b"]
+    placed = sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in by_kind(manifests, "NetworkPolicy"))
+    assert placed == [(ns, f"iterdpo-{s.key}") for ns in ("a", "b") for s in sorted(SERVERS, key=lambda s: s.key)]
 
 
 def test_chart_refuses_kubernetes_older_than_1_29(helm):

@@ -164,7 +164,7 @@ def test_win_rate_select_keeps_the_initial_policy_when_no_round_beats_it():
 def test_the_planner_finishes_a_tripped_run_before_planning_the_next_round():
     run = run_with({"gates": {"minWinRate": 0.5}}, iterations=3)
     status = evaluated(figures(0), figures(1, win=0.2))
-    step = next_step(run, status, spec_file="/etc/run.json", reward_port=8000, reward_url="http://rm:8000")
+    step = next_step(run, status, spec_file="/etc/run.json", urls={"reward": "http://rm:8000"})
     assert isinstance(step, Finished) and step.gate.gate == "minWinRate" and step.final_policy == "/models/sft"
 
 
@@ -172,7 +172,7 @@ def test_the_planner_finishes_a_tripped_run_before_planning_the_next_round():
 def test_a_tripped_gate_ends_the_run_with_reason_gate_tripped(on_trip):
     run = run_with({"gates": {"maxLengthRatio": 1.2, "onTrip": on_trip}})
     status = evaluated(figures(0), figures(1, length=30.0, ratio=1.5))
-    step = next_step(run, status, spec_file="/etc/run.json", reward_port=8000, reward_url="http://rm:8000")
+    step = next_step(run, status, spec_file="/etc/run.json", urls={"reward": "http://rm:8000"})
     done = finished(status, step, NOW)
     assert done.phase == on_trip and done.final_policy == "/models/sft" and done.current_stage is None
     conditions = {c.type: c for c in done.conditions}
@@ -186,7 +186,7 @@ def test_a_tripped_gate_ends_the_run_with_reason_gate_tripped(on_trip):
 def test_an_unfinished_evaluation_does_not_trip_and_the_run_goes_on():
     run = run_with({"gates": {"maxKl": 1.0}})
     status = stage_started(evaluated(figures(0)), 1, Stage.EVALUATE, "/p1", NOW)
-    step = next_step(run, status, spec_file="/etc/run.json", reward_port=8000, reward_url="http://rm:8000")
+    step = next_step(run, status, spec_file="/etc/run.json", urls={"reward": "http://rm:8000"})
     assert not isinstance(step, Finished)  # a started stage has no figures: no gate reads it
 
 
@@ -195,7 +195,7 @@ def test_the_status_table_shows_the_evaluation_columns_and_why_the_run_stopped()
 
     run = run_with({"gates": {"minWinRate": 0.5}})
     status = evaluated(figures(0, judge=0.25, length=10.0), figures(1, judge=0.5, win=0.25, length=15.0, ratio=1.5, kl=2.0))
-    step = next_step(run, status, spec_file="/etc/run.json", reward_port=8000, reward_url="http://rm:8000")
+    step = next_step(run, status, spec_file="/etc/run.json", urls={"reward": "http://rm:8000"})
     lines = status_table("ev", finished(status, step, NOW), 3).splitlines()
     header = lines[1].split()
     assert {"eval", "judge", "win", "kl"} <= set(header)

@@ -46,7 +46,7 @@ def status_after(*done: tuple[int, str]) -> RunStatus:
 
 
 def plan(status):
-    return next_step(RUN, status, spec_file="/etc/run.json", reward_port=8000, reward_url="http://rm:8000")
+    return next_step(RUN, status, spec_file="/etc/run.json", urls={"reward": "http://rm:8000"})
 
 
 ORDER = [(1, "Generate"), (1, "Score"), (1, "Train"), (2, "Generate"), (2, "Score"), (2, "Train")]
@@ -121,7 +121,7 @@ def test_an_unknown_stage_is_an_error_naming_it_not_a_fall_through():
     from iterdpo.planner import stage_step
 
     with pytest.raises(ValueError, match=r"unknown stage 'Judge'; known: SFT, RewardModel, Generate, Score, Train, Evaluate"):
-        stage_step(RUN, 1, "Judge", spec_file="/f", reward_host="h", reward_port=1, reward_url="u")
+        stage_step(RUN, 1, "Judge", spec_file="/f", host="h")
 
 
 def test_every_table_has_an_entry_for_every_stage():
@@ -158,4 +158,4 @@ def test_a_stage_that_is_not_enabled_is_skipped():
 
     table = (*STAGES, _stage("Generate", STAGES[0].when, enabled=lambda run: False))
     assert plan(status_after(*ORDER)) == next_step(RUN, status_after(*ORDER), spec_file="/etc/run.json",
-                                                   reward_port=8000, reward_url="http://rm:8000", table=table)  # fmt: skip
+                                                   urls={"reward": "http://rm:8000"}, table=table)  # fmt: skip

@@ -77,7 +77,7 @@ def test_success_records_figures_and_moves_on():
     nxt = step(run, d.status)  # Score: reward server wanted, but not available yet
     assert Scale("r-reward", 1) in nxt.actions and "r-i01-annotate-a1" not in created(nxt)
     assert nxt.status.condition("Progressing").reason == "WaitingForRewardServer"
-    ready = step(run, nxt.status, Observed(reward_available=True))
+    ready = step(run, nxt.status, Observed(servers_available=frozenset({"reward"})))
     assert "r-i01-annotate-a1" in created(ready)
 
 
@@ -230,8 +230,8 @@ def succeed(run, st):
         target = current_target(run, st)
         if isinstance(target, Finished):
             return step(run, st)
-        st = step(run, st, Observed(reward_available=True)).status  # the child is created
-        st = step(run, st, Observed(True, DONE, summaries=summaries[target.stage], reward_available=True)).status
+        st = step(run, st, Observed(servers_available=frozenset({"reward"}))).status  # the child is created
+        st = step(run, st, Observed(True, DONE, summaries=summaries[target.stage], servers_available=frozenset({"reward"}))).status
     raise AssertionError("the run did not finish")
 
 
@@ -281,12 +281,12 @@ def test_a_reward_server_that_never_becomes_available_fails_the_attempt():
     run = make_run(stageRetries=0)
     st = step(run, RunStatus()).status
     st = step(run, st, Observed(True, DONE, summaries=GEN)).status  # Generate done
-    waiting = step(run, st, Observed(reward_available=False))
+    waiting = step(run, st, Observed(servers_available=frozenset()))
     assert waiting.status.waiting_since == "2026-11-27T12:00:00Z" and waiting.status.phase == "Running"
     limit = run.spec.reward.startup_timeout_seconds
-    still = step(run, waiting.status, Observed(reward_available=False), now=NOW + timedelta(seconds=limit - 1))
+    still = step(run, waiting.status, Observed(servers_available=frozenset()), now=NOW + timedelta(seconds=limit - 1))
     assert still.status.phase == "Running" and still.status.waiting_since == waiting.status.waiting_since
-    late = step(run, still.status, Observed(reward_available=False), now=NOW + timedelta(seconds=limit + 1))
+    late = step(run, still.status, Observed(servers_available=frozenset()), now=NOW + timedelta(seconds=limit + 1))
     assert late.status.phase == "Failed"
     assert "r-reward was not Available within" in late.status.condition("Failed").message
     assert [e.reason for e in late.events] == ["StageFailed"]
@@ -411,15 +411,15 @@ def test_waiting_for_the_reward_server_says_why_its_pod_cannot_start():
     run = make_run(stageRetries=0)
     st = step(run, step(run, RunStatus()).status, Observed(True, DONE, summaries=GEN)).status  # Generate done
     problem = PodProblem("r-reward-5d8-x", "Unschedulable", "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")
-    waiting = step(run, st, Observed(reward_problem=problem))
+    waiting = step(run, st, Observed(server_problem=problem))
     progressing = waiting.status.condition("Progressing")
     assert progressing.reason == "WaitingForRewardServer"
     assert progressing.message == ("round 1: waiting for Deployment r-reward to be available; pod r-reward-5d8-x: "
                                    "Unschedulable: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")  # fmt: skip
     assert [e.reason for e in waiting.events] == ["Unschedulable"]
-    assert step(run, waiting.status, Observed(reward_problem=problem), now=NOW + timedelta(seconds=2)).events == []
+    assert step(run, waiting.status, Observed(server_problem=problem), now=NOW + timedelta(seconds=2)).events == []
     late = NOW + timedelta(seconds=run.spec.reward.startup_timeout_seconds + 1)
-    failed = step(run, waiting.status, Observed(reward_problem=problem), now=late)
+    failed = step(run, waiting.status, Observed(server_problem=problem), now=late)
     assert "(spec.reward.startupTimeoutSeconds): pod r-reward-5d8-x: Unschedulable" in failed.status.condition("Failed").message
 
 
@@ -431,3 +431,75 @@ def test_a_stage_running_again_after_a_suspension_says_it_is_running():
     back = step(run, paused, Observed(True, Outcome(False), child_suspended=True))
     assert back.status.condition("Progressing").status == "True"
     assert back.status.condition("Progressing").message == "round 1: Generate is running"
+
+
+def judged_run(**kubernetes):
+    """A run that evaluates every round with a judge of its own (spec.evaluation.judge)."""
+    run = make_run(**kubernetes)
+    body = run.to_manifest()
+    body["spec"]["evaluation"] = {"prompts": {"dataset": "/iterdpo/held-out.jsonl"},
+                                  "judge": {"model": "/iterdpo/gold", "startupTimeoutSeconds": 60}}  # fmt: skip
+    return validate_resource(body)
+
+
+def evaluated(iteration: int) -> list[PodMessage]:
+    from iterdpo.stages import EvaluateSummary
+
+    policy = "/iterdpo/p" if iteration == 0 else f"/iterdpo/runs/r/iter-{iteration:02d}/train/policy"
+    return [PodMessage(f"r-i{iteration:02d}-evaluate-a1-x", EvaluateSummary(
+        policy=policy, prompts=4, prompts_left_out=0, left_out_reasons=[], overlap=0, samples=4, mean_reward=0.1,
+        judge_reward=0.2, win_rate=None, win_rate_low=None, win_rate_high=None, judged_by="judge", length_mean=9.0,
+        length_p90=12.0, length_ratio=None, truncated_share=0.0, kl=0.0, seconds=1.0).to_message())]  # fmt: skip
+
+
+def scales_of(decision) -> list[Scale]:
+    return [a for a in decision.actions if isinstance(a, Scale)]
+
+
+def test_evaluate_waits_for_the_reward_and_the_judge_then_both_go_to_zero():
+    """The judge is served like the reward model (<run>-judge), up only while Evaluate runs."""
+    run = judged_run()
+    target = current_target(run, RunStatus())
+    assert (target.iteration, target.stage) == (0, "Evaluate")
+    first = step(run, RunStatus())  # round 0's Evaluate: both servers wanted, neither up yet
+    assert {Scale("r-reward", 1), Scale("r-judge", 1)} <= set(scales_of(first))
+    assert created(first) == ["r-spec", "r-reward-token", "r-reward", "r-reward", "r-judge", "r-judge"]
+    assert first.status.condition("Progressing").reason == "WaitingForRewardServer"
+    judge_down = step(run, first.status, Observed(servers_available=frozenset({"reward"})))
+    progressing = judge_down.status.condition("Progressing")
+    assert progressing.reason == "WaitingForJudgeServer" and "Deployment r-judge" in progressing.message
+    assert "r-i00-evaluate-a1" not in created(judge_down)
+    both = Observed(servers_available=frozenset({"reward", "judge"}))
+    started = step(run, judge_down.status, both)
+    assert "r-i00-evaluate-a1" in created(started)
+    done = step(run, started.status, Observed(True, DONE, summaries=evaluated(0)))
+    assert done.status.iteration(0).evaluation.judge_reward == 0.2
+    assert {Scale("r-reward", 0), Scale("r-judge", 0)} <= set(scales_of(done))
+    generate = step(run, done.status)  # round 1's Generate: neither server is up
+    assert generate.status.current_stage == "Generate"
+    assert {Scale("r-reward", 0), Scale("r-judge", 0)} <= set(scales_of(generate))
+
+
+def test_a_judge_that_never_becomes_available_fails_by_its_own_deadline():
+    run = judged_run(stageRetries=0)
+    waiting = step(run, RunStatus(), Observed(servers_available=frozenset({"reward"})))
+    late = step(run, waiting.status, Observed(servers_available=frozenset({"reward"})), now=NOW + timedelta(seconds=61))
+    assert late.status.phase == "Failed"
+    message = late.status.condition("Failed").message
+    assert "Deployment r-judge was not Available within 60 s (spec.evaluation.judge.startupTimeoutSeconds)" in message
+
+
+def test_keep_reward_warm_keeps_only_the_reward_server_up():
+    run = judged_run(keepRewardWarm=True)
+    started = step(run, RunStatus(), Observed(servers_available=frozenset({"reward", "judge"})))
+    done = step(run, started.status, Observed(True, DONE, summaries=evaluated(0)))
+    scales = {a.name: a.replicas for a in done.actions if isinstance(a, Scale)}
+    assert scales == {"r-judge": 0}  # the reward server stays at the 1 it was scaled to
+
+
+def test_a_run_without_a_judge_has_no_judge_objects():
+    run = make_run()
+    body = run.to_manifest()
+    body["spec"]["evaluation"] = {"prompts": {"dataset": "/iterdpo/held-out.jsonl"}}
+    d = step(validate_resource(body), RunStatus())
+    assert not [n for n in created(d) if "judge" in n] and not [a for a in d.actions if isinstance(a, Scale) and "judge" in a.name]

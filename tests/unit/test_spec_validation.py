@@ -212,13 +212,27 @@ def test_per_round_prompt_sets_each_need_their_gold_answers_under_verifiable():
 
 
 def test_the_reward_pod_asks_for_no_gpu_when_the_kind_loads_no_model():
-    from iterdpo.stages import REWARD_SERVER_POD
+    from iterdpo.stages import REWARD, SERVER_TABLE
 
+    REWARD_SERVER_POD = SERVER_TABLE[REWARD].pod
     data = copy.deepcopy(VALID)
     assert REWARD_SERVER_POD.default_gpus(parse_run(data).spec) == 1
     data["spec"]["reward"] = {"kind": "verifiable"}
     data["spec"]["prompts"]["answerField"] = "answer"
     assert REWARD_SERVER_POD.default_gpus(parse_run(data).spec) == 0
+
+
+def test_the_judge_pod_asks_for_a_gpu_only_when_the_judge_loads_a_model():
+    from iterdpo.stages import JUDGE, SERVER_TABLE
+
+    judge_pod = SERVER_TABLE[JUDGE].pod
+    data = copy.deepcopy(VALID)
+    assert judge_pod.default_gpus(parse_run(data).spec) == 0  # no evaluation: no judge
+    data["spec"]["evaluation"] = {"prompts": {"dataset": "./held-out.jsonl", "answerField": "answer"},
+                                  "judge": {"model": "./gold"}}
+    assert judge_pod.default_gpus(parse_run(data).spec) == 1
+    data["spec"]["evaluation"]["judge"] = {"kind": "verifiable"}
+    assert judge_pod.default_gpus(parse_run(data).spec) == 0
 
 
 def _composite(*components) -> dict:
@@ -273,8 +287,9 @@ def test_length_is_a_term_not_a_reward_and_a_verifiable_term_needs_gold_answers(
 
 
 def test_a_reward_pod_of_rules_only_asks_for_no_gpu():
-    from iterdpo.stages import REWARD_SERVER_POD
+    from iterdpo.stages import REWARD, SERVER_TABLE
 
+    REWARD_SERVER_POD = SERVER_TABLE[REWARD].pod
     data = _composite({"name": "math", "kind": "verifiable"}, {"name": "len", "kind": "length", "weight": -0.01})
     data["spec"]["prompts"]["answerField"] = "answer"
     assert REWARD_SERVER_POD.default_gpus(parse_run(data).spec) == 0

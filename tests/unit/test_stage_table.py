@@ -27,14 +27,14 @@ def test_every_stage_has_one_entry_with_its_own_names():
 
 
 def test_the_status_has_one_field_per_stage_typed_by_the_table():
-    assert list(IterationStatus.model_fields) == ["iteration", "policy", *(d.status_field for d in STAGES)]
+    assert list(IterationStatus.model_fields) == ["iteration", "policy", "lineage", *(d.status_field for d in STAGES)]
     for d in STAGES:
         field = IterationStatus.model_fields[d.status_field]
         assert field.description == d.description and d.figures.__name__ in str(field.annotation)
 
 
 def test_the_spec_has_one_resources_field_per_kind_of_pod():
-    assert list(StageResources.model_fields) == [p.key for p in pods()] == ["sft", "rm", "generate", "reward", "annotate", "train", "evaluate"]
+    assert list(StageResources.model_fields) == [p.key for p in pods()] == ["sft", "rm", "generate", "reward", "annotate", "train", "judge", "evaluate"]
     schema = json.loads((REPO / "charts" / "iterdpo" / "values.schema.json").read_text())
     chart = schema["properties"]["stageDefaults"]["properties"]["resources"]["properties"]
     assert list(chart) == [p.key for p in pods()], "values.schema.json stageDefaults.resources: one key per pod"

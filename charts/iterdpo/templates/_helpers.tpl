@@ -99,7 +99,7 @@ removes them one at a time.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# get: kube.py reward_available (read_namespaced_deployment_status: is it Available).
+# get: kube.py server_available (read_namespaced_deployment_status: is it Available).
 - apiGroups: ["apps"]
   resources: ["deployments/status"]
   verbs: ["get"]
