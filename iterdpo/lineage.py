@@ -160,7 +160,9 @@ class Ledger:
         """Digest the outputs (in place by now), write the ledger file, return the record."""
         lineage = Lineage(read=dict(self.read), wrote={str(p): digest(p) for p in wrote})
         entry = LedgerEntry(stage=self.stage, iteration=self.iteration, process=self.process, lineage=lineage)
-        write_text(self.file, entry.model_dump_json(indent=2) + "\n")
+        text = entry.model_dump_json(indent=2) + "\n"
+        if not (self.file.is_file() and self.file.read_text() == text):  # a rerun that skipped: unchanged
+            write_text(self.file, text)
         return lineage
 
 

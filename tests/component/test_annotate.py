@@ -11,6 +11,7 @@ from iterdpo.contracts import GeneratedRecord, ShardMarker, write_lines, write_m
 from iterdpo.layout import RunLayout
 from iterdpo.runfile import load_run
 from iterdpo.stages import ScoreSummary, Stage
+from iterdpo.lineage import digest
 from iterdpo.summary import TERMINATION_LOG_ENV, read_summary
 from iterdpo_reward_server import annotate_main
 from iterdpo_reward_server.process import RewardServerProcess, free_port
@@ -111,7 +112,10 @@ def test_annotate_end_to_end(server, tiny, tmp_path, monkeypatch, capsys):
     assert stats["truncated"] == 0 and stats["strategy"] == "max_min" and stats["seconds"] > 0
 
     summary = read_summary(summary_path, ScoreSummary)
-    assert summary.model_dump(by_alias=True) == {"stage": "score", **{k: stats[k] for k in (
+    shards = [str(layout.shard_file(1, i, 2)) for i in (0, 1)]
+    lineage = {"read": {p: digest(p) for p in [*shards, str(tiny.reward)]},
+               "wrote": {str(p): digest(p) for p in (layout.scored_file(1), layout.pairs_file(1))}}  # fmt: skip
+    assert summary.model_dump(by_alias=True) == {"stage": "score", "lineage": lineage, **{k: stats[k] for k in (
         "meanReward", "minReward", "maxReward", "pairs", "tiesDropped", "promptsLeftOut", "seconds", "details",
         "comparisons", "forwardPasses")}}
 

@@ -10,6 +10,7 @@ import pytest
 
 from iterdpo.contracts import EvaluationReport, write_model
 from iterdpo.layout import RunLayout
+from iterdpo.lineage import digest
 from iterdpo.runfile import load_run
 from iterdpo.stages import EvaluateSummary
 from iterdpo_evaluator.evaluate import main as evaluate_main
@@ -67,4 +68,7 @@ def test_a_round_with_its_report_is_not_evaluated_again(tiny, tmp_path, monkeypa
     log = tmp_path / "summary.json"
     monkeypatch.setenv("ITERDPO_TERMINATION_LOG", str(log))
     assert evaluate_main(["--spec", str(run_file), "--iteration", "0", "--reward-url", URL]) == 0
-    assert EvaluateSummary.model_validate(json.loads(log.read_text())) == summary
+    got = EvaluateSummary.model_validate(json.loads(log.read_text()))
+    assert got.model_copy(update={"lineage": summary.lineage}) == summary  # the report's figures, not new ones
+    assert got.lineage.read == {str(tiny.evaluation): digest(tiny.evaluation), str(tiny.policy): digest(tiny.policy),
+                                str(tiny.reward): digest(tiny.reward)}  # fmt: skip

@@ -11,6 +11,7 @@ from runfiles import write_tiny_run
 
 from iterdpo.atomic import read_json, read_jsonl, write_jsonl
 from iterdpo.layout import RunLayout
+from iterdpo.lineage import digest
 from iterdpo.runfile import load_run
 
 pytestmark = pytest.mark.slow
@@ -73,6 +74,8 @@ def test_two_shards_cover_every_prompt_once_and_count_the_left_out(tiny, prompts
     assert summary == {
         "stage": "generate", "shard": 0, "shards": 2, "prompts": 4, "promptsOut": 3,
         "samples": 9, "promptsLeftOut": 1, "seconds": markers[0]["seconds"],
+        "lineage": {"read": {str(prompts): digest(prompts), str(tiny.policy): digest(tiny.policy)},
+                    "wrote": {str(layout.shard_file(1, 0, 2)): digest(layout.shard_file(1, 0, 2))}},
     }
 
     # Rerunning a finished shard is a no-op.
@@ -80,6 +83,16 @@ def test_two_shards_cover_every_prompt_once_and_count_the_left_out(tiny, prompts
     again = generate(run_file, "--shard", "0")
     assert again.returncode == 0 and "already done" in again.stderr
     assert layout.shard_file(1, 0, 2).stat().st_mtime_ns == before
+
+    # A prompt set changed under the same name is refused, naming it, even for a finished shard.
+    original = prompts.read_bytes()
+    prompts.write_bytes(original + b"\n")
+    try:
+        changed = generate(run_file, "--shard", "1")
+    finally:
+        prompts.write_bytes(original)
+    assert changed.returncode == 2 and "an input changed since this run used it" in changed.stderr
+    assert f"{prompts}: round 1 Generate (shard-" in changed.stderr
 
     # Seeds are per prompt: one shard over the same prompts samples the same texts.
     single = write_run(tmp_path, tiny, prompts, shards=1, name="one-shard")

@@ -16,6 +16,7 @@ import yaml
 from runfiles import write_tiny_run
 
 from iterdpo.layout import RunLayout
+from iterdpo.lineage import digest
 
 pytestmark = pytest.mark.slow
 ITERDPO = [sys.executable, "-m", "iterdpo.cli"]
@@ -57,6 +58,14 @@ def assert_succeeded_with_both_rounds(status: dict) -> None:
     first, second = status["iterations"]
     assert second["policy"] == first["training"]["checkpoint"]
     assert status["finalPolicy"] == second["training"]["checkpoint"]
+    # Lineage: each round trained on the very pairs it scored, and round 2 generated from the very
+    # checkpoint round 1 trained (by content, not only by name).
+    for it in status["iterations"]:
+        lineage, checkpoint = it["lineage"], it["training"]["checkpoint"]
+        (pairs,) = (p for p in lineage["wrote"] if p.endswith("pairs.jsonl"))
+        assert lineage["read"][pairs] == lineage["wrote"][pairs]
+        assert lineage["wrote"][checkpoint] == digest(checkpoint)
+    assert second["lineage"]["read"][first["training"]["checkpoint"]] == digest(first["training"]["checkpoint"])
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Succeeded"]["status"] == "True" and conditions["Failed"]["status"] == "False"
 
@@ -146,6 +155,16 @@ def test_killed_run_resumes_without_redoing_finished_stages(tiny, tmp_path):
     layout = RunLayout(workdir.resolve() / "killed")
     finished = [layout.shard_file(1, 0, 1), layout.shard_marker(1, 0, 1), layout.pairs_file(1), layout.score_stats(1)]
     mtimes = {path: path.stat().st_mtime_ns for path in finished}
+
+    # Round 1's pairs changed while the run was down: the resumed Train refuses them, naming the file.
+    pairs, original = layout.pairs_file(1), layout.pairs_file(1).read_bytes()
+    pairs.write_bytes(original.replace(b'"chosen"', b'"chosen" ', 1))
+    refused = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert refused.returncode != 0
+    assert "an input changed since this run used it" in refused.stdout + refused.stderr
+    assert f"{pairs}: round 1 Score (main) recorded sha256:" in refused.stdout + refused.stderr
+    pairs.write_bytes(original)  # put back, with its old time: the resume goes on
+    os.utime(pairs, ns=(mtimes[pairs], mtimes[pairs]))
 
     result = run_cli("run", str(run_file), "--workdir", str(workdir))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
