@@ -14,6 +14,8 @@
       iter-01/train/metrics.json  (written last: the marker)
       iter-NN/evaluate/responses.jsonl  report.json (written last: the marker); with
                                   spec.evaluation, rounds 0..N (0: the initial policy)
+      iter-NN/<stage>/lineage-<process>.json  digests of what the process read and wrote
+                                  (iterdpo.lineage: a changed input is refused)
 
 Each stage's folder is the one its entry in the stage table names (`StageDef.folder`).
 What each file holds: `iterdpo.contracts`.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from kubernetes import client
 
+from iterdpo.lineage import Lineage
 from iterdpo.stages import EvaluateSummary, GenerateSummary, RewardModelSummary, ScoreSummary, TrainSummary
 
 GROUP, VERSION, PLURAL = "iterdpo.io", "v1alpha1", "iterativedporuns"
@@ -38,9 +39,10 @@ def summaries(fail: dict[str, str] | None = None, hold: set[str] = frozenset(), 
                                          held_out_margin=1.25, loss=0.25, seconds=1.0,
                                          checkpoint="/iterdpo/runs/r/iter-00/reward_model/model").to_message()  # fmt: skip
         if component == "train":
+            checkpoint, pairs = f"/iterdpo/runs/r/iter-{it:02d}/train/policy", f"/iterdpo/runs/r/iter-{it:02d}/score/pairs.jsonl"
+            lineage = Lineage(read={pairs: f"sha256:{it:064x}"}, wrote={checkpoint: f"sha256:{it + 100:064x}"})
             return 0, TrainSummary(loss=0.5 / it, reward_accuracy=0.75, reward_margin=0.3 * it, seconds=1.0,
-                                   checkpoint=f"/iterdpo/runs/r/iter-{it:02d}/train/policy", pairs=9,
-                                   pairs_truncated=0).to_message()  # fmt: skip
+                                   checkpoint=checkpoint, pairs=9, pairs_truncated=0, lineage=lineage).to_message()  # fmt: skip
         if component == "evaluate":  # round it: KL it, length 20 + 10 it tokens, and a win rate from round 1 on
             policy = "/iterdpo/models/policy" if it == 0 else f"/iterdpo/runs/r/iter-{it:02d}/train/policy"
             won = None if it == 0 else 0.75

@@ -117,7 +117,7 @@ def test_valid_run_is_accepted_and_defaults_are_filled(crd, ns):
     assert spec["kubernetes"]["launcher"] == "pytorchjob"
     assert spec["kubernetes"]["volume"] == {"mountPath": "/iterdpo"}
     assert spec["kubernetes"]["resources"] == {"sft": {}, "rm": {}, "generate": {}, "reward": {}, "annotate": {}, "train": {},
-                                              "evaluate": {}}
+                                              "judge": {}, "evaluate": {}}
     assert spec["prompts"]["perIteration"][0] == {"dataset": "/iterdpo/tiny/prompts-iter1.jsonl", "split": "train",
                                                   "messagesField": "messages"}  # fmt: skip
     assert spec["reward"]["requestBatchSize"] == 64

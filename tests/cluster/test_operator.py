@@ -75,6 +75,8 @@ def test_two_round_run_succeeds_with_figures(control_plane, operator, ns):
     assert (first["scoring"]["meanReward"], second["scoring"]["meanReward"]) == (0.5, 1.0)
     assert second["training"]["rewardMargin"] == pytest.approx(0.6)
     assert second["policy"] == "/iterdpo/runs/r/iter-01/train/policy"
+    assert second["lineage"] == {"read": {"/iterdpo/runs/r/iter-02/score/pairs.jsonl": f"sha256:{2:064x}"},
+                                 "wrote": {"/iterdpo/runs/r/iter-02/train/policy": f"sha256:{102:064x}"}}  # fmt: skip
     assert condition(run, "Succeeded")["status"] == "True" and condition(run, "Valid")["status"] == "True"
 
     kids = children(control_plane, ns, "r")
