@@ -1,7 +1,10 @@
 """Deterministic tiny models and prompts for the demo and the tests (no downloads).
 
 - A byte-level BPE tokenizer trained in code on a small word corpus.
-- The policy: a randomly initialised tiny Llama (`LlamaForCausalLM`), seeded.
+- The policy: a randomly initialised tiny Llama (`LlamaForCausalLM`), seeded. It rarely ends
+  an answer (most run to maxNewTokens). `short-policy/` is the same model with a prior on the
+  end token too, so its answers end after a few words: what a length-paying reward can
+  inflate (examples/tiny-length-gate.yaml).
 - The reward model: a tiny `LlamaForSequenceClassification` whose weights are
   set by hand so that it computes a reward DPO can learn in a few steps: the
   mean, over every token of the conversation, of +1 for a "kind" word, -1 for
@@ -86,6 +89,10 @@ HIDDEN = 128
 EMBED_CONSTANT = 10.0  # dim-0 constant: keeps RMSNorm from distorting the value dims
 REWARD_SCALE = 8.0
 WORD_PRIOR_LOGIT = 3.0  # the policy's preference for whole words over byte pieces
+# short-policy's end token: this much above a whole word. Its held-out answers, sampled by vLLM
+# at temperature 1 with at most 24 tokens: 8.1 tokens on average, 5% cut at the limit (at +2.0:
+# 15 tokens, 38% cut); one round of DPO on a length-paying reward takes them to 22.9.
+END_PRIOR_LOGIT = WORD_PRIOR_LOGIT + 3.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,7 @@ class TinyAssets:
     arithmetic: Path  # sums with gold answers (field `answer`), for reward kind verifiable
     evaluation: Path  # held-out prompts (spec.evaluation.prompts): forms no round's prompt uses
     armo: Path  # a multi-objective reward model of ArmoRM's layout
+    short_policy: Path  # the policy with an end-token prior: short answers that DPO can lengthen
 
 
 def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, preference_pairs: int = 1024,
@@ -115,10 +123,11 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
         arithmetic=out / "arithmetic.jsonl",
         evaluation=out / "eval-prompts.jsonl",
         armo=out / "armo",
+        short_policy=out / "short-policy",
     )
     marker = out / ".complete.json"
     wanted = {"rounds": rounds, "prompts_per_round": prompts_per_round, "preference_pairs": preference_pairs,
-              "seed": seed, "version": 7}  # fmt: skip
+              "seed": seed, "version": 9}  # fmt: skip
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return assets
 
@@ -131,13 +140,16 @@ def build_tiny(out: Path, *, rounds: int = 3, prompts_per_round: int = 64, prefe
     with atomic_path(assets.policy) as tmp:
         _build_policy(tokenizer, seed).save_pretrained(tmp)
         _with_template(tokenizer, POLICY_TEMPLATE).save_pretrained(tmp)
+    with atomic_path(assets.short_policy) as tmp:
+        _build_policy(tokenizer, seed, end_prior=END_PRIOR_LOGIT).save_pretrained(tmp)
+        _with_template(tokenizer, POLICY_TEMPLATE).save_pretrained(tmp)
     with atomic_path(assets.reward) as tmp:
         _build_reward_model(tokenizer).save_pretrained(tmp)
         _with_template(tokenizer, REWARD_TEMPLATE).save_pretrained(tmp)
     with atomic_path(assets.armo) as tmp:
         _write_armo(tokenizer, tmp, seed)
         _with_template(tokenizer, POLICY_TEMPLATE).save_pretrained(tmp)
-    for path in (*assets.policy.iterdir(), *assets.reward.iterdir(), *assets.armo.iterdir()):
+    for path in (*assets.policy.iterdir(), *assets.short_policy.iterdir(), *assets.reward.iterdir(), *assets.armo.iterdir()):
         path.chmod(0o644)  # transformers writes weights 0600; other users and containers must read them
     rng = random.Random(seed)
     for path in assets.prompts:
@@ -227,14 +239,15 @@ def word_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _build_policy(tokenizer, seed: int):
+def _build_policy(tokenizer, seed: int, *, end_prior: float | None = None):
     """A random tiny Llama with an SFT-like prior: it prefers whole words.
 
     A uniform random policy mostly samples byte pieces, so few sampled tokens
     carry reward and nothing ties them together. Here every embedding carries a
     constant in dim 0, which survives to the final norm, and lm_head reads it
     to add WORD_PRIOR_LOGIT to every whole-word token. That shared direction is
-    also what lets DPO raise "kind" words in every context at once.
+    also what lets DPO raise "kind" words in every context at once. `end_prior`: the end
+    token's logit boost the same way (None: none, so answers rarely end before the limit).
     """
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -251,6 +264,8 @@ def _build_policy(tokenizer, seed: int):
         others = [i for i in range(len(tokenizer)) if i not in set(words)]
         offset = (logits[:, words].mean() - logits[:, others].mean()).item()
         model.lm_head.weight[words, 0] = WORD_PRIOR_LOGIT / offset
+        if end_prior is not None:
+            model.lm_head.weight[tokenizer.eos_token_id, 0] = end_prior / offset
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

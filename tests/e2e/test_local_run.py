@@ -20,6 +20,7 @@ from iterdpo.lineage import digest
 
 pytestmark = pytest.mark.slow
 ITERDPO = [sys.executable, "-m", "iterdpo.cli"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_run(tmp_path: Path, tiny, name: str, rounds: int = 2) -> Path:
@@ -534,3 +535,53 @@ def test_evaluation_scores_every_round_against_round_0_and_a_gate_stops_the_loop
     assert lines[0] == "run gated: Succeeded (round 1)" and {"judge", "win", "kl"} <= set(lines[1].split())
     assert [line.split()[0] for line in lines[2:4]] == ["0", "1"]
     assert any(line.startswith("stopped by gates.maxKl: round 1: estimated KL") for line in lines)
+
+
+def _with_assets(node, tiny):
+    """The example's ./tiny/ paths, pointed at this session's tiny assets."""
+    if isinstance(node, dict):
+        return {k: _with_assets(v, tiny) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_with_assets(v, tiny) for v in node]
+    return f"{tiny.root}/{node[len('./tiny/'):]}" if isinstance(node, str) and node.startswith("./tiny/") else node
+
+
+def test_the_length_gate_example_stops_the_inflating_loop_and_survives_kill_9_during_evaluate(tiny, tmp_path):
+    """examples/tiny-length-gate.yaml as shipped: a reward that pays for length lengthens the short
+    policy's answers, and gates.maxLengthRatio ends the run after round 1, keeping round 0's policy.
+    The runner is killed (SIGKILL) in round 1's Evaluate; the resumed run evaluates round 1 again,
+    redoes nothing before it, and ends the same way."""
+    manifest = _with_assets(yaml.safe_load((REPO / "examples" / "tiny-length-gate.yaml").read_text()), tiny)
+    run_file = tmp_path / "length-gate.yaml"
+    run_file.write_text(yaml.safe_dump(manifest))
+    workdir, name = tmp_path / "runs", manifest["metadata"]["name"]
+    runner = subprocess.Popen([*ITERDPO, "run", str(run_file), "--workdir", str(workdir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        _wait_for(lambda: (lambda s: (s.get("currentIteration"), s.get("currentStage")) == (1, "Evaluate"))(
+            status_of(workdir, name)), timeout=900, what="round 1's Evaluate to start")  # fmt: skip
+        time.sleep(3)  # the evaluator is loading or sampling
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+    _wait_for(lambda: not _processes_mentioning(str(workdir / name / "run.json")), timeout=60, what="stage processes to exit")
+    layout = RunLayout(workdir.resolve() / name)
+    done = [layout.evaluation_report(0), layout.train_metrics(1), layout.pairs_file(1)]
+    mtimes = {path: path.stat().st_mtime_ns for path in done}
+    assert status_of(workdir, name)["currentStage"] == "Evaluate" and not layout.evaluation_report(1).exists()
+
+    result = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[round 1/3] Evaluate: evaluation of" in result.stdout
+    assert "[before round 1] Evaluate" not in result.stdout and "[round 1/3] Train" not in result.stdout
+    assert {path: path.stat().st_mtime_ns for path in done} == mtimes
+    status = status_of(workdir, name)
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert status["phase"] == "Succeeded" and succeeded["reason"] == "GateTripped"
+    assert "stopped by gates.maxLengthRatio: round 1: mean response length" in succeeded["message"]
+    assert [it["iteration"] for it in status["iterations"]] == [0, 1]  # rounds 2 and 3 never ran
+    before, first = (it["evaluation"] for it in status["iterations"])
+    assert first["lengthRatio"] > 1.5 and first["lengthMean"] > before["lengthMean"]
+    assert status["finalPolicy"] == str(tiny.short_policy)  # the last round inside every gate
+    assert status["iterations"][1]["lineage"]["read"][str(layout.evaluation_responses(0))] == digest(
+        layout.evaluation_responses(0))  # fmt: skip
