@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from iterdpo.layout import RunLayout, evaluated_policy
+from iterdpo.layout import RunLayout, evaluated_policy, policy_for
 
 if TYPE_CHECKING:
     from iterdpo.spec import IterativeDPORun
@@ -152,13 +152,28 @@ def final_policy(run: IterativeDPORun, status: RunStatus) -> str:
     candidates = [(k, f) for k, f in _evaluations(status) if trip is None or k < trip.iteration]
     if not candidates:
         return evaluated_policy(run, 0)
-    if spec.select == "last":
-        best = candidates[-1][0]
-    else:
-        def key(item) -> float:
-            k, f = item
-            value = f.judge_reward if spec.select == "judge-reward" else (0.5 if k == 0 else f.win_rate)
-            return -math.inf if value is None else value
+    return evaluated_policy(run, _best(spec.select, candidates))
 
-        best = max(candidates, key=key)[0]  # max keeps the first of equals: the earliest round
-    return evaluated_policy(run, best)
+
+def _best(select: str, candidates: list[tuple[int, object]]) -> int:
+    """The round `select` picks among (round, evaluation figures), the earliest on a tie."""
+    if select == "last":
+        return candidates[-1][0]
+
+    def key(item) -> float:
+        k, f = item
+        value = f.judge_reward if select == "judge-reward" else (0.5 if k == 0 else f.win_rate)
+        return -math.inf if value is None else value
+
+    return max(candidates, key=key)[0]  # max keeps the first of equals: the earliest round
+
+
+def start_policy(run: IterativeDPORun, status: RunStatus, iteration: int) -> str:
+    """The policy round `iteration` starts from: the previous round's checkpoint (policy_for),
+    or with evaluation.rollback the best round so far by evaluation.select among the rounds
+    evaluated before it (round 0: the initial policy)."""
+    spec = run.spec.evaluation
+    if spec is None or not spec.rollback or iteration < 2:
+        return policy_for(run, iteration)
+    candidates = [(k, f) for k, f in _evaluations(status) if k < iteration]
+    return evaluated_policy(run, _best(spec.select, candidates)) if candidates else policy_for(run, iteration)

@@ -144,11 +144,12 @@ def reward_model_for(run: IterativeDPORun) -> str | None:
     return run.spec.reward.model
 
 
-def reference_for(run: IterativeDPORun, iteration: int) -> str:
-    """The DPO reference of round `iteration`, as spec.reference says."""
+def reference_for(run: IterativeDPORun, iteration: int, start: str | None = None) -> str:
+    """The DPO reference of round `iteration`, as spec.reference says; `previous` is the policy
+    the round starts from (`start`, with evaluation.rollback; else the previous checkpoint)."""
     if run.spec.reference == "initial":
         return initial_policy(run)
-    return policy_for(run, iteration)
+    return start or policy_for(run, iteration)
 
 
 def claim_run_folder(run: IterativeDPORun) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from iterdpo.evaluation import GateTrip, final_policy, tripped_gate
+from iterdpo.evaluation import GateTrip, final_policy, start_policy, tripped_gate
 from iterdpo.layout import policy_for
 from iterdpo.spec import IterativeDPORun
 from iterdpo.stages import STAGES, Command, JobContext, Stage, StageDef, servers_of, stage_def
@@ -78,18 +78,22 @@ def next_step(
     for iteration, d in stage_order(run, table):
         record = status.iteration(iteration)
         if record is None or not record.stage_done(d.stage):
-            return _step(run, iteration, d, spec_file=spec_file, host=host, ports=ports or {}, urls=urls or {})
+            return _step(run, iteration, d, spec_file=spec_file, host=host, ports=ports or {}, urls=urls or {},
+                         policy=start_policy(run, status, iteration))  # fmt: skip
     return Finished(final_policy=final_policy(run, status))
 
 
 def stage_step(run: IterativeDPORun, iteration: int, stage: str, *, spec_file: str, host: str = "0.0.0.0",
-               ports: Mapping[str, int] | None = None, urls: Mapping[str, str] | None = None) -> StageStep:  # fmt: skip
-    """The step of `stage` in round `iteration`, whatever the status says (an unknown stage is an error)."""
-    return _step(run, iteration, stage_def(stage), spec_file=spec_file, host=host, ports=ports or {}, urls=urls or {})
+               ports: Mapping[str, int] | None = None, urls: Mapping[str, str] | None = None,
+               policy: str | None = None) -> StageStep:  # fmt: skip
+    """The step of `stage` in round `iteration`, whatever the status says (an unknown stage is an error);
+    `policy`: the round's start policy as next_step chose it (StageStep.policy; unset: policy_for)."""
+    return _step(run, iteration, stage_def(stage), spec_file=spec_file, host=host, ports=ports or {}, urls=urls or {},
+                 policy=policy or policy_for(run, iteration))  # fmt: skip
 
 
 def _step(run: IterativeDPORun, iteration: int, d: StageDef, *, spec_file: str, host: str,
-          ports: Mapping[str, int], urls: Mapping[str, str]) -> StageStep:  # fmt: skip
+          ports: Mapping[str, int], urls: Mapping[str, str], policy: str) -> StageStep:  # fmt: skip
     services, reached = [], {}
     for server in servers_of(run, d):
         port = ports.get(server.key, server.port)
@@ -97,8 +101,8 @@ def _step(run: IterativeDPORun, iteration: int, d: StageDef, *, spec_file: str, 
         argv = (*reward_server_argv(spec_file=spec_file, host=host, port=port), *server.flags)
         services.append(Service(server.key, Command(f"{server.key}-server", argv), reached[server.key],
                                 server.startup_timeout_seconds(run.spec)))  # fmt: skip
-    ctx = JobContext(spec_file=spec_file, urls=reached)
-    return StageStep(iteration, d.stage, policy_for(run, iteration), d.jobs(run, iteration, ctx), tuple(services))
+    ctx = JobContext(spec_file=spec_file, urls=reached, policy=None if policy == policy_for(run, iteration) else policy)
+    return StageStep(iteration, d.stage, policy, d.jobs(run, iteration, ctx), tuple(services))
 
 
 def reward_server_argv(*, spec_file: str, host: str, port: int) -> tuple[str, ...]:

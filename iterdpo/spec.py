@@ -602,6 +602,12 @@ class EvaluationSpec(_Model):
         description="Which round's policy becomes status.finalPolicy. " + "; ".join(f"{k}: {v}" for k, v in
                                                                                    EVALUATION_SELECT.items()) + ".",
     )
+    rollback: bool = Field(
+        default=False,
+        description="Start each round from the best round so far by select (round 0: the initial policy), not "
+        "from the last round's checkpoint, so a round that made the policy worse is not built on (with reference "
+        "previous, that policy is also the round's reference). Needs select judge-reward or win-rate.",
+    )
 
 
 class StorageSpec(_Model):
@@ -1055,6 +1061,13 @@ def _judge_rules() -> tuple[Rule, ...]:
             f"{', '.join(COMPARING_KINDS)}), or select win-rate or last",
             f"self.select != 'judge-reward' || ({_SCALAR_JUDGE_CEL})",
             "judge-reward needs a judge that scores responses (evaluation.judge, not pairwise): or select win-rate or last",
+        ),
+        Rule(
+            "evaluation", "rollback",
+            lambda e: not e.rollback or e.select != "last",
+            lambda e: "rollback needs a best round to go back to: set evaluation.select to judge-reward or win-rate",
+            "!self.rollback || self.select != 'last'",
+            "rollback needs a best round to go back to: set evaluation.select to judge-reward or win-rate",
         ),
         Rule(
             "evaluation", "gates.judgeRewardFallingRounds",

@@ -111,6 +111,12 @@ class JobContext:
 
     spec_file: str  # the run file as the processes see it
     urls: Mapping[str, str] = field(default_factory=dict)  # Server.key -> where they reach it (the run serves it)
+    # The policy the round starts from, when it is not the previous round's checkpoint (evaluation.rollback).
+    policy: str | None = None
+
+    @property
+    def policy_flag(self) -> tuple[str, ...]:
+        return ("--policy", self.policy) if self.policy else ()
 
     @property
     def reward_url(self) -> str:
@@ -367,7 +373,7 @@ class GenerationFigures(Figures):
 
 def _generate_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
     return tuple(
-        Command(f"generate-shard-{i}", generate_argv(iteration, spec_file=ctx.spec_file, shard=i))
+        Command(f"generate-shard-{i}", (*generate_argv(iteration, spec_file=ctx.spec_file, shard=i), *ctx.policy_flag))
         for i in range(run.spec.generation.shards)
     )
 
@@ -552,7 +558,8 @@ class TrainingFigures(Figures):
 
 
 def _train_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
-    return (Command("train", torchrun_argv(TRAIN.trains(run), "iterdpo_trainer", ctx.spec_file, iteration)),)
+    return (Command("train", (*torchrun_argv(TRAIN.trains(run), "iterdpo_trainer", ctx.spec_file, iteration),
+                              *ctx.policy_flag)),)  # fmt: skip
 
 
 def _training_figures(summaries: list[TrainSummary], seconds: float, run: IterativeDPORun) -> TrainingFigures:

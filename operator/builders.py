@@ -215,9 +215,11 @@ def pod_spec(run: IterativeDPORun, containers: list[dict], restart_policy: str =
     return spec
 
 
-def planned(run: IterativeDPORun, iteration: int, stage: Stage) -> StageStep:
-    """The planner's step of `stage` in round `iteration`, as the pods run it."""
-    return stage_step(pod_run(run), iteration, stage, spec_file=SPEC_FILE, host="0.0.0.0", urls=server_urls(run))
+def planned(run: IterativeDPORun, iteration: int, stage: Stage, policy: str | None = None) -> StageStep:
+    """The planner's step of `stage` in round `iteration`, as the pods run it; `policy`: the round's
+    start policy the planner chose (Target.policy; unset: the previous round's checkpoint)."""
+    return stage_step(pod_run(run), iteration, stage, spec_file=SPEC_FILE, host="0.0.0.0", urls=server_urls(run),
+                      policy=policy)  # fmt: skip
 
 
 def server_url(run: IterativeDPORun, server: Server) -> str:

@@ -69,7 +69,7 @@ def child_ref(run: IterativeDPORun, target: Target) -> ChildRef:
 
 
 def child_manifest(run: IterativeDPORun, target: Target, owner_uid: str) -> dict:
-    return children.child_manifest(run, target.stage, target.iteration, target.attempt, owner_uid)
+    return children.child_manifest(run, target.stage, target.iteration, target.attempt, owner_uid, policy=target.policy)
 
 
 @dataclass(frozen=True)

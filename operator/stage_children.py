@@ -24,15 +24,17 @@ from iterdpo_operator.launchers import JOB, ChildKind, ChildRef, TrainingChild, 
 class StageChild:
     component: str
     kind: Callable[[IterativeDPORun], ChildKind]
-    build: Callable[[IterativeDPORun, Stage, int, int, str | None], dict]  # run, stage, round, attempt, owner
+    build: Callable[..., dict]  # (run, stage, round, attempt, owner_uid, policy=): the child's manifest
 
 
-def generate_job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
+def generate_job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None,
+                 policy: str | None = None) -> dict:  # fmt: skip
     """An Indexed Job: one index per shard (the program reads JOB_COMPLETION_INDEX instead of
     the planner's --shard); a failed shard retries alone (spec.kubernetes.shardRetries)."""
     component = CHILDREN[stage].component
-    shards = len(b.planned(run, iteration, stage).jobs)
-    main = b.container(run, component, generate_argv(iteration, spec_file=b.SPEC_FILE, shard=None), component)
+    jobs = b.planned(run, iteration, stage, policy).jobs
+    shards, flags = len(jobs), jobs[0].argv[len(generate_argv(iteration, spec_file=b.SPEC_FILE, shard=0)):]
+    main = b.container(run, component, (*generate_argv(iteration, spec_file=b.SPEC_FILE, shard=None), *flags), component)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": b._meta(run, child_name(run, iteration, stage, attempt), component, owner_uid,
@@ -46,20 +48,22 @@ def generate_job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: in
     }  # fmt: skip
 
 
-def job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
+def job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None,
+        policy: str | None = None) -> dict:  # fmt: skip
     """The stage's one process as a Job, with the servers' token when it calls them (their URLs are in its argv)."""
     component = CHILDREN[stage].component
     d = STAGE_TABLE[stage]
-    (command,) = b.planned(run, iteration, stage).jobs
+    (command,) = b.planned(run, iteration, stage, policy).jobs
     env = b.token_env(run) if servers_of(run, d) else []
     main = b.container(run, component, command.argv, component, deepspeed=d.deepspeed, extra_env=env)
     return b.attempt_job(run, child_name(run, iteration, stage, attempt), component, b.pod_spec(run, [main]), owner_uid,
                          iteration=iteration, attempt=attempt)  # fmt: skip
 
 
-def training(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
+def training(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None,
+             policy: str | None = None) -> dict:  # fmt: skip
     """The stage's torchrun command, as spec.kubernetes.launcher runs it (Job or PyTorchJob)."""
-    (command,) = b.planned(run, iteration, stage).jobs
+    (command,) = b.planned(run, iteration, stage, policy).jobs
     trains = STAGE_TABLE[stage].trains(run)
     child = TrainingChild(child_name(run, iteration, stage, attempt), CHILDREN[stage].component, command.argv,
                           iteration, attempt, trains.nodes, trains.nproc_per_node)  # fmt: skip
@@ -101,9 +105,11 @@ def child_ref(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int) 
     return ChildRef(kind.api_version, kind.kind, kind.plural, child_name(run, iteration, stage, attempt))
 
 
-def child_manifest(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None) -> dict:
-    """The child of one stage attempt, with its deadline (spec.kubernetes.stageTimeoutSeconds)."""
-    manifest = CHILDREN[stage].build(run, stage, iteration, attempt, owner_uid)
+def child_manifest(run: IterativeDPORun, stage: Stage, iteration: int, attempt: int, owner_uid: str | None = None,
+                   policy: str | None = None) -> dict:  # fmt: skip
+    """The child of one stage attempt, with its deadline (spec.kubernetes.stageTimeoutSeconds);
+    `policy`: the round's start policy the planner chose (evaluation.rollback)."""
+    manifest = CHILDREN[stage].build(run, stage, iteration, attempt, owner_uid, policy=policy)
     return child_kind(run, stage).with_deadline(manifest, stage_timeout(run, stage))
 
 

@@ -65,7 +65,7 @@ def format_prompts(prompts: list[Prompt], tokenizer, *, max_prompt_tokens: int):
     return kept, left_out
 
 
-def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> ShardMarker:
+def run_shard(run: IterativeDPORun, iteration: int, shard: int, policy: str | None = None) -> ShardMarker:
     spec = run.spec
     layout = RunLayout.of(run)
     shards = spec.generation.shards
@@ -75,7 +75,7 @@ def run_shard(run: IterativeDPORun, iteration: int, shard: int) -> ShardMarker:
         return read_model(marker, ShardMarker)
 
     started = time.monotonic()
-    policy = policy_for(run, iteration)
+    policy = policy or policy_for(run, iteration)
     require_model(policy, f"the policy of round {iteration}", iteration)
     source = spec.prompts_for(iteration)
     prompt_set = load_prompt_set(
@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, type=Path, help="the run file (YAML or JSON)")
     parser.add_argument("--iteration", required=True, type=int, help="round, 1-based")
     parser.add_argument("--shard", type=int, default=None, help="shard index, 0-based (default: JOB_COMPLETION_INDEX)")
+    parser.add_argument("--policy", default=None,
+                        help="the policy to sample (default: the previous round's checkpoint; the planner sets it "
+                             "with spec.evaluation.rollback)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return stage_main(PROG, lambda: _main(args))
@@ -228,8 +231,8 @@ def _main(args: argparse.Namespace) -> None:
     claim_run_folder(run)
     layout, it = RunLayout.of(run), args.iteration
     ledger = open_ledger(layout, it, Stage.GENERATE, process=f"shard-{shard}",
-                         reads=[run.spec.prompts_for(it).dataset, policy_for(run, it)])  # fmt: skip
-    m = run_shard(run, it, shard)
+                         reads=[run.spec.prompts_for(it).dataset, args.policy or policy_for(run, it)])  # fmt: skip
+    m = run_shard(run, it, shard, args.policy)
     lineage = ledger.close(wrote=[layout.shard_file(it, shard, shards)])
     emit_summary(GenerateSummary(shard=m.shard, shards=m.shards, prompts=m.prompts_in, prompts_out=m.prompts_out,
                                  samples=m.samples, prompts_left_out=len(m.left_out), seconds=m.seconds,

@@ -28,13 +28,17 @@ log = logging.getLogger("iterdpo_trainer")
 PROG = "iterdpo_trainer"
 
 
-def parse_args(argv: list[str] | None, *, prog: str = PROG, description: str = "", first_round: int = 1
-               ) -> argparse.Namespace:  # fmt: skip
+def parse_args(argv: list[str] | None, *, prog: str = PROG, description: str = "", first_round: int = 1,
+               start_policy: bool = False) -> argparse.Namespace:  # fmt: skip
     parser = argparse.ArgumentParser(prog=prog, description=description or (
         "Train stage of one round of iterative DPO: DPO on the round's pairs with DeepSpeed; "
         "writes <round>/train/policy (Hugging Face checkpoint) and metrics.json."))  # fmt: skip
     parser.add_argument("--spec", required=True, help="run file (YAML or JSON IterativeDPORun)")
     parser.add_argument("--iteration", required=True, type=int, help=f"round number, from {first_round}")
+    if start_policy:
+        parser.add_argument("--policy", default=None,
+                            help="the policy the round starts from (default: the previous round's checkpoint; the "
+                                 "planner sets it with spec.evaluation.rollback)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -67,7 +71,7 @@ def _configure_logging(rank: int, label: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return launch(parse_args(argv), PROG, _main)
+    return launch(parse_args(argv, start_policy=True), PROG, _main)
 
 
 def launch(args: argparse.Namespace, prog: str, body, *, label: str = "train") -> int:
@@ -117,13 +121,14 @@ def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: floa
     run = load_for_stage(args.spec, args.iteration, Stage.TRAIN)
     claim_run_folder(run)
     it, layout = args.iteration, RunLayout.of(run)
-    reads = [layout.pairs_file(it), policy_for(run, it), reference_for(run, it)]
+    policy = args.policy or policy_for(run, it)
+    reads = [layout.pairs_file(it), policy, reference_for(run, it, policy)]
     ledger = open_ledger(layout, it, Stage.TRAIN, reads=reads) if rank == 0 else None
     metrics = train.finished_metrics(run, it)
     if metrics is not None:
         log.info("round %d is already trained (%s): nothing to do", it, metrics.checkpoint)
     else:
-        metrics = train.train(train.prepare(run, it, world_size), started=started)
+        metrics = train.train(train.prepare(run, it, world_size, policy), started=started)
     if ledger is not None:
         lineage = ledger.close(wrote=[metrics.checkpoint])
         emit_summary(train.summary_of(metrics).model_copy(update={"lineage": lineage}))

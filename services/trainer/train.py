@@ -77,7 +77,7 @@ def summary_of(metrics: TrainMetrics) -> TrainSummary:
     )
 
 
-def prepare(run: IterativeDPORun, iteration: int, world_size: int) -> Inputs:
+def prepare(run: IterativeDPORun, iteration: int, world_size: int, policy: str | None = None) -> Inputs:
     """Read, check and tokenize the round's pairs; no process group needed."""
     try:
         layout = RunLayout.of(run)
@@ -89,7 +89,8 @@ def prepare(run: IterativeDPORun, iteration: int, world_size: int) -> Inputs:
     records = data.read_pairs(pairs_file)
     if not records:
         raise StageError(f"pairs file {pairs_file} holds no pairs: nothing to train on in round {iteration}")
-    policy, reference = policy_for(run, iteration), reference_for(run, iteration)
+    policy = policy or policy_for(run, iteration)  # the round's start (evaluation.rollback may choose another)
+    reference = reference_for(run, iteration, policy)
     require_model(policy, f"the policy of round {iteration}", iteration)
     require_model(reference, f"the reference model of round {iteration}", iteration)
     ds_config = build_ds_config(run.spec.training, world_size)

@@ -258,6 +258,8 @@ INVALID = {
                                       "spec.evaluation.judge.kind", "read a model"),
     "select judge-reward without a judge": ({"evaluation": {**EVAL, "select": "judge-reward"}},
                                             "spec.evaluation.select", "judge-reward needs a judge"),
+    "rollback without a best round": ({"evaluation": {**EVAL, "rollback": True}}, "spec.evaluation.rollback",
+                                      "rollback needs a best round to go back to"),
     "falling rounds without a judge": ({"evaluation": {**EVAL, "gates": {"judgeRewardFallingRounds": 2}}},
                                        "spec.evaluation.gates.judgeRewardFallingRounds", "needs a judge"),
     "verifiable judge needs answers": ({"evaluation": {**EVAL, "judge": {"kind": "verifiable"}}},
@@ -303,7 +305,7 @@ def test_rules_pass_when_satisfied(crd, ns):
         "reward": {"batchTokens": 256},
         "pairing": {"strategy": "max_min_length_penalty", "lengthPenalty": 0.01},
         "evaluation": {**EVAL, "judge": {**JUDGE, "batchTokens": 256}, "select": "judge-reward",
-                       "gates": {"judgeRewardFallingRounds": 1, "minWinRate": 0, "maxKl": 0}},
+                       "gates": {"judgeRewardFallingRounds": 1, "minWinRate": 0, "maxKl": 0}, "rollback": True},
     })  # fmt: skip
     IterativeDPORun.model_validate(body)
     create(crd, ns, body)

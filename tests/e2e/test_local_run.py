@@ -585,3 +585,34 @@ def test_the_length_gate_example_stops_the_inflating_loop_and_survives_kill_9_du
     assert status["finalPolicy"] == str(tiny.short_policy)  # the last round inside every gate
     assert status["iterations"][1]["lineage"]["read"][str(layout.evaluation_responses(0))] == digest(
         layout.evaluation_responses(0))  # fmt: skip
+
+
+def test_rollback_starts_round_2_from_the_best_round_so_far_not_a_worse_round_1(tiny, tmp_path):
+    """evaluation.rollback end to end: round 1 trains against an inverted reward (the gold model,
+    weight -1), so the judge (the gold model) sees no gain over round 0 and select judge-reward
+    keeps round 0 as the best so far (the earliest on a tie): round 2 generates and trains from the
+    initial policy, not from round 1's checkpoint, and its lineage shows it by content."""
+    manifest = _with_assets(yaml.safe_load((REPO / "examples" / "tiny-gate.yaml").read_text()), tiny)
+    spec = manifest["spec"]
+    manifest["metadata"]["name"] = "rollback"
+    spec["iterations"] = 2
+    spec["prompts"]["perIteration"] = [{"dataset": str(p), "maxPrompts": 16} for p in tiny.prompts[:2]]
+    spec["generation"].update(samplesPerPrompt=4, maxNewTokens=16)
+    spec["evaluation"].update(maxNewTokens=16, gates={}, rollback=True, select="judge-reward")
+    spec["evaluation"]["prompts"]["maxPrompts"] = 12
+    run_file = tmp_path / "rollback.yaml"
+    run_file.write_text(yaml.safe_dump(manifest))
+    workdir = tmp_path / "runs"
+    result = run_cli("run", str(run_file), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status = status_of(workdir, "rollback")
+    assert status["phase"] == "Succeeded" and [it["iteration"] for it in status["iterations"]] == [0, 1, 2]
+    zero, one, two = status["iterations"]
+    assert one["evaluation"]["judgeReward"] <= zero["evaluation"]["judgeReward"]  # round 1 made nothing better
+    first_checkpoint = one["training"]["checkpoint"]
+    assert two["policy"] == str(tiny.policy) != first_checkpoint
+    assert two["lineage"]["read"][str(tiny.policy)] == digest(tiny.policy)
+    assert first_checkpoint not in two["lineage"]["read"]
+    judged = [(it["evaluation"]["judgeReward"], -it["iteration"]) for it in status["iterations"]]
+    best = -max(judged)[1]
+    assert status["finalPolicy"] == (str(tiny.policy) if best == 0 else status["iterations"][best]["training"]["checkpoint"])

@@ -396,6 +396,28 @@ def test_a_judge_is_served_like_the_reward_model_and_evaluate_calls_both(run):
     assert ("Deployment", judge_name) in [(m["kind"], m["metadata"]["name"]) for m in generate]  # round 1 evaluates too
 
 
+def test_a_rolled_back_start_reaches_the_generate_and_train_pods(run):
+    """evaluation.rollback on Kubernetes: the reconciler's Target.policy (the planner's choice)
+    becomes --policy of round 2's generate Job (every shard) and of its training child."""
+    from iterdpo.layout import policy_for
+    from iterdpo_operator import reconcile
+
+    body = run.to_manifest()
+    mount = run.spec.kubernetes.volume.mount_path
+    body["spec"]["evaluation"] = {"prompts": {"dataset": f"{mount}/held-out.jsonl"}, "select": "win-rate", "rollback": True}
+    rolled = validate_resource(body)
+    start = b.pod_run(rolled).spec.policy.model
+    for stage in (Stage.GENERATE, Stage.TRAIN):
+        manifest = reconcile.child_manifest(rolled, reconcile.Target(2, stage, start, 1), "uid")
+        pod = (manifest["spec"]["template"] if manifest["kind"] == "Job"
+               else manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"])["spec"]  # fmt: skip
+        argv = [a for c in pod["containers"] for a in c["command"] + c.get("args", [])]
+        assert argv[argv.index("--policy") + 1] == start, stage
+    previous = policy_for(b.pod_run(rolled), 2)  # no rollback this round: no flag, the program's default
+    plain = reconcile.child_manifest(rolled, reconcile.Target(2, Stage.GENERATE, previous, 1), "uid")
+    assert "--policy" not in plain["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
 def test_annotate_calls_the_reward_service_by_dns_name(run):
     job = by_component(children(run))[("Job", "annotate")]
     (c,) = job["spec"]["template"]["spec"]["containers"]

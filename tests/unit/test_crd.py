@@ -162,7 +162,7 @@ def test_each_cross_field_rule_has_a_cel_rule(root):
     """spec.RULES is the one declaration: the model checks each rule, the CRD carries it as CEL."""
     from iterdpo.spec import RULES
 
-    assert len(RULES) == len({r.blames for r in RULES}) == 37
+    assert len(RULES) == len({r.blames for r in RULES}) == 38
     assert "RULES" in inspect.getsource(IterativeDPORunSpec._cross_field)  # the model walks the same table
     for rule in RULES:
         node = root["properties"]["spec"]
@@ -240,6 +240,7 @@ def test_each_rule_is_checked_by_the_model_and_blames_its_field():
         "evaluation.judge.kind": {"evaluation": {**EVAL, "judge": {"kind": "verifiable", "model": "/m/gold"}}},
         "evaluation.select": {"evaluation": {**EVAL, "select": "judge-reward"}},
         "evaluation.gates.judgeRewardFallingRounds": {"evaluation": {**EVAL, "gates": {"judgeRewardFallingRounds": 2}}},
+        "evaluation.rollback": {"evaluation": {**EVAL, "rollback": True}},
         "evaluation.prompts.answerField": {"evaluation": {**EVAL, "judge": {"kind": "verifiable"}}},
     }  # fmt: skip
     assert set(breakers) == {r.blames for r in RULES}

@@ -230,3 +230,68 @@ def test_the_plot_draws_four_panels_with_evaluation_one_without_and_says_what_it
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(PlotError, match=r"--plot needs matplotlib: pip install 'iterdpo\[plot\]'"):
         plot_status("ev", status, tmp_path / "again.png")
+
+
+# -- rollback: a round starts from the best round so far -------------------------------------------
+def _through_round(run, *evaluations: EvaluationFigures) -> RunStatus:
+    """Round 0 evaluated, then rounds 1..n generated, scored, trained and evaluated."""
+    from iterdpo.stages import GenerationFigures, ScoringFigures, TrainingFigures
+
+    status = evaluated(evaluations[0])
+    for i, f in enumerate(evaluations[1:], 1):
+        status = stage_started(status, i, Stage.GENERATE, f"/p{i}", NOW)
+        for stage, done in ((Stage.GENERATE, GenerationFigures(prompts=1, samples=2, seconds=1.0)),
+                            (Stage.SCORE, ScoringFigures(mean_reward=0.0, pairs=1, ties_dropped=0, prompts_left_out=0,
+                                                         seconds=1.0)),
+                            (Stage.TRAIN, TrainingFigures(loss=0.5, reward_accuracy=0.5, reward_margin=0.1,
+                                                          checkpoint=f"/runs/ev/iter-{i:02d}/train/policy", seconds=1.0)),
+                            (Stage.EVALUATE, f)):  # fmt: skip
+            status = stage_finished(status, i, stage, done, NOW)
+    return status
+
+
+def _argv(step) -> list[str]:
+    return [a for job in step.jobs for a in job.argv]
+
+
+def test_rollback_starts_the_next_round_from_the_best_round_so_far():
+    from iterdpo.evaluation import start_policy
+
+    run = run_with({"select": "judge-reward", "rollback": True, "judge": {"model": "/models/judge", "maxLength": 512}},
+                   iterations=4)  # fmt: skip
+    worse = _through_round(run, figures(0, judge=1.0), figures(1, judge=0.2))  # round 1 made it worse
+    assert start_policy(run, worse, 2) == "/models/sft"
+    gen = next_step(run, worse, spec_file="/etc/run.json", urls={"reward": "http://rm:8000", "judge": "http://j:8001"})
+    assert (gen.iteration, gen.stage, gen.policy) == (2, Stage.GENERATE, "/models/sft")
+    argv = _argv(gen)
+    assert argv[argv.index("--policy") + 1] == "/models/sft"
+
+    better = _through_round(run, figures(0, judge=1.0), figures(1, judge=0.2), figures(2, judge=3.0))
+    assert start_policy(run, better, 3) == "/runs/ev/iter-02/train/policy"
+
+    # Without rollback the same figures change nothing: round 2 starts from round 1's checkpoint, no flag.
+    plain = run_with({"select": "judge-reward", "judge": {"model": "/models/judge", "maxLength": 512}}, iterations=4)
+    step = next_step(plain, worse, spec_file="/etc/run.json", urls={"reward": "http://rm:8000", "judge": "http://j:8001"})
+    assert step.policy == "/runs/ev/iter-01/train/policy" and "--policy" not in _argv(step)
+
+
+def test_rollback_passes_the_start_to_train_but_not_to_score_or_evaluate():
+    from iterdpo.planner import stage_step
+
+    run = run_with({"select": "win-rate", "rollback": True}, iterations=3)
+    for stage, flagged in ((Stage.GENERATE, True), (Stage.SCORE, False), (Stage.TRAIN, True), (Stage.EVALUATE, False)):
+        step = stage_step(run, 2, stage, spec_file="/etc/run.json", urls={"reward": "http://rm:8000"}, policy="/models/sft")
+        assert step.policy == "/models/sft" and ("--policy" in _argv(step)) == flagged, stage
+    assert "--policy" not in _argv(stage_step(run, 2, Stage.TRAIN, spec_file="/etc/run.json",
+                                              urls={"reward": "http://rm:8000"}))  # fmt: skip
+
+
+def test_with_reference_previous_the_rolled_back_start_is_also_the_reference():
+    from iterdpo.layout import reference_for
+
+    run = run_with({"select": "win-rate", "rollback": True})
+    previous = run.model_copy(update={"spec": run.spec.model_copy(update={"reference": "previous"})})
+    assert reference_for(previous, 2, "/models/sft") == "/models/sft"
+    assert reference_for(previous, 2) == "/runs/ev/iter-01/train/policy"
+    initial = run.model_copy(update={"spec": run.spec.model_copy(update={"reference": "initial"})})
+    assert reference_for(initial, 2, "/runs/ev/iter-01/train/policy") == "/models/sft"
