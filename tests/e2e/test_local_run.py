@@ -238,7 +238,7 @@ def test_an_invalid_run_file_runs_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def write_rm_run(tmp_path: Path, tiny, name: str) -> tuple[Path, int]:
+def write_rm_run(tmp_path: Path, tiny, name: str, epochs: int = 1) -> tuple[Path, int]:
     """A run whose RewardModel stage trains the reward model first, on 240 of the tiny
     preference pairs plus 2 rows that cannot be pairs; returns (run file, rows)."""
     rows = [line for line in tiny.preferences.read_text().splitlines() if line.strip()][:240]
@@ -251,7 +251,7 @@ def write_rm_run(tmp_path: Path, tiny, name: str) -> tuple[Path, int]:
     manifest["spec"]["reward"].pop("model")
     manifest["spec"]["reward"]["training"] = {
         "base": str(tiny.policy), "data": {"dataset": str(data)}, "heldOutShare": 0.1,
-        "learningRate": 1e-3, "epochs": 1, "scheduler": "constant", "warmupRatio": 0.0, "weightDecay": 0.0,
+        "learningRate": 1e-3, "epochs": epochs, "scheduler": "constant", "warmupRatio": 0.0, "weightDecay": 0.0,
         "globalBatchSize": 16, "microBatchSize": 4, "nprocPerNode": 2, "zeroStage": 2, "precision": "fp32",
         "gradientCheckpointing": False,
     }  # fmt: skip
@@ -262,7 +262,9 @@ def write_rm_run(tmp_path: Path, tiny, name: str) -> tuple[Path, int]:
 def test_reward_model_stage_trains_first_survives_kill_9_and_every_round_scores_with_it(tiny, tmp_path):
     """The whole workflow: RewardModel (killed -9 mid-training, then resumed), then 2 rounds
     scored by the model it trained; every preference row is counted."""
-    run_file, rows = write_rm_run(tmp_path, tiny, "rm-first")
+    # 20 epochs (280 steps): one epoch's 14 steps took 1 s on a fast machine, so a kill after
+    # step 1 could land after the stage had finished.
+    run_file, rows = write_rm_run(tmp_path, tiny, "rm-first", epochs=20)
     workdir = tmp_path / "runs"
     log = workdir / "rm-first" / "logs" / "iter-00-reward-model.log"
     runner = subprocess.Popen([*ITERDPO, "run", str(run_file), "--workdir", str(workdir)],
