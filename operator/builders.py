@@ -19,7 +19,7 @@ import yaml
 
 from iterdpo.planner import REWARD_TOKEN_ENV, StageStep, reward_server_argv, stage_step
 from iterdpo.spec import API_VERSION, DEFAULT_IMAGE, KIND, IterativeDPORun, Resources
-from iterdpo.stages import REWARD, SERVER_TABLE, SERVERS, Server, Stage, pods
+from iterdpo.stages import SERVERS, Server, Stage, pods
 
 SPEC_DIR = "/etc/iterdpo"
 SPEC_FILE = f"{SPEC_DIR}/run.yaml"
@@ -44,10 +44,6 @@ def child_name(run: IterativeDPORun, iteration: int, component: str, attempt: in
 def server_name(run: IterativeDPORun, server: Server) -> str:
     """<run>-reward, <run>-judge: the Deployment, Service and NetworkPolicy of one model server."""
     return f"{run.name}-{server.key}"
-
-
-def reward_name(run: IterativeDPORun) -> str:
-    return server_name(run, SERVER_TABLE[REWARD])
 
 
 def reward_token_ref(run: IterativeDPORun) -> tuple[str, str]:
@@ -231,10 +227,6 @@ def server_urls(run: IterativeDPORun) -> dict[str, str]:
     return {server.key: server_url(run, server) for server in SERVERS}
 
 
-def reward_url(run: IterativeDPORun) -> str:
-    return server_url(run, SERVER_TABLE[REWARD])
-
-
 # -- the run's model servers -------------------------------------------------------------
 def token_env(run: IterativeDPORun) -> list[dict]:
     """The servers' token, from its Secret: for each server and for every caller."""
@@ -295,14 +287,6 @@ def server_service(run: IterativeDPORun, server: Server, owner_uid: str | None =
         "spec": {"selector": _server_selector(run, server),
                  "ports": [{"name": "http", "port": server.port, "targetPort": "http"}]},
     }  # fmt: skip
-
-
-def reward_deployment(run: IterativeDPORun, replicas: int, owner_uid: str | None = None) -> dict:
-    return server_deployment(run, SERVER_TABLE[REWARD], replicas, owner_uid)
-
-
-def reward_service(run: IterativeDPORun, owner_uid: str | None = None) -> dict:
-    return server_service(run, SERVER_TABLE[REWARD], owner_uid)
 
 
 class _Dumper(yaml.SafeDumper):

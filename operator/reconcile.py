@@ -234,9 +234,10 @@ def _server_actions(run: IterativeDPORun, owner_uid: str, up: set[str], new_toke
         actions.append(Create(b.reward_token_secret(run, new_token, owner_uid)))  # if absent: the first token stays
     for server in run_servers(run):
         replicas = 1 if server.key in up else 0
-        # Create, then Ensure: a changed image or resources (spec.kubernetes may change mid-run) rolls the server.
-        actions += [Create(m) for m in children.server_objects(run, server, replicas, owner_uid) if m["kind"] != "Deployment"]
-        actions += [Ensure(b.server_deployment(run, server, replicas, owner_uid)), Scale(b.server_name(run, server), replicas)]
+        # Ensure the Deployment: a changed image or resources (spec.kubernetes may change mid-run) rolls the server.
+        actions += [Ensure(m) if m["kind"] == "Deployment" else Create(m)
+                    for m in children.server_objects(run, server, replicas, owner_uid)]  # fmt: skip
+        actions.append(Scale(b.server_name(run, server), replicas))
     return actions
 
 

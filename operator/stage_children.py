@@ -118,11 +118,12 @@ def stage_timeout(run: IterativeDPORun, stage: Stage) -> int:
 
 
 def server_objects(run: IterativeDPORun, server: Server, replicas: int, owner_uid: str | None = None) -> list[dict]:
-    """One model server, for the stages that call it: Service, Deployment and, if asked, NetworkPolicy."""
-    objects = [b.server_service(run, server, owner_uid), b.server_deployment(run, server, replicas, owner_uid)]
+    """One model server, for the stages that call it, in creation order: Service, NetworkPolicy (if
+    asked: before any server pod exists) and Deployment."""
+    objects = [b.server_service(run, server, owner_uid)]
     if run.spec.kubernetes.reward_network_policy:
         objects.append(b.server_network_policy(run, server, client_components(server), owner_uid))
-    return objects
+    return [*objects, b.server_deployment(run, server, replicas, owner_uid)]
 
 
 def render_round(run: IterativeDPORun, iteration: int = 1) -> list[dict]:

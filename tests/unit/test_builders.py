@@ -29,7 +29,8 @@ from iterdpo_operator import stage_children as sc
 from iterdpo_operator.launchers import JobLauncher, PyTorchJobLauncher, launcher_for
 from iterdpo_operator.validation import InvalidRun, validate_resource
 
-REWARD_PORT = SERVER_TABLE[REWARD].port
+RM = SERVER_TABLE[REWARD]  # the run's reward server
+REWARD_PORT = RM.port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -100,8 +101,8 @@ def children(run: IterativeDPORun, owner_uid: str | None = OWNER_UID, iteration:
     return [
         b.spec_config_map(run, owner_uid),
         sc.child_manifest(run, Stage.GENERATE, iteration, attempt, owner_uid),
-        b.reward_service(run, owner_uid),
-        b.reward_deployment(run, 1, owner_uid),
+        b.server_service(run, RM, owner_uid),
+        b.server_deployment(run, RM, 1, owner_uid),
         sc.child_manifest(run, Stage.SCORE, iteration, attempt, owner_uid),
         sc.child_manifest(run, Stage.TRAIN, iteration, attempt, owner_uid),
     ]
@@ -346,7 +347,7 @@ def test_gpu_defaults_and_zero():
 def test_reward_deployment_and_service(run):
     parts = by_component(children(run))
     dep, svc = parts[("Deployment", "reward")], parts[("Service", "reward")]
-    assert dep["metadata"]["name"] == svc["metadata"]["name"] == b.reward_name(run) == f"{run.name}-reward"
+    assert dep["metadata"]["name"] == svc["metadata"]["name"] == b.server_name(run, RM) == f"{run.name}-reward"
     spec = dep["spec"]
     assert spec["strategy"] == {"type": "Recreate"}
     assert spec["replicas"] == 1
@@ -364,7 +365,7 @@ def test_reward_deployment_and_service(run):
     assert c["command"][c["command"].index("--host") + 1] == "0.0.0.0"
     (port,) = svc["spec"]["ports"]
     assert port == {"name": "http", "port": REWARD_PORT, "targetPort": "http"}
-    assert b.reward_deployment(run, 0)["spec"]["replicas"] == 0  # scaled to zero outside scoring
+    assert b.server_deployment(run, RM, 0)["spec"]["replicas"] == 0  # scaled to zero outside scoring
 
 
 def test_a_judge_is_served_like_the_reward_model_and_evaluate_calls_both(run):
@@ -390,7 +391,7 @@ def test_a_judge_is_served_like_the_reward_model_and_evaluate_calls_both(run):
     (e,) = parts[("Job", "evaluate")]["spec"]["template"]["spec"]["containers"]
     namespace = run.metadata.namespace or "default"
     assert e["command"][e["command"].index("--judge-url") + 1] == f"http://{judge_name}.{namespace}.svc:{port}"
-    assert e["command"][e["command"].index("--reward-url") + 1] == b.reward_url(judged)
+    assert e["command"][e["command"].index("--reward-url") + 1] == b.server_url(judged, RM)
     assert any(v["name"] == "ITERDPO_REWARD_TOKEN" for v in e["env"]) and any(v["name"] == "ITERDPO_REWARD_TOKEN" for v in c["env"])
     generate = sc.render_round(judged, 1)
     assert ("Deployment", judge_name) in [(m["kind"], m["metadata"]["name"]) for m in generate]  # round 1 evaluates too
@@ -423,7 +424,7 @@ def test_annotate_calls_the_reward_service_by_dns_name(run):
     (c,) = job["spec"]["template"]["spec"]["containers"]
     url = c["command"][c["command"].index("--reward-url") + 1]
     namespace = run.metadata.namespace or "default"
-    assert url == b.reward_url(run) == f"http://{run.name}-reward.{namespace}.svc:{REWARD_PORT}"
+    assert url == b.server_url(run, RM) == f"http://{run.name}-reward.{namespace}.svc:{REWARD_PORT}"
     assert job["spec"]["backoffLimit"] == 0
 
 
@@ -455,7 +456,7 @@ def test_a_run_name_starting_with_a_digit_is_refused_or_gives_valid_service_name
     except InvalidRun as exc:
         assert "metadata.name" in str(exc)
         return
-    assert DNS_1035_LABEL.match(b.reward_service(run)["metadata"]["name"])
+    assert DNS_1035_LABEL.match(b.server_service(run, RM)["metadata"]["name"])
 
 
 def test_rendered_yaml_has_no_anchors_or_aliases():
@@ -726,7 +727,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(run):
 def test_reward_token_reaches_server_and_annotator_only_by_secret_ref():
     run = load("small")
     ref = {"secretKeyRef": {"name": f"{run.name}-reward-token", "key": "token"}}
-    for manifest in (b.reward_deployment(run, 1), sc.child_manifest(run, Stage.SCORE, 1, 1)):
+    for manifest in (b.server_deployment(run, RM, 1), sc.child_manifest(run, Stage.SCORE, 1, 1)):
         (c,) = manifest["spec"]["template"]["spec"]["containers"]
         assert {"name": "ITERDPO_REWARD_TOKEN", "valueFrom": ref} in c["env"]
         assert not any(a.startswith(("--token", "--auth")) for a in c["command"])  # never on the command line
@@ -740,7 +741,7 @@ def test_reward_token_reaches_server_and_annotator_only_by_secret_ref():
 def test_reward_network_policy_admits_only_the_runs_annotate_pods():
     run = variant("small", **{"spec.kubernetes.rewardNetworkPolicy": True})
     (policy,) = [m for m in sc.render_round(run, 1) if m["kind"] == "NetworkPolicy"]
-    assert policy["spec"]["podSelector"]["matchLabels"] == b.reward_deployment(run, 1)["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == b.server_deployment(run, RM, 1)["spec"]["selector"]["matchLabels"]
     (rule,) = policy["spec"]["ingress"]
     source = rule["from"][0]["podSelector"]["matchLabels"]
     annotate_labels = sc.child_manifest(run, Stage.SCORE, 1, 1)["spec"]["template"]["metadata"]["labels"]
