@@ -165,6 +165,10 @@ class Ledger:
             write_text(self.file, text)
         return lineage
 
+    def stamp(self, summary, wrote: Iterable[str | os.PathLike]):
+        """`summary` (a StageSummary) with this process's lineage, once its outputs `wrote` are in place."""
+        return summary.model_copy(update={"lineage": self.close(wrote)})
+
 
 def open_ledger(
     layout: RunLayout, iteration: int, stage: Stage, *, reads: Iterable[str | os.PathLike | None], process: str = "main"

@@ -372,16 +372,10 @@ class GenerationFigures(Figures):
 
 
 def _generate_jobs(run: IterativeDPORun, iteration: int, ctx: JobContext) -> tuple[Command, ...]:
-    return tuple(
-        Command(f"generate-shard-{i}", (*generate_argv(iteration, spec_file=ctx.spec_file, shard=i), *ctx.policy_flag))
-        for i in range(run.spec.generation.shards)
-    )
-
-
-def generate_argv(iteration: int, *, spec_file: str, shard: int | None) -> tuple[str, ...]:
-    """One generation shard; without `shard` the program reads JOB_COMPLETION_INDEX (an Indexed Job)."""
-    argv = ("iterdpo", "generate", "--spec", spec_file, "--iteration", str(iteration))
-    return argv if shard is None else (*argv, "--shard", str(shard))
+    """One process per shard; an Indexed Job drops --shard (its pods read JOB_COMPLETION_INDEX)."""
+    argv = ("iterdpo", "generate", "--spec", ctx.spec_file, "--iteration", str(iteration))
+    return tuple(Command(f"generate-shard-{i}", (*argv, "--shard", str(i), *ctx.policy_flag))
+                 for i in range(run.spec.generation.shards))  # fmt: skip
 
 
 def _generation_figures(summaries: list[GenerateSummary], seconds: float, run: IterativeDPORun) -> GenerationFigures:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from iterdpo.spec import IterativeDPORun
-from iterdpo.stages import STAGE_TABLE, STAGES, Server, Stage, clients, generate_argv, servers_of, table_of
+from iterdpo.stages import STAGE_TABLE, STAGES, Server, Stage, clients, servers_of, table_of
 from iterdpo_operator import builders as b
 from iterdpo_operator.launchers import JOB, ChildKind, ChildRef, TrainingChild, launcher_for
 
@@ -33,8 +33,10 @@ def generate_job(run: IterativeDPORun, stage: Stage, iteration: int, attempt: in
     the planner's --shard); a failed shard retries alone (spec.kubernetes.shardRetries)."""
     component = CHILDREN[stage].component
     jobs = b.planned(run, iteration, stage, policy).jobs
-    shards, flags = len(jobs), jobs[0].argv[len(generate_argv(iteration, spec_file=b.SPEC_FILE, shard=0)):]
-    main = b.container(run, component, (*generate_argv(iteration, spec_file=b.SPEC_FILE, shard=None), *flags), component)
+    argv = list(jobs[0].argv)  # the planner's shard-0 command, less its --shard: one Job runs every shard
+    del argv[argv.index("--shard") : argv.index("--shard") + 2]
+    shards = len(jobs)
+    main = b.container(run, component, tuple(argv), component)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": b._meta(run, child_name(run, iteration, stage, attempt), component, owner_uid,

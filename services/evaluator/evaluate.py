@@ -281,7 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec.evaluation and spec.evaluation.prompts.dataset, evaluated_policy(run, it), initial_policy(run),
             reward_model_for(run), judge and judge.model, layout.evaluation_responses(BASELINE) if it else None])  # fmt: skip
         summary = evaluate(run, it, args.reward_url, args.judge_url)
-        lineage = ledger.close(wrote=[layout.evaluation_responses(it)])
-        emit_summary(summary.model_copy(update={"lineage": lineage}))
+        emit_summary(ledger.stamp(summary, wrote=[layout.evaluation_responses(it)]))
 
     return stage_main(PROG, body)

@@ -233,7 +233,6 @@ def _main(args: argparse.Namespace) -> None:
     ledger = open_ledger(layout, it, Stage.GENERATE, process=f"shard-{shard}",
                          reads=[run.spec.prompts_for(it).dataset, args.policy or policy_for(run, it)])  # fmt: skip
     m = run_shard(run, it, shard, args.policy)
-    lineage = ledger.close(wrote=[layout.shard_file(it, shard, shards)])
-    emit_summary(GenerateSummary(shard=m.shard, shards=m.shards, prompts=m.prompts_in, prompts_out=m.prompts_out,
-                                 samples=m.samples, prompts_left_out=len(m.left_out), seconds=m.seconds,
-                                 lineage=lineage))  # fmt: skip
+    summary = GenerateSummary(shard=m.shard, shards=m.shards, prompts=m.prompts_in, prompts_out=m.prompts_out,
+                              samples=m.samples, prompts_left_out=len(m.left_out), seconds=m.seconds)  # fmt: skip
+    emit_summary(ledger.stamp(summary, wrote=[layout.shard_file(it, shard, shards)]))

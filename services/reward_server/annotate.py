@@ -302,8 +302,7 @@ def annotate_main(argv: list[str] | None = None) -> int:
         ledger = open_ledger(layout, it, Stage.SCORE, reads=[
             *(layout.shard_file(it, i, shards) for i in range(shards)), reward_model_for(run)])  # fmt: skip
         stats = annotate(run, it, args.reward_url)
-        lineage = ledger.close(wrote=[layout.scored_file(it), layout.pairs_file(it)])
-        emit_summary(summary_of(stats).model_copy(update={"lineage": lineage}))
+        emit_summary(ledger.stamp(summary_of(stats), wrote=[layout.scored_file(it), layout.pairs_file(it)]))
 
     return stage_main(PROG, body)
 

@@ -102,8 +102,7 @@ def run_once(args: argparse.Namespace, stage: Stage, *, rank: int, finished, sum
     else:
         metrics = work(run)
     if ledger is not None:
-        lineage = ledger.close(wrote=[metrics.checkpoint])
-        emit_summary(summary_of(metrics).model_copy(update={"lineage": lineage}))
+        emit_summary(ledger.stamp(summary_of(metrics), wrote=[metrics.checkpoint]))
     return 0
 
 
@@ -130,6 +129,5 @@ def _main(args: argparse.Namespace, *, rank: int, world_size: int, started: floa
     else:
         metrics = train.train(train.prepare(run, it, world_size, policy), started=started)
     if ledger is not None:
-        lineage = ledger.close(wrote=[metrics.checkpoint])
-        emit_summary(train.summary_of(metrics).model_copy(update={"lineage": lineage}))
+        emit_summary(ledger.stamp(train.summary_of(metrics), wrote=[metrics.checkpoint]))
     return 0
