@@ -205,8 +205,9 @@ class SftMetrics(Camel):
     conversations_left_out: int  # each in left-out.jsonl (a LeftOutPair line: row, split, reason)
     left_out_reasons: list[str] = Field(default_factory=list)  # the first few
     conversations_truncated: int
+    rows: int  # training rows per epoch (packed: several conversations each)
     tokens_trained: int  # assistant tokens the loss is on, per epoch
-    conversations_repeated_to_fill_last_step: int
+    rows_repeated_to_fill_last_step: int
     steps: list[SftStepMetrics]
     final_loss: float  # mean over the last epoch's steps
     seconds: float

@@ -385,12 +385,20 @@ class SftSpec(OptimizationSpec):
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = Field(default=2e-5, description="Peak learning rate (AdamW).")
     epochs: Annotated[int, Field(ge=1, le=1000)] = Field(default=2, description="Passes over the conversations.")
     global_batch_size: Annotated[int, Field(ge=1, le=1 << 20)] = Field(
-        default=128, description="Conversations per optimizer step, over all processes and accumulation steps."
+        default=128,
+        description="Rows per optimizer step, over all processes and accumulation steps (a row: the conversations "
+        "packed into maxLength tokens, or one conversation without packing).",
     )
     micro_batch_size: Annotated[int, Field(ge=1, le=1 << 16)] = Field(
-        default=1, description="Conversations per process per forward pass."
+        default=1, description="Rows per process per forward pass."
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(default=3, description="DeepSpeed ZeRO stage.")
+    packing: bool = Field(
+        default=True,
+        description="Pack conversations into rows of at most maxLength tokens (best-fit decreasing), as the report's "
+        "SFT does; attention never crosses two conversations of a row (position ids restart per conversation). "
+        "false: one conversation per row, right-padded.",
+    )
 
 
 class PolicySpec(_Model):

@@ -239,6 +239,7 @@ class SftSummary(StageSummary):
     conversations_left_out: int
     left_out_reasons: list[str]  # the first few, each clipped; all of them in left-out.jsonl
     conversations_truncated: int
+    rows: int  # training rows per epoch (packed: several conversations each)
     tokens_trained: int  # assistant tokens the loss is on, per epoch
     loss: float
     checkpoint: str
@@ -255,6 +256,10 @@ class SftFigures(Figures):
         default_factory=list, description="The first 3 reasons a row was left out."
     )
     conversations_truncated: int = Field(description="Conversations cut at policy.sft.maxLength.")
+    rows: int = Field(
+        description="Training rows per epoch, each at most policy.sft.maxLength tokens: with packing, several "
+        "conversations each (globalBatchSize counts rows)."
+    )
     tokens_trained: int = Field(description="Assistant tokens the loss is on, per epoch.")
     loss: float = Field(description="Mean next-token loss over the last epoch.")
     checkpoint: str = Field(description="The fine-tuned policy: round 1's policy and the initial DPO reference.")
@@ -270,14 +275,14 @@ def _sft_figures(summaries: list[SftSummary], seconds: float, run: IterativeDPOR
     return SftFigures(
         conversations=s.conversations, conversations_left_out=s.conversations_left_out,
         left_out_reasons=s.left_out_reasons[:LEFT_OUT_SHOWN], conversations_truncated=s.conversations_truncated,
-        tokens_trained=s.tokens_trained, loss=_rounded(s.loss), checkpoint=s.checkpoint, seconds=round(seconds, 1),
+        rows=s.rows, tokens_trained=s.tokens_trained, loss=_rounded(s.loss), checkpoint=s.checkpoint, seconds=round(seconds, 1),
     )  # fmt: skip
 
 
 def _sft_line(f: SftFigures) -> str:
     return (
         f"{f.conversations} conversations ({f.conversations_left_out} left out, {f.conversations_truncated} "
-        f"truncated), {f.tokens_trained} assistant tokens, loss {f.loss:.4f} in {f.seconds:.1f}s -> {f.checkpoint}"
+        f"truncated) in {f.rows} rows, {f.tokens_trained} assistant tokens, loss {f.loss:.4f} in {f.seconds:.1f}s -> {f.checkpoint}"
     )
 
 

@@ -10,8 +10,11 @@ with the generation prompt and its rendering through the turn, as `iterdpo.chat`
 turn); the loss is on those spans' tokens, the turn endings included (what Generate stops
 on). Conversations longer than `maxLength` are cut at the end (counted); a row with no
 assistant turn left, or one the template renders inconsistently, is left out with its reason.
-Micro-batches hold `microBatchSize` conversations, right-padded (length-sorted packing into
-padding-free rows is the trainer's padding-free work, issue 17).
+With `packing` (the default, as the report's SFT packs its samples) the conversations are
+packed into rows of at most `maxLength` tokens (`packing.py`: attention never crosses two
+conversations, so a packed conversation's loss is its loss alone); a step then takes
+`globalBatchSize` rows, `microBatchSize` per forward pass. Without it a row holds one
+conversation, right-padded.
 
 The DeepSpeed pieces are the DPO trainer's (`train.py`): the step plan and learning-rate curve,
 `initialize_engine`, `reduce_means`, `require_finite`, `checkpoint.save_checkpoint`. Writes,
@@ -39,6 +42,7 @@ from iterdpo.stages import LEFT_OUT_SHOWN, REASON_CHARS, SftSummary, Stage
 from iterdpo.yamlfile import clip
 
 from iterdpo_trainer import cli
+from iterdpo_trainer.packing import collate_rows, pack
 
 log = logging.getLogger(__name__)
 PROG = "iterdpo_trainer.sft"
@@ -102,7 +106,8 @@ def summary_of(metrics: SftMetrics) -> SftSummary:
     return SftSummary(
         conversations=metrics.conversations, conversations_left_out=metrics.conversations_left_out,
         left_out_reasons=[clip(r, REASON_CHARS) for r in metrics.left_out_reasons[:LEFT_OUT_SHOWN]],
-        conversations_truncated=metrics.conversations_truncated, tokens_trained=metrics.tokens_trained,
+        conversations_truncated=metrics.conversations_truncated, rows=metrics.rows,
+        tokens_trained=metrics.tokens_trained,
         loss=metrics.final_loss, checkpoint=metrics.checkpoint, seconds=metrics.seconds,
     )  # fmt: skip
 
@@ -139,14 +144,22 @@ def prepare(run: IterativeDPORun, rank: int):
     return layout, tokenizer, conversations, left_out
 
 
-def collate(conversations: Sequence[Conversation], pad_token_id: int):
+def rows_of(conversations: Sequence[Conversation], sft: SftSpec) -> list[list[int]]:
+    """The training rows: conversation indices per row (packed, or one each)."""
+    if sft.packing:
+        return pack([len(c.ids) for c in conversations], sft.max_length)
+    return [[i] for i in range(len(conversations))]
+
+
+def collate(rows: Sequence[Sequence[Conversation]], pad_token_id: int):
+    """A micro-batch of rows: token ids, position ids restarting per conversation (no attention
+    mask: see packing.py) and the learn mask. A conversation's first token is never a target:
+    it is not predicted from the conversation before it."""
     import torch
 
-    from iterdpo_trainer.data import right_pad
-
-    input_ids, attention_mask = right_pad([c.ids for c in conversations], pad_token_id)
-    learn, _ = right_pad([c.learn for c in conversations], 0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "learn": learn.to(torch.bool)}
+    input_ids, position_ids = collate_rows([[c.ids for c in row] for row in rows], pad_token_id)
+    learn, _ = collate_rows([[[0, *c.learn[1:]] for c in row] for row in rows], 0)
+    return {"input_ids": input_ids, "position_ids": position_ids, "learn": learn.to(torch.bool)}
 
 
 def token_loss(logits, batch) -> tuple[object, object]:
@@ -181,7 +194,10 @@ def train_sft(*, base: str, sft: SftSpec, tokenizer, conversations: Sequence[Con
     ds_config = build_ds_config(sft, world_size)
     distributed = init_distributed()
     rank, device = distributed.rank, distributed.device
-    plan, warmup = plan_steps(len(conversations), sft, world_size, ds_config, what="conversations")
+    rows = rows_of(conversations, sft)
+    log.info("%d conversations in %d rows of at most %d tokens (packing %s)", len(conversations), len(rows),
+             sft.max_length, "on" if sft.packing else "off")  # fmt: skip
+    plan, warmup = plan_steps(len(rows), sft, world_size, ds_config, what="rows")
     dtype_to_save = original_dtype(base)
     seed_everything(sft.seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[sft.precision])
@@ -197,9 +213,9 @@ def train_sft(*, base: str, sft: SftSpec, tokenizer, conversations: Sequence[Con
             sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, tokens
             for indices in rank_micro_batches(plan.step_indices(order, step_in_epoch), rank=rank,
                                               world_size=world_size, micro_batch=sft.micro_batch_size):  # fmt: skip
-                batch = collate([conversations[i] for i in indices], pad)
+                batch = collate([[conversations[c] for c in rows[i]] for i in indices], pad)
                 logits = engine(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device), use_cache=False).logits  # fmt: skip
+                                position_ids=batch["position_ids"].to(device), use_cache=False).logits  # fmt: skip
                 total, tokens = token_loss(logits, batch)
                 engine.backward(total / tokens.clamp(min=1.0))  # the micro-batch's mean over its assistant tokens
                 engine.step()
@@ -219,9 +235,9 @@ def train_sft(*, base: str, sft: SftSpec, tokenizer, conversations: Sequence[Con
     metrics = SftMetrics(
         conversations=len(conversations), conversations_left_out=len(left_out),
         left_out_reasons=[r.reason for r in left_out[:LEFT_OUT_SHOWN]],
-        conversations_truncated=sum(c.truncated for c in conversations),
+        conversations_truncated=sum(c.truncated for c in conversations), rows=len(rows),
         tokens_trained=sum(sum(c.learn[1:]) for c in conversations),
-        conversations_repeated_to_fill_last_step=plan.repeated_per_epoch, steps=steps,
+        rows_repeated_to_fill_last_step=plan.repeated_per_epoch, steps=steps,
         final_loss=sum(s.loss for s in last_epoch) / len(last_epoch), seconds=round(time.monotonic() - started, 3),
         checkpoint=str(destination), base=base, world_size=world_size,
     )  # fmt: skip

@@ -339,6 +339,9 @@ def test_sft_stage_fine_tunes_the_base_first_and_round_1_starts_from_it(tiny, tm
     assert status["phase"] == "Succeeded" and [it["iteration"] for it in status["iterations"]] == [0, 1]
     sft = status["iterations"][0]["sft"]
     assert (sft["conversations"], sft["conversationsLeftOut"]) == (64, 1) and sft["tokensTrained"] > 0
+    assert 0 < sft["rows"] < 64  # packed: several conversations in each row of 64 tokens
+    assert "conversations in %d rows of at most 64 tokens (packing on)" % sft["rows"] in \
+        (workdir / "sft-first" / "logs" / "iter-00-sft.log").read_text()  # fmt: skip
     assert "no assistant turn" in sft["leftOutReasons"][0] and sft["checkpoint"] == str(layout.sft_checkpoint())
     assert status["iterations"][1]["policy"] == str(layout.sft_checkpoint())  # round 1 generates with it
     train_log = (workdir / "sft-first" / "logs" / "iter-01-train.log").read_text()

@@ -12,7 +12,9 @@ from iterdpo.runfile import SpecError, parse_run
 from iterdpo.stages import SFT, SftFigures, Stage
 from iterdpo.status import RunStatus, stage_finished, stage_started
 from iterdpo.tiny import POLICY_TEMPLATE, _train_tokenizer
-from iterdpo_trainer.sft import encode_conversation
+from iterdpo.spec import SftSpec
+from iterdpo_trainer.packing import pack
+from iterdpo_trainer.sft import Conversation, collate, encode_conversation, rows_of
 
 NOW = "2026-12-02T00:00:00Z"
 CHATML = (
@@ -77,8 +79,8 @@ def test_sft_runs_first_and_its_checkpoint_is_round_1s_policy_and_the_reference(
     step = next_step(RUN, RunStatus(), spec_file="/r.json")
     assert (step.iteration, step.stage) == (0, Stage.SFT)
     assert step.jobs[0].argv[:5] == ("torchrun", "--nnodes=1", "--nproc-per-node=1", "-m", "iterdpo_trainer.sft")
-    figures = SftFigures(conversations=9, conversations_left_out=1, conversations_truncated=0, tokens_trained=90,
-                         loss=1.5, checkpoint="/runs/demo/iter-00/sft/policy", seconds=3.0)  # fmt: skip
+    figures = SftFigures(conversations=9, conversations_left_out=1, conversations_truncated=0, rows=3,
+                         tokens_trained=90, loss=1.5, checkpoint="/runs/demo/iter-00/sft/policy", seconds=3.0)  # fmt: skip
     status = stage_finished(stage_started(RunStatus(), 0, Stage.SFT, "/models/base", NOW), 0, Stage.SFT, figures, NOW)
     assert next_step(RUN, status, spec_file="/r.json").stage == Stage.REWARD_MODEL  # then the reward model, round 0
     checkpoint = str(RunLayout.of(RUN).sft_checkpoint())
@@ -86,12 +88,38 @@ def test_sft_runs_first_and_its_checkpoint_is_round_1s_policy_and_the_reference(
     assert reference_for(RUN, 1) == reference_for(RUN, 2) == checkpoint
     plain = parse_run(body())
     assert policy_for(plain, 1) == reference_for(plain, 2) == "/models/base" and not SFT.enabled(plain)
-    assert SFT.line(figures).startswith("9 conversations (1 left out, 0 truncated), 90 assistant tokens")
+    assert SFT.line(figures).startswith("9 conversations (1 left out, 0 truncated) in 3 rows, 90 assistant tokens")
 
 
 def test_sft_takes_the_reports_defaults_and_its_own_rules():
     sft = RUN.spec.policy.sft
     assert (sft.epochs, sft.learning_rate, sft.global_batch_size, sft.max_length) == (2, 2e-5, 128, 8192)
+    assert sft.packing
     with pytest.raises(SpecError) as err:
         parse_run(body(sft={**SFT_SPEC, "globalBatchSize": 10, "microBatchSize": 4}))
     assert err.value.problems[0].startswith("spec.policy.sft.globalBatchSize: must be a multiple")
+
+
+def test_packing_puts_every_conversation_in_one_row_best_fit_longest_first():
+    assert pack([5, 4, 3, 3, 2, 1], 8) == [[0, 2], [1, 3, 5], [4]]
+    lengths = [(i * 37) % 50 + 1 for i in range(200)]
+    rows = pack(lengths, 64)
+    assert sorted(i for row in rows for i in row) == list(range(200))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert len(rows) <= -(-sum(lengths) // 64) * 11 // 9 + 1  # best-fit decreasing's bound
+    assert pack([], 8) == [] and pack([8], 8) == [[0]]
+    with pytest.raises(ValueError, match="sequence 1 has 9 tokens; each must have 1..8"):
+        pack([3, 9], 8)
+
+
+def test_rows_and_collate_restart_positions_and_never_learn_a_conversations_first_token():
+    a = Conversation(0, [5, 6, 7], [1, 1, 1], False)
+    b = Conversation(1, [8, 9], [0, 1], False)
+    c = Conversation(2, [4, 4, 4, 4], [0, 0, 1, 1], False)
+    packed = SftSpec.model_validate({**SFT_SPEC, "maxLength": 16})
+    assert rows_of([a, b, c], packed) == [[0, 1, 2]]
+    assert rows_of([a, b, c], packed.model_copy(update={"packing": False})) == [[0], [1], [2]]
+    batch = collate([[a, b], [c]], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 4, 4, 4, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["learn"].int().tolist() == [[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]]
