@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 
 import yaml
+
+from iterdpo.contracts import PairRecord, write_lines
+from iterdpo.layout import RunLayout
+from iterdpo.runfile import load_run
+from iterdpo.tiny import KIND_WORDS, TOPICS, UNKIND_WORDS
 
 
 def tiny_run_manifest(tiny, *, name: str, storage_root: Path | None, **spec) -> dict:
@@ -47,3 +53,25 @@ def _merge(base: dict, override: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def write_tiny_pairs(run_file: Path, count: int, *, long_prompt: bool = False) -> Path:
+    """Round 1's pairs as the Score stage writes them: kind words chosen over unkind ones;
+    optionally one prompt too long."""
+    rng = random.Random(count)
+    path = RunLayout.of(load_run(run_file)).pairs_file(1)
+    pairs = []
+    for i in range(count):
+        topic = rng.choice(TOPICS)
+        prompt = f"tell me about the {topic}" + (" and the river" * 40 if long_prompt and i == 0 else "")
+        pairs.append(PairRecord(  # what the Score stage writes, through the same contract
+            prompt_id=f"p{i:04d}",
+            prompt=[{"role": "user", "content": prompt}],
+            chosen=" ".join([topic] + rng.sample(KIND_WORDS, 4)),
+            rejected=" ".join([topic] + rng.sample(UNKIND_WORDS, 4)),
+            chosen_reward=1.0,
+            rejected_reward=-1.0,
+            margin=2.0,
+        ))  # fmt: skip
+    write_lines(path, pairs)
+    return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -14,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from iterdpo.contracts import PairRecord, read_lines, write_lines
+from iterdpo.contracts import PairRecord, read_lines
 from iterdpo.layout import RunLayout
 from iterdpo.runfile import load_run
-from iterdpo.tiny import KIND_WORDS, TOPICS, UNKIND_WORDS
-from runfiles import write_tiny_run
+from runfiles import write_tiny_pairs, write_tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -41,27 +39,6 @@ def write_run_file(tmp: Path, tiny, *, zero_stage: int, gradient_checkpointing: 
             "epochs": 1, "learningRate": 1e-3,
         },
     )
-
-
-def write_pairs(run_file: Path, count: int, *, long_prompt: bool) -> Path:
-    """Synthetic pairs: kind words chosen over unkind ones; optionally one prompt too long."""
-    rng = random.Random(count)
-    path = RunLayout.of(load_run(run_file)).pairs_file(1)
-    pairs = []
-    for i in range(count):
-        topic = rng.choice(TOPICS)
-        prompt = f"tell me about the {topic}" + (" and the river" * 40 if long_prompt and i == 0 else "")
-        pairs.append(PairRecord(  # what the Score stage writes, through the same contract
-            prompt_id=f"p{i:04d}",
-            prompt=[{"role": "user", "content": prompt}],
-            chosen=" ".join([topic] + rng.sample(KIND_WORDS, 4)),
-            rejected=" ".join([topic] + rng.sample(UNKIND_WORDS, 4)),
-            chosen_reward=1.0,
-            rejected_reward=-1.0,
-            margin=2.0,
-        ))  # fmt: skip
-    write_lines(path, pairs)
-    return path
 
 
 def _free_port() -> int:
@@ -110,7 +87,7 @@ def _single_process_reference(tiny, pairs_file: Path) -> tuple[torch.Tensor, tor
 
 def test_zero2_trains_every_parameter_saves_a_loadable_checkpoint_and_reruns_as_a_noop(tiny, tmp_path):
     run_file = write_run_file(tmp_path, tiny, zero_stage=2, gradient_checkpointing=False)
-    pairs_file = write_pairs(run_file, 12, long_prompt=True)  # 12 pairs, batch 8: 2 steps, 4 repeated
+    pairs_file = write_tiny_pairs(run_file, 12, long_prompt=True)  # 12 pairs, batch 8: 2 steps, 4 repeated
     layout = RunLayout.of(load_run(run_file))
 
     result = run_trainer(run_file, tmp_path)
@@ -183,7 +160,7 @@ def test_zero3_bf16_with_gradient_checkpointing_saves_a_full_fp32_checkpoint(tin
     # weights in the original dtype; the bf16 module copy would lose the small updates
     # of the norm weights (1.0 + 1e-3 rounds back to 1.0 in bf16).
     run_file = write_run_file(tmp_path, tiny, zero_stage=3, gradient_checkpointing=True, precision="bf16")
-    write_pairs(run_file, 8, long_prompt=False)  # exactly one step
+    write_tiny_pairs(run_file, 8, long_prompt=False)  # exactly one step
     layout = RunLayout.of(load_run(run_file))
 
     result = run_trainer(run_file, tmp_path)
