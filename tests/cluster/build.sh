@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the test control plane (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd) from Go modules at the versions pinned in
+# kube-scheduler, kubectl, etcd) and the real node's kubelet and kube-proxy from Go modules at the versions pinned in
 # versions.env, into a per-version cache folder. Skips the build when the
 # binaries for the pinned versions (and current go.sum) already exist.
 #
@@ -20,15 +20,18 @@ NICE="${NICE-nice -n 19}"
 
 root="${ITERDPO_CLUSTER_CACHE:-$HOME/.cache/iterdpo-cluster}"
 dest="$root/${K8S_VERSION}-${ETCD_VERSION}"
-bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
+bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd)
 stamp="$(cat go.mod go.sum etcd/go.mod etcd/go.sum etcd/main.go | sha256sum | cut -c1-16)"
 
 # shellcheck source=cache.sh
 source ./cache.sh
 cache_init cluster-build "$dest" "$stamp" "${bins[@]}"
-others() {  # the Kubeflow training operator (~80 s cold) and helm (~1.5-3 min cold), own caches
+others() {  # own caches: the Kubeflow training operator (~80 s cold), helm (~1.5-3 min cold),
+  # CoreDNS (the real node's DNS) and the images (podman: ~15 min cold; images/build.sh)
   NICE="$NICE" ./kubeflow/build.sh >/dev/null
   NICE="$NICE" ./helm/build.sh >/dev/null
+  NICE="$NICE" ./coredns/build.sh >/dev/null
+  ./images/build.sh >/dev/null
 }
 
 if cache_hit; then

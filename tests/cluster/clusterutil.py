@@ -15,6 +15,8 @@ def wait_for(what: str, predicate, cluster, timeout: float = 60.0, interval: flo
         if value:
             return value
         cluster.control_plane.check_alive()
+        if getattr(cluster, "node", None) is not None:  # a real node (realnode.py)
+            cluster.node.check_alive()
         if time.monotonic() > deadline:
             errors = cluster.kubelet.errors + (cluster.local.errors if cluster.local else [])
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; kubelet errors: {errors}")

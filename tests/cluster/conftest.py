@@ -32,11 +32,12 @@ from localexec import LocalExecKubelet, PodSetupError  # noqa: E402
 
 from iterdpo.local.processes import resolve_executable, start, stop, tail  # noqa: E402
 
-BINS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd")
+BINS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy", "etcd")
 _KEPT = pytest.StashKey[Path]()
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
+    from realnode import RealNode
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -175,6 +176,63 @@ def control_plane(request: pytest.FixtureRequest):
             kubelet.stop()
             if cluster.local is not None:
                 cluster.local.stop()
+            api_client.close()
+    if request.session.testsfailed or os.environ.get("ITERDPO_KEEP_CLUSTER_LOGS") == "1":
+        request.config.stash[_KEPT] = work
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class RealCluster:
+    """A control plane of its own with one real node (realnode.py): kubelet, containerd, runc."""
+
+    control_plane: ControlPlane
+    node: "RealNode"
+    api_client: ApiClient
+    kubectl_path: Path
+    work_dir: Path
+    local = None  # no local-exec node here
+    kubectl = Cluster.kubectl
+    kubeconfig = Cluster.kubeconfig
+
+    @property
+    def kubelet(self) -> "RealNode":  # wait_for reports its errors
+        return self.node
+
+
+@pytest.fixture(scope="session")
+def real_cluster(request: pytest.FixtureRequest):
+    """Skips unless the binaries and images are built and this process may configure the host
+    (root: an address on lo, a bridge, iptables, mounts)."""
+    from kubernetes import config as kconfig
+    from realnode import ADDRESS, NODE, SERVICE_CIDR, RealNode, add_lo_address
+
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        pytest.skip("control plane binaries not built: run tests/cluster/build.sh")
+    if os.geteuid() != 0:
+        pytest.skip("a real node needs root (it configures lo, a bridge, iptables and mounts)")
+    import test_images  # the image store and its build (cached)
+
+    images = test_images.built_images()
+    coredns = Path(subprocess.run([str(HERE / "coredns" / "build.sh")], check=True, stdout=subprocess.PIPE,
+                                  text=True).stdout.strip().splitlines()[-1])  # fmt: skip
+    add_lo_address()
+    work = Path(tempfile.mkdtemp(prefix="iterdpo-realnode-"))
+    with ControlPlane(bin_dir, work / "cp", address=ADDRESS, service_cidr=SERVICE_CIDR, controllers=("*",),
+                      nodes=(NODE,)) as cp:  # fmt: skip
+        node = RealNode(cp, bin_dir=bin_dir, coredns_bin=coredns, work_dir=work / "node",
+                        image_cache=test_images.CACHE,
+                        images=(images["operator"], images["runtime-cpu"], test_images.DEBIAN))  # fmt: skip
+        api_client = kconfig.new_client_from_config(config_file=str(cp.kubeconfig))
+        t0 = time.monotonic()
+        try:
+            node.start()
+            print(f"\nreal node Ready {time.monotonic() - t0:.1f}s after start (image imports included); logs in {work}")
+            yield RealCluster(cp, node, api_client, bin_dir / "kubectl", work)
+        finally:
+            node.stop()
             api_client.close()
     if request.session.testsfailed or os.environ.get("ITERDPO_KEEP_CLUSTER_LOGS") == "1":
         request.config.stash[_KEPT] = work

@@ -50,15 +50,25 @@ class ControlPlaneError(RuntimeError):
 class ControlPlane:
     """Start on `__enter__`, stop on `__exit__`; logs are `<work_dir>/<name>.log`."""
 
-    def __init__(self, bin_dir: Path, work_dir: Path, *, ready_timeout: float = 90.0):
+    def __init__(self, bin_dir: Path, work_dir: Path, *, ready_timeout: float = 90.0, address: str = "127.0.0.1",
+                 service_cidr: str = "10.0.0.0/24", controllers: tuple[str, ...] = CONTROLLERS,
+                 nodes: tuple[str, ...] = ()):  # fmt: skip
+        """`address`: where the API server listens and what it advertises (the `kubernetes`
+        Service's endpoint: a real node's pods reach it there, realnode.py); `controllers`:
+        ("*",) for the default set; `nodes`: kubelet identities, each given a token in group
+        system:nodes (the Node authorizer then limits each to its own node's objects)."""
         self.bin_dir = Path(bin_dir)
         self.work_dir = Path(work_dir)
         self.ready_timeout = ready_timeout
+        self.address = address
+        self.service_cidr = service_cidr
+        self.controllers = controllers
         self.token = secrets.token_hex(16)
+        self.node_tokens = {node: secrets.token_hex(16) for node in nodes}
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.etcd_port = free_port()
         self.api_port = free_port()
-        self.server = f"https://127.0.0.1:{self.api_port}"
+        self.server = f"https://{address}:{self.api_port}"
         self.kubeconfig = self.work_dir / "admin.kubeconfig"
         self.startup_seconds: float | None = None
 
@@ -96,7 +106,10 @@ class ControlPlane:
             time.sleep(0.2)
 
     def _write_kubeconfig(self) -> None:
-        self.kubeconfig.write_text(
+        self.write_kubeconfig(self.kubeconfig, "admin", self.token)
+
+    def write_kubeconfig(self, path: Path, user: str, token: str) -> Path:
+        path.write_text(
             f"""apiVersion: v1
 kind: Config
 clusters:
@@ -105,16 +118,17 @@ clusters:
     server: {self.server}
     insecure-skip-tls-verify: true
 users:
-- name: admin
+- name: {user}
   user:
-    token: {self.token}
+    token: {token}
 contexts:
 - name: local
-  context: {{cluster: local, user: admin}}
+  context: {{cluster: local, user: {user}}}
 current-context: local
 """
         )
-        os.chmod(self.kubeconfig, 0o600)
+        os.chmod(path, 0o600)
+        return path
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> "ControlPlane":
@@ -144,17 +158,21 @@ current-context: local
 
         sa_key = w / "sa.key"
         subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
-        (w / "tokens.csv").write_text(f"{self.token},admin,admin,system:masters\n")
+        nodes = "".join(f"{t},system:node:{n},node-{n},system:nodes\n" for n, t in self.node_tokens.items())
+        (w / "tokens.csv").write_text(f"{self.token},admin,admin,system:masters\n{nodes}")
         os.chmod(w / "tokens.csv", 0o600)
         api = self._start(
             "kube-apiserver", "--etcd-servers", etcd_url,
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", self.address, "--advertise-address", self.address,
             "--secure-port", str(self.api_port), "--cert-dir", str(w / "certs"),
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-account-key-file", str(sa_key),
             "--service-account-signing-key-file", str(sa_key),
-            "--authorization-mode", "RBAC", "--token-auth-file", str(w / "tokens.csv"),
-            "--service-cluster-ip-range", "10.0.0.0/24",
+            "--authorization-mode", "Node,RBAC" if self.node_tokens else "RBAC",
+            "--token-auth-file", str(w / "tokens.csv"),
+            "--service-cluster-ip-range", self.service_cidr,
+            # logs and exec go to a real node's InternalIP (its Hostname does not resolve here)
+            *(("--kubelet-preferred-address-types", "InternalIP") if self.node_tokens else ()),
         )  # fmt: skip
         self._wait("kube-apiserver", api, f"{self.server}/readyz", token=True)
         self._write_kubeconfig()
@@ -162,7 +180,7 @@ current-context: local
         self._start(
             "kube-controller-manager", "--kubeconfig", str(self.kubeconfig),
             "--leader-elect=false", "--bind-address", "127.0.0.1", "--secure-port", str(free_port()),
-            "--controllers", ",".join(CONTROLLERS),
+            "--controllers", ",".join(self.controllers),
             "--service-account-private-key-file", str(sa_key),
             "--root-ca-file", str(w / "certs" / "apiserver.crt"),
             "--use-service-account-credentials=false",
