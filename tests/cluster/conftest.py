@@ -192,6 +192,7 @@ class RealCluster:
     api_client: ApiClient
     kubectl_path: Path
     work_dir: Path
+    training_operator: TrainingOperator | None = None  # Kubeflow's, reconciling this control plane's PyTorchJobs
     local = None  # no local-exec node here
     kubectl = Cluster.kubectl
     kubeconfig = Cluster.kubeconfig
@@ -226,12 +227,19 @@ def real_cluster(request: pytest.FixtureRequest):
                         image_cache=test_images.CACHE,
                         images=(images["operator"], images["runtime-cpu"], test_images.DEBIAN))  # fmt: skip
         api_client = kconfig.new_client_from_config(config_file=str(cp.kubeconfig))
+        cluster = RealCluster(cp, node, api_client, bin_dir / "kubectl", work)
         t0 = time.monotonic()
         try:
             node.start()
             print(f"\nreal node Ready {time.monotonic() - t0:.1f}s after start (image imports included); logs in {work}")
-            yield RealCluster(cp, node, api_client, bin_dir / "kubectl", work)
+            for crd in (CRD, *sorted((_shared_dir() / "kubeflow").glob("*.yaml"))):  # ours and Kubeflow's
+                cluster.kubectl("apply", "--server-side", "-f", str(crd))
+            _wait_established(cluster)
+            cluster.training_operator = TrainingOperator(_training_operator_bin(), cp.kubeconfig, work).start()
+            yield cluster
         finally:
+            if cluster.training_operator is not None:
+                cluster.training_operator.stop()
             node.stop()
             api_client.close()
     if request.session.testsfailed or os.environ.get("ITERDPO_KEEP_CLUSTER_LOGS") == "1":

@@ -5,7 +5,7 @@ inside the CPU runtime image, with the exact commands, spec file and security se
 operator gives its pods (uid 1000, read-only root, no capabilities, /tmp the only writable
 path besides the run's volume, no network).
 
-The images take ~15 min to build cold, so the tests skip unless the image store exists
+The images take ~13 min to build cold (2 cores), so the tests skip unless the image store exists
 (images/build.sh ran once: CI runs it through build.sh) or ITERDPO_BUILD_IMAGES=1 asks for it.
 """
 
