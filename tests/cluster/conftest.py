@@ -95,6 +95,17 @@ def _wait_established(cluster: "Cluster", timeout: float = 60.0) -> None:
     wait_for("CRDs Established", established, cluster, timeout=timeout)
 
 
+def _start_kubeflow(cluster, work: Path, *crds: Path) -> TrainingOperator:
+    """Kubeflow's CRDs (and `crds`) on the cluster, Established, then its training operator."""
+    kubeflow = sorted((_shared_dir() / "kubeflow").glob("*.yaml"))
+    if not kubeflow:  # never start without them: the PyTorchJob tests would fail far from the cause
+        pytest.fail(f"no Kubeflow CRDs in {_shared_dir() / 'kubeflow'}: set ITERDPO_SHARED to the shared/ folder")
+    for crd in (*crds, *kubeflow):
+        cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    _wait_established(cluster)
+    return TrainingOperator(_training_operator_bin(), cluster.kubeconfig, work).start()
+
+
 def _shared_dir() -> Path:
     if os.environ.get("ITERDPO_SHARED"):
         return Path(os.environ["ITERDPO_SHARED"])
@@ -161,13 +172,7 @@ def control_plane(request: pytest.FixtureRequest):
                                                  unschedulable=True).start()  # fmt: skip
             except PodSetupError as e:
                 cluster.local_unavailable = str(e)
-            crds = sorted((_shared_dir() / "kubeflow").glob("*.yaml"))
-            if not crds:  # never start without them: the PyTorchJob tests would fail far from the cause
-                pytest.fail(f"no Kubeflow CRDs in {_shared_dir() / 'kubeflow'}: set ITERDPO_SHARED to the shared/ folder")
-            for crd in crds:
-                cluster.kubectl("apply", "--server-side", "-f", str(crd))
-            _wait_established(cluster)
-            cluster.training_operator = TrainingOperator(_training_operator_bin(), cp.kubeconfig, work).start()
+            cluster.training_operator = _start_kubeflow(cluster, work)
             print(f"\ncontrol plane up in {cp.startup_seconds:.1f}s, with node and CRDs {time.monotonic() - t0:.1f}s; logs in {work}")
             yield cluster
         finally:
@@ -232,10 +237,7 @@ def real_cluster(request: pytest.FixtureRequest):
         try:
             node.start()
             print(f"\nreal node Ready {time.monotonic() - t0:.1f}s after start (image imports included); logs in {work}")
-            for crd in (CRD, *sorted((_shared_dir() / "kubeflow").glob("*.yaml"))):  # ours and Kubeflow's
-                cluster.kubectl("apply", "--server-side", "-f", str(crd))
-            _wait_established(cluster)
-            cluster.training_operator = TrainingOperator(_training_operator_bin(), cp.kubeconfig, work).start()
+            cluster.training_operator = _start_kubeflow(cluster, work, CRD)  # and our CRD: the operator runs here
             yield cluster
         finally:
             if cluster.training_operator is not None:
@@ -246,6 +248,21 @@ def real_cluster(request: pytest.FixtureRequest):
         request.config.stash[_KEPT] = work
     else:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture()
+def real_ns(real_cluster):
+    """A namespace on the real node's cluster whose Pod Security level is "restricted",
+    enforced by the API server."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(real_cluster.api_client)
+    name = f"r-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    wait_for("default ServiceAccount", lambda: exists(core.read_namespaced_service_account, "default", name),
+             real_cluster)  # fmt: skip
+    yield name
+    core.delete_namespace(name)
 
 
 @pytest.fixture()

@@ -7,8 +7,6 @@ ServiceAccount token over TLS.
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from clusterutil import wait_for
 from kubernetes import client
@@ -18,28 +16,6 @@ from test_images import DEBIAN, IMAGES
 from iterdpo_operator.builders import CONTAINER_SECURITY, POD_SECURITY
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def real_ns(real_cluster):
-    """A namespace whose Pod Security level is "restricted", enforced by the API server."""
-    core = client.CoreV1Api(real_cluster.api_client)
-    name = f"r-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
-    wait_for("default ServiceAccount", lambda: _exists(lambda: core.read_namespaced_service_account("default", name)),
-             real_cluster)  # fmt: skip
-    yield name
-    core.delete_namespace(name)
-
-
-def _exists(read) -> bool:
-    try:
-        read()
-        return True
-    except client.ApiException as e:
-        if e.status == 404:
-            return False
-        raise
 
 
 def restricted_pod(name: str, image: str, command: list[str], **spec) -> dict:

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import uuid
-from pathlib import Path
 
 import pytest
 import yaml
 from clusterutil import bound_claim, wait_for
 from kubernetes import client
 from realnode import NODE
-from test_chart_install import CHART, Helm
+from test_chart_install import Helm
 from test_images import IMAGES, UID
 from test_operator_local_exec import GROUP, PLURAL, VERSION, _tiny_run
 
@@ -36,17 +34,6 @@ ROUNDS, PROMPTS, SAMPLES = 2, 16, 4
 def _repository_and_tag(image: str) -> tuple[str, str]:
     repository, _, tag = image.rpartition(":")
     return repository, tag
-
-
-@pytest.fixture()
-def restricted_ns(real_cluster):
-    core = client.CoreV1Api(real_cluster.api_client)
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
-    wait_for("default ServiceAccount", lambda: any(
-        sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items), real_cluster)  # fmt: skip
-    yield name
-    core.delete_namespace(name)
 
 
 def _pod_logs(cluster, ns: str) -> str:
@@ -66,12 +53,12 @@ def _figures(iteration: dict) -> dict:
             "pairs": s["pairs"], "tiesDropped": s["tiesDropped"], "meanReward": round(s["meanReward"], 3)}  # fmt: skip
 
 
-def test_the_chart_and_a_two_round_run_on_the_real_node_from_the_built_images(real_cluster, restricted_ns, tiny,
+def test_the_chart_and_a_two_round_run_on_the_real_node_from_the_built_images(real_cluster, real_ns, tiny,
                                                                               tmp_path):  # fmt: skip
     helm_bin = helmbin.helm_path()
     if helm_bin is None:
         pytest.skip(helmbin.WHY_MISSING)
-    ns = restricted_ns
+    ns = real_ns
     volume = tmp_path / "pv"
     (volume / "tiny").mkdir(parents=True)
     spec = {"generation": {"samplesPerPrompt": SAMPLES, "shards": 2, "seed": 7},
