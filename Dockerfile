@@ -62,11 +62,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     HOME=/home/iterdpo
+# The wheel is COPied, as in the runtimes (see there: buildah's --mount=from=<stage> fails).
+COPY --from=wheel /dist /tmp/dist
 RUN --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt \
-    --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
     pip install --no-cache-dir -c /tmp/constraints.txt \
         kopf==1.45.2 kubernetes==37.0.2 pydantic==2.14.4 PyYAML==6.0.4 prometheus-client==0.26.0 \
  && pip install --no-cache-dir --no-deps /tmp/dist/iterdpo-*-py3-none-any.whl \
+ && rm -rf /tmp/dist \
  && python -c "import importlib.util as u, iterdpo.cli, iterdpo_operator.main, iterdpo_operator.handlers; assert u.find_spec('torch') is None" \
  && iterdpo operator --help > /dev/null \
  && groupadd --gid 65532 iterdpo \
